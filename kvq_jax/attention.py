@@ -1,0 +1,139 @@
+"""attend(q, cache): attention of new query tokens over a (quantized) KVCache.
+
+The cache is split into segments — bf16 sinks, the quantized body, the bf16
+residual window — each attended separately to a normalized output and a
+log-sum-exp, then merged exactly by log-sum-exp in f32. Only the body needs a
+kernel; the small bf16 segments run in XLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvq_jax import quant, reference
+from kvq_jax.cache import KVCache, segment_lengths
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def merge(parts):
+    """Merge segment partials ``[(o, lse), ...]`` by log-sum-exp.
+
+    ``o: f32[..., D]`` normalized per segment, ``lse: f32[...]`` (-inf for an empty
+    segment). Returns ``(o, lse)`` of the union; rows empty everywhere get o = 0.
+    """
+    lses = jnp.stack([lse for _, lse in parts])
+    m = jnp.max(lses, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lses - m_safe)  # exp(-inf) = 0 for empty segments
+    tot = jnp.sum(w, axis=0)
+    o = sum(wi[..., None] * oi for wi, (oi, _) in zip(w, parts))
+    o = o / jnp.where(tot > 0, tot, 1.0)[..., None]
+    lse = jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
+    return o, lse
+
+
+def _check_q(q, cache: KVCache):
+    if not hasattr(q, "shape") or q.ndim != 4:
+        raise ValueError(f"q: expected shape [B, T, Hq, D], got {getattr(q, 'shape', type(q))}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q: expected a floating dtype, got {q.dtype}")
+    B, T, Hq, D = q.shape
+    if B != cache.batch:
+        raise ValueError(f"q: batch {B} does not match the cache's {cache.batch}")
+    if D != cache.head_dim:
+        raise ValueError(f"q: head_dim {D}, the cache has {cache.head_dim}")
+    if Hq % cache.num_kv_heads:
+        raise ValueError(f"q: {Hq} query heads is not a multiple of the cache's {cache.num_kv_heads} KV heads")
+    if T > cache.max_len:
+        raise ValueError(f"q: {T} query tokens exceed the cache's max_len {cache.max_len}")
+    if not isinstance(cache.lengths, jax.core.Tracer):
+        short = np.nonzero(np.asarray(cache.lengths) < T)[0]
+        if short.size:
+            raise ValueError(
+                f"q: {T} query tokens but sequences {short.tolist()} hold only "
+                f"{np.asarray(cache.lengths)[short].tolist()} tokens; append k/v for the queries first")
+
+
+def default_impl() -> str:
+    """"pallas" on a GPU backend, "xla" elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def attend(
+    q: jax.Array,
+    cache: KVCache,
+    *,
+    impl: str = "auto",
+    interpret: bool | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention of ``q`` over everything in ``cache``.
+
+    Args:
+      q: ``Float[Array, "B T Hq D"]``: the queries of the last T tokens appended to
+        each sequence (query t of sequence b sits at position lengths[b] - T + t and
+        sees keys at positions <= its own: causal among themselves). Hq must be a
+        multiple of Hkv (GQA; query head i reads KV head i // (Hq / Hkv)).
+      cache: the layer's KVCache.
+      impl: "xla" (plain jnp reference), "pallas" (fused-dequant kernel for the
+        quantized body), "auto" (pallas on GPU, xla elsewhere).
+      interpret: for impl="pallas": run the kernel in interpret mode. Default: True
+        unless the backend is a GPU. False forces the compiled (Triton) path, so its
+        lowering can be checked from a CPU machine.
+      scale: softmax scale; default 1/sqrt(D).
+
+    Returns:
+      ``[B, T, Hq, D]`` in q's dtype. Rows of sequences whose ``overflow`` flag is
+      set are NaN.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    _check_q(q, cache)
+    if impl == "auto":
+        impl = default_impl()
+    B, T, Hq, D = q.shape
+    H = cache.num_kv_heads
+    G = Hq // H
+    spec = cache.spec
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    qg = q.astype(jnp.float32).reshape(B, T, H, G, D)
+    qpos = cache.lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    n_sink, q_len, r_len = segment_lengths(spec, cache.lengths)
+    parts = []
+
+    # sinks: absolute positions [0, n_sink)
+    if spec.sinks:
+        j = jnp.arange(spec.sinks, dtype=jnp.int32)[None, None, :]
+        mask = (j < n_sink[:, None, None]) & (j <= qpos[:, :, None])
+        parts.append(reference.masked_attention(qg, cache.sink_k, cache.sink_v, mask, scale))
+
+    # quantized body: absolute positions sinks + [0, q_len)
+    q_body = quant.rotate(qg) if spec.rotate else qg
+    if impl == "xla":
+        o_body, lse_body = reference.body_attention(q_body, cache, qpos, scale)
+    else:
+        from kvq_jax.kernels import decode  # the Pallas kernel
+
+        if interpret is None:
+            interpret = jax.default_backend() != "gpu"
+        o_body, lse_body = decode.body_attention(q_body, cache, qpos, scale, interpret=interpret)
+    if spec.rotate:
+        o_body = quant.rotate(o_body, inverse=True)
+    parts.append((o_body, lse_body))
+
+    # residual: absolute positions sinks + q_len + [0, r_len)
+    if cache.residual_capacity:
+        j = jnp.arange(cache.residual_capacity, dtype=jnp.int32)[None, None, :]
+        kpos = spec.sinks + q_len[:, None, None] + j
+        mask = (j < r_len[:, None, None]) & (kpos <= qpos[:, :, None])
+        parts.append(reference.masked_attention(qg, cache.res_k, cache.res_v, mask, scale))
+
+    o, _ = merge(parts) if len(parts) > 1 else parts[0]
+    o = jnp.where(cache.overflow[:, None, None, None, None], jnp.nan, o)
+    return o.reshape(B, T, Hq, D).astype(q.dtype)
