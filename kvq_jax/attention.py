@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvq_jax import quant, reference
-from kvq_jax.cache import KVCache, segment_lengths
+from kvq_jax.cache import KVCache, is_traced, segment_lengths
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -51,7 +51,7 @@ def _check_q(q, cache: KVCache):
         raise ValueError(f"q: {Hq} query heads is not a multiple of the cache's {cache.num_kv_heads} KV heads")
     if T > cache.max_len:
         raise ValueError(f"q: {T} query tokens exceed the cache's max_len {cache.max_len}")
-    if not isinstance(cache.lengths, jax.core.Tracer):
+    if not is_traced(cache.lengths):
         short = np.nonzero(np.asarray(cache.lengths) < T)[0]
         if short.size:
             raise ValueError(

@@ -181,8 +181,19 @@ def init_cache(
     )
 
 
+try:  # jax.core.Tracer moved in newer jax
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+
+
+def is_traced(x) -> bool:
+    """True when ``x`` is an abstract value under a jax transformation (jit, vmap, scan)."""
+    return isinstance(x, _Tracer)
+
+
 def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+    return not any(is_traced(x) for x in xs)
 
 
 def _check_kv(cache: KVCache, k, v):

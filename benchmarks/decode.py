@@ -1,0 +1,287 @@
+"""Decode-attention benchmark on one GPU: kvq_jax kernels against peers, same run.
+
+    python benchmarks/decode.py [--quick] [--sweep] [--out DIR]
+
+1. Checks our GPU kernel against ``reference.py`` (f32, same quantized data) for
+   every preset at several shapes (G, D, T, ragged lengths), default and precise.
+2. Times, for B=8, Hq=32, Hkv=8, D=128 at S in {1K, 4K, 32K, 128K} and B in
+   {1, 64} at S=32K: torch SDPA bf16 (``enable_gqa=True``), cuDNN through
+   ``jax.nn.dot_product_attention``, XLA dequantize-then-einsum on int8, and ours
+   for each preset. Each time: warm-up, then N launches back to back with one
+   sync (JAX: N iterations inside one jit, each depending on the last; torch:
+   N launches then one synchronize), median of 5 such batches.
+3. Prints time, effective TB/s (cache bytes read / time), ratio to torch bf16;
+   writes JSON and a plot to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvq_jax as kvq
+from kvq_jax import reference
+from kvq_jax.kernels import decode
+
+OURS = ["bf16", "fp8", "int8", "int4", "int2", "k8v4", "int4-kivi", "int2-kivi"]
+
+
+# -- timing ------------------------------------------------------------------
+
+def time_jax(fn, *args, n=20, reps=5):
+    """Median seconds per call of ``fn(*args) -> array`` (n chained calls in one jit)."""
+    first = args[0]
+
+    @jax.jit
+    def many(*a):
+        def body(i, carry):
+            x, acc = carry
+            out = fn(x, *a[1:])
+            # each call depends on the previous one: no hoisting, no overlap
+            return x + (jnp.sum(out[..., :1]) * 0.0).astype(x.dtype), acc + out[..., :1].astype(jnp.float32).sum()
+        return jax.lax.fori_loop(0, n, body, (a[0], jnp.float32(0)))[1]
+
+    jax.block_until_ready(many(first, *args[1:]))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(many(first, *args[1:]))
+        ts.append((time.perf_counter() - t) / n)
+    return statistics.median(ts)
+
+
+def time_torch(fn, n=20, reps=5):
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        ts.append(start.elapsed_time(end) / 1e3 / n)
+    return statistics.median(ts)
+
+
+# -- data --------------------------------------------------------------------
+
+def build_cache(spec, B, S, H, D, key, lengths=None, chunk=4096):
+    """A cache holding S random tokens per sequence (outlier key channels), filled in chunks."""
+    cache = kvq.init_cache(spec, B, S, H, D)
+    app = jax.jit(kvq.append, donate_argnums=0)
+    lengths = np.full(B, S) if lengths is None else np.asarray(lengths)
+    ch_scale = jnp.ones(D).at[::17].set(8.0)
+    for t0 in range(0, S, chunk):
+        T = min(chunk, S - t0)
+        key, k1, k2 = jax.random.split(key, 3)
+        k = (jax.random.normal(k1, (B, T, H, D), jnp.bfloat16) * ch_scale).astype(jnp.bfloat16)
+        v = jax.random.normal(k2, (B, T, H, D), jnp.bfloat16)
+        n = jnp.asarray(np.clip(lengths - t0, 0, T), jnp.int32)
+        cache = app(cache, k, v, n)
+    return cache
+
+
+def cache_bytes_read(spec, B, S, H, D, lengths=None):
+    """Bytes of K/V (with scales and zero points) a decode step must read."""
+    n = B * S if lengths is None else int(np.sum(lengths))
+    return kvq.bytes_per_token(spec, 1, H, D) * n
+
+
+# -- correctness ---------------------------------------------------------------
+
+def check(quick=False):
+    """Our GPU kernel vs reference.py on the same quantized data; returns rows of results."""
+    rows = []
+    key = jax.random.key(1)
+    shapes = [(2, 8, 4, 128, 1), (3, 2, 1, 64, 4), (2, 4, 8, 256, 1), (2, 2, 3, 128, 16)]
+    if quick:
+        shapes = shapes[:2]
+    for name in OURS + ["int4-rot"]:
+        spec = kvq.KVSpec.parse(name)
+        for (B, H, G, D, T) in shapes:
+            key, kq = jax.random.split(key)
+            lengths = np.array([3000, 1, 2049][:B]) if B > 1 else np.array([3000])
+            lengths = np.maximum(lengths, T)
+            cache = build_cache(spec, B, 3072, H, D, key, lengths)
+            q = jax.random.normal(kq, (B, T, H * G, D), jnp.float32)
+            ref = kvq.attend(q, cache, impl="xla")
+            for precise in (False, True):
+                out = jax.jit(lambda q, c: _attend_pallas(q, c, precise))(q, cache)
+                err = float(jnp.max(jnp.abs(out - ref)))
+                rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+                ok = bool(jnp.all(jnp.isfinite(out))) and rel < (2e-5 if precise else 1e-2)
+                rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise,
+                                 max_abs=err, rel=rel, ok=ok))
+                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} precise={precise!s:5s} "
+                      f"max|d|={err:.2e} rel={rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+    return rows
+
+
+def _attend_pallas(q, cache, precise=False, config=None):
+    """attend() through the kernel with explicit precise / config (same segment merge as attend)."""
+    spec = cache.spec
+    B, T, Hq, D = q.shape
+    H = cache.num_kv_heads
+    qg = q.astype(jnp.float32).reshape(B, T, H, Hq // H, D)
+    if spec.rotate:
+        qg = kvq.quant.rotate(qg)
+    qpos = cache.lengths[:, None] - T + jnp.arange(T)[None]
+    o, lse = decode.body_attention(qg, cache, qpos, 1 / math.sqrt(D), interpret=jax.default_backend() != "gpu",
+                                   precise=precise, config=config)
+    if spec.rotate:
+        o = kvq.quant.rotate(o, inverse=True)
+    parts = [(o, lse)]
+    if cache.residual_capacity:
+        _, q_len, r_len = cache.segments()
+        j = jnp.arange(cache.residual_capacity)[None, None, :]
+        mask = (j < r_len[:, None, None]) & (spec.sinks + q_len[:, None, None] + j <= qpos[:, :, None])
+        parts.append(reference.masked_attention(qg, cache.res_k, cache.res_v, mask, 1 / math.sqrt(D)))
+    o, _ = kvq.merge(parts) if len(parts) > 1 else parts[0]
+    return o.reshape(B, T, Hq, D)
+
+
+# -- peers -------------------------------------------------------------------
+
+def torch_sdpa(B, S, Hq, H, D):
+    import torch
+
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+    f = torch.nn.functional.scaled_dot_product_attention
+    t = time_torch(lambda: f(q, k, v, enable_gqa=True))
+    del q, k, v
+    torch.cuda.empty_cache()
+    return t
+
+
+def jax_cudnn(B, S, Hq, H, D, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, 1, Hq, D), jnp.bfloat16)
+    k = jax.random.normal(k2, (B, S, H, D), jnp.bfloat16)
+    v = jax.random.normal(k3, (B, S, H, D), jnp.bfloat16)
+    return time_jax(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, k, v)
+
+
+def xla_int8(B, S, Hq, H, D, key):
+    """What MaxText does: dequantize int8 K/V (per-token scales) to bf16, then einsum attention."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, 1, Hq, D), jnp.bfloat16)
+    kd = jax.random.randint(k2, (B, H, S, D), -127, 128, jnp.int8)
+    vd = jax.random.randint(k3, (B, H, S, D), -127, 128, jnp.int8)
+    ks = jnp.full((B, H, S, 1), 0.01, jnp.float32)
+    vs = jnp.full((B, H, S, 1), 0.01, jnp.float32)
+    G = Hq // H
+
+    def f(q, kd, vd, ks, vs):
+        k = kd.astype(jnp.bfloat16) * ks.astype(jnp.bfloat16)
+        v = vd.astype(jnp.bfloat16) * vs.astype(jnp.bfloat16)
+        qg = q.reshape(B, 1, H, G, D)
+        s = jnp.einsum("bthgd,bhsd->bhgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+        p = jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16)
+        return jnp.einsum("bhgts,bhsd->bthgd", p, v).reshape(B, 1, Hq, D)
+
+    return time_jax(f, q, kd, vd, ks, vs)
+
+
+# -- main --------------------------------------------------------------------
+
+def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
+    rows = []
+    bf16_bytes = B * S * H * D * 2 * 2
+    t_torch = None
+    if peers:
+        try:
+            t_torch = torch_sdpa(B, S, Hq, H, D)
+            rows.append(dict(impl="torch-sdpa-bf16", t=t_torch, bytes=bf16_bytes))
+        except Exception as e:  # noqa: BLE001
+            print(f"torch sdpa failed: {e}", flush=True)
+        for name, fn in (("jax-cudnn-bf16", jax_cudnn), ("xla-int8-dequant", xla_int8)):
+            try:
+                t = fn(B, S, Hq, H, D, key)
+                nbytes = bf16_bytes if "bf16" in name else B * S * H * (D + 4) * 2
+                rows.append(dict(impl=name, t=t, bytes=nbytes))
+            except Exception as e:  # noqa: BLE001
+                print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    for name in presets:
+        spec = kvq.KVSpec.parse(name)
+        cache = build_cache(spec, B, S, H, D, key)
+        q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
+        nbytes = cache_bytes_read(spec, B, S, H, D)
+        configs = [None]
+        if sweep:
+            base = decode.choose_config(cache, 16)
+            configs += [decode.Config(bk, ns, nw, st)
+                        for bk in ((32,) if spec.channel_keys else (64, 128, 256))
+                        for ns in (base.num_splits,)
+                        for nw in (4, 8) for st in (2, 3)]
+        for cfg in configs:
+            try:
+                t = time_jax(lambda q, c, cfg=cfg: _attend_pallas(q, c, config=cfg), q, cache)
+            except Exception as e:  # noqa: BLE001
+                print(f"ours {name} {cfg} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                continue
+            cfg_used = cfg or decode.choose_config(cache, 16)
+            rows.append(dict(impl=f"kvq-{name}", cfg=str(cfg_used) if cfg else "auto", t=t, bytes=nbytes))
+        del cache
+    for r in rows:
+        r.update(B=B, S=S, Hq=Hq, H=H, D=D, tbs=r["bytes"] / r["t"] / 1e12,
+                 vs_torch=(r["t"] / t_torch) if t_torch else None)
+        print(f"B={B:3d} S={S:6d} {r['impl']:18s} {r.get('cfg', ''):60s} {r['t'] * 1e6:9.1f} us "
+              f"{r['tbs']:5.2f} TB/s  x{(r['vs_torch'] or 0):.3f} of torch", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--sweep", action="store_true", help="also sweep launch configs at B=8 S=32K")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--shapes", default="8x1024,8x4096,8x32768,8x131072,1x32768,64x32768")
+    ap.add_argument("--presets", default=",".join(OURS))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
+    result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d")}
+    if not a.no_check:
+        result["check"] = check(a.quick)
+        if not all(r["ok"] for r in result["check"]):
+            print("CHECK FAILED", flush=True)
+    key = jax.random.key(0)
+    rows = []
+    for shp in a.shapes.split(","):
+        B, S = (int(x) for x in shp.split("x"))
+        rows += bench_shape(B, S, 32, 8, 128, a.presets.split(","), key,
+                            sweep=a.sweep and (B, S) == (8, 32768))
+        with open(os.path.join(a.out, "decode.json"), "w") as f:
+            json.dump(dict(result, rows=rows), f, indent=1)
+    result["rows"] = rows
+    print("\nsummary (best config per impl and shape):")
+    best = {}
+    for r in rows:
+        k = (r["B"], r["S"], r["impl"])
+        if k not in best or r["t"] < best[k]["t"]:
+            best[k] = r
+    for (B, S, impl), r in sorted(best.items()):
+        print(f"B={B:3d} S={S:6d} {impl:18s} {r['t'] * 1e6:9.1f} us {r['tbs']:5.2f} TB/s "
+              f"x{(r['vs_torch'] or 0):.3f} {r.get('cfg', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

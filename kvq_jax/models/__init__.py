@@ -1,0 +1,35 @@
+"""Llama-family models (Llama, Mistral, Qwen2, SmolLM2): loaders, tokenizer, reference forward.
+
+    config, params, tokenizer = kvq_jax.models.load()          # SmolLM2-135M-Instruct
+    logits = forward_logits(config, params, tokens)            # [B, T] -> [B, T, V]
+
+The params layout (a nested dict of [in, out] arrays) is documented in `params.py`.
+The loaders and the tokenizer need the `models` extra (gguf, tokenizers, safetensors);
+they are imported on first use, so config, params and the forward work without it.
+"""
+
+import importlib
+
+from kvq_jax.models.config import SMOLLM2_135M, LlamaConfig
+from kvq_jax.models.hub import fetch_smollm2
+from kvq_jax.models.params import cast_params, check_params, init_random_params, param_shapes
+from kvq_jax.models.reference_forward import forward_logits, greedy_generate
+from kvq_jax.models.rope_layout import convert_rope_style
+
+_LAZY = {
+    "load": "checkpoint", "load_gguf": "gguf_loader", "load_safetensors": "safetensors_loader",
+    "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"kvq_jax.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'kvq_jax.models' has no attribute {name!r}")
+
+
+__all__ = [
+    "LlamaConfig", "SMOLLM2_135M", "Tokenizer", "cast_params", "check_params", "convert_rope_style",
+    "fetch_smollm2", "forward_logits", "greedy_generate", "init_random_params", "load", "load_gguf",
+    "load_safetensors", "load_tokenizer", "param_shapes",
+]
