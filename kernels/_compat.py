@@ -21,6 +21,11 @@ with warnings.catch_warnings():
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
 
 
+def dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """2-D dot inside a Triton kernel, f32 accumulate (``pl.dot`` is deprecated in jax 0.11)."""
+    return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
 def triton_params(num_warps: int, num_stages: int):
     """Compiler parameters that select the Triton lowering."""
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -140,10 +140,10 @@ def _perm_row(ref, row, ch: Chunk, lay: Layout):
 def _dot(a, b_tile, precise: bool, trans_b: bool):
     """f32 ``a`` times bf16 tile ``b`` (transposed when ``trans_b``), f32 accumulate."""
     hi = a.astype(jnp.bfloat16)
-    out = pl.dot(hi, b_tile, trans_b=trans_b)
+    out = _compat.dot(hi, b_tile, trans_b=trans_b)
     if precise:
         lo = (a - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-        out = out + pl.dot(lo, b_tile, trans_b=trans_b)
+        out = out + _compat.dot(lo, b_tile, trans_b=trans_b)
     return out
 
 

@@ -143,6 +143,8 @@ def greedy_generate(config: LlamaConfig, params: dict, tokens: list[int], n_new:
     Returns:
       the generated ids (at most n_new; stops after an id of config.eos_token_ids).
     """
+    if not tokens:
+        raise ValueError("greedy_generate needs at least one prompt token")
     forward = _forward_jit
     params = jax.tree.map(jnp.asarray, params)
     n = len(tokens)
