@@ -198,6 +198,40 @@ def xla_int8(B, S, Hq, H, D, key):
     return time_jax(f, q, kd, vd, ks, vs)
 
 
+# -- streaming floor -----------------------------------------------------------
+
+def stream_floor(B, S, H, words, key, block_k=128, splits=8, num_warps=4, num_stages=3):
+    """Seconds to stream K and V of ``words`` uint32 words per token through the same grid, no math.
+
+    The practical floor of a kernel that reads the packed cache once.
+    """
+    from jax.experimental import pallas as pl
+    from kvq_jax.kernels import _compat
+
+    k1, k2 = jax.random.split(key)
+    kw = jax.random.bits(k1, (B, H, S, words), jnp.uint32)
+    vw = jax.random.bits(k2, (B, H, S, words), jnp.uint32)
+    nblk = S // block_k // splits
+
+    def kernel(k_ref, v_ref, o_ref):
+        j = pl.program_id(2)
+
+        def body(i, acc):
+            start = pl.multiple_of((j * nblk + i) * block_k, block_k)
+            return acc ^ k_ref[pl.ds(start, block_k), :] ^ v_ref[pl.ds(start, block_k), :]
+
+        acc = jax.lax.fori_loop(0, nblk, body, jnp.zeros((block_k, words), jnp.uint32))
+        o_ref[...] = acc
+
+    f = pl.pallas_call(
+        kernel, grid=(B, H, splits),
+        in_specs=[pl.BlockSpec((None, None, S, words), lambda b, h, j: (b, h, 0, 0))] * 2,
+        out_specs=pl.BlockSpec((None, None, None, block_k, words), lambda b, h, j: (b, h, j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, H, splits, block_k, words), jnp.uint32),
+        compiler_params=_compat.triton_params(num_warps, num_stages))
+    return time_jax(lambda k, v: f(k, v).astype(jnp.float32), kw, vw)
+
+
 # -- main --------------------------------------------------------------------
 
 def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
@@ -217,6 +251,13 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
                 rows.append(dict(impl=name, t=t, bytes=nbytes))
             except Exception as e:  # noqa: BLE001
                 print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if peers and jax.default_backend() == "gpu":
+        for words, label in ((D // 2, "bf16"), (D // 4, "int8"), (D // 8, "int4"), (D // 16, "int2")):
+            try:
+                t = stream_floor(B, S, H, words, key)
+                rows.append(dict(impl=f"floor-stream-{label}", t=t, bytes=B * S * H * words * 4 * 2))
+            except Exception as e:  # noqa: BLE001
+                print(f"floor {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     for name in presets:
         spec = kvq.KVSpec.parse(name)
         cache = build_cache(spec, B, S, H, D, key)
@@ -226,9 +267,9 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
         if sweep:
             base = decode.choose_config(cache, 16)
             configs += [decode.Config(bk, ns, nw, st)
-                        for bk in ((32,) if spec.channel_keys else (64, 128, 256))
+                        for bk in ((32,) if spec.channel_keys else (64, 128))
                         for ns in (base.num_splits,)
-                        for nw in (4, 8) for st in (2, 3)]
+                        for nw in (4, 8) for st in (2, 3, 4)]
         for cfg in configs:
             try:
                 t = time_jax(lambda q, c, cfg=cfg: _attend_pallas(q, c, config=cfg), q, cache)

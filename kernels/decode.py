@@ -52,13 +52,26 @@ NUM_SMS = 132  # H200
 # -- layout of one tensor as the kernel reads it ------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Chunk:
-    """A ``[BK, 4 * wr]`` tile: words ``[w0, w0 + wr)``, value slot ``c``, scale group ``group``."""
+class Piece:
+    """One tile the kernel unpacks per block, and the head_dim elements it holds.
+
+    ``i >= 0`` (a *piece*): words ``[w0, w0 + wr)`` shifted by ``8 * i + bits * c``,
+    a ``[BK, wr]`` tile whose column w is element ``c * Dp + 4 * (w0 + w) + i``.
+    ``i == -1`` (a *chunk*, for rows of fewer than 16 words): all four bytes of the
+    words, unpacked to ``[BK, 4, wr]`` and reshaped to ``[BK, 4 * wr]``, column
+    ``i * wr + w`` holding element ``c * Dp + 4 * (w0 + w) + i``.
+    ``segs``: ``(group, col_lo, col_hi)`` per-token scale groups the columns fall in.
+    """
 
     c: int
+    i: int
     w0: int
     wr: int
-    group: int
+    segs: tuple
+
+    @property
+    def width(self) -> int:
+        return self.wr if self.i >= 0 else 4 * self.wr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +83,20 @@ class Layout:
     signed: bool
     head_dim: int
     words: int  # uint32 words per token (0 for bf16)
-    chunk: int  # elements per chunk
-    chunks: tuple
+    pieces: tuple
     perm: tuple  # kernel column -> natural head_dim index
 
     @property
     def packed(self) -> bool:
         return self.fmt != "bf16"
+
+    def offsets(self):
+        """Start column of each piece in the kernel's column order."""
+        out, o = [], 0
+        for pc in self.pieces:
+            out.append(o)
+            o += pc.width
+        return out
 
 
 def _pow2_divisor(n: int) -> int:
@@ -84,76 +104,126 @@ def _pow2_divisor(n: int) -> int:
 
 
 def make_layout(t: TensorSpec, head_dim: int) -> Layout:
-    """The kernel's chunking of a tensor stored as ``t`` with vectors of ``head_dim``."""
+    """The kernel's tiling of a tensor stored as ``t`` with vectors of ``head_dim``."""
     D = head_dim
     if t.format == "bf16":
         if D != _pow2_divisor(D):
             raise NotImplementedError(f"head_dim: the kernel needs a power-of-two head_dim for bf16, got {D}")
-        return Layout("bf16", 16, True, D, 0, D, (Chunk(0, 0, 0, 0),), tuple(range(D)))
+        return Layout("bf16", 16, True, D, 0, (Piece(0, 0, 0, D, ((0, 0, D),)),), tuple(range(D)))
     bits = t.bits
     dp = D * bits // 8
     if dp % 4:
         raise NotImplementedError(f"head_dim: {D} {t.format} values are {dp} bytes, not whole 32-bit words")
+    words = dp // 4
     g = t.group_size(D) if t.axis == "token" else D
-    ce = _pow2_divisor(math.gcd(g, dp))
-    if ce < 16:
-        raise NotImplementedError(
-            f"group: the kernel needs chunks of >= 16 elements; {t.format} group {g} with head_dim {D} gives {ce}")
-    wr = ce // 4
-    chunks, perm = [], []
-    for c in range(8 // bits):
-        for w0 in range(0, dp // 4, wr):
-            start = c * dp + 4 * w0
-            chunks.append(Chunk(c, w0, wr, start // g if t.axis == "token" else 0))
-            perm += [start + 4 * w + i for i in range(4) for w in range(wr)]
+    if g % 4:
+        raise NotImplementedError(f"group: the kernel needs scale groups of a multiple of 4 channels, got {g}")
+    pieces, perm = [], []
+    wr = min(_pow2_divisor(words), 64)
+    if wr >= 16:  # pieces: one shift per tile, no reshape
+        for c in range(8 // bits):
+            for i in range(4):
+                for w0 in range(0, words, wr):
+                    elems = [c * dp + 4 * (w0 + w) + i for w in range(wr)]
+                    segs, lo = [], 0
+                    for w in range(1, wr + 1):
+                        if w == wr or elems[w] // g != elems[lo] // g:
+                            segs.append((elems[lo] // g if t.axis == "token" else 0, lo, w))
+                            lo = w
+                    pieces.append(Piece(c, i, w0, wr, tuple(segs)))
+                    perm += elems
+    else:  # chunks: reshape [BK, 4, wr] -> [BK, 4 wr]; never straddle a group
+        ce = _pow2_divisor(math.gcd(g, dp))
+        if ce < 16:
+            raise NotImplementedError(
+                f"group: the kernel needs tiles of >= 16 elements; {t.format} group {g} with head_dim {D} gives {ce}")
+        wr = ce // 4
+        for c in range(8 // bits):
+            for w0 in range(0, words, wr):
+                start = c * dp + 4 * w0
+                grp = start // g if t.axis == "token" else 0
+                pieces.append(Piece(c, -1, w0, wr, ((grp, 0, ce),)))
+                perm += [start + 4 * w + i for i in range(4) for w in range(wr)]
     assert sorted(perm) == list(range(D))
-    return Layout(t.format, bits, t.symmetric, D, dp // 4, ce, tuple(chunks), tuple(perm))
+    return Layout(t.format, bits, t.symmetric, D, words, tuple(pieces), tuple(perm))
 
 
 # -- in-kernel helpers --------------------------------------------------------
 
-def _unpack(words, ch: Chunk, lay: Layout):
-    """uint32 ``[BK, wr]`` -> bf16 ``[BK, 4 * wr]`` values of chunk ``ch`` (column order i * wr + w)."""
+_XOR = {8: 0x80808080, 4: 0x88888888, 2: 0xAAAAAAAA}
+
+
+def _unpack(words, pc: Piece, lay: Layout, dtype):
+    """uint32 words ``[BK, wr]`` -> values ``[BK, width]`` of piece ``pc`` in ``dtype``.
+
+    Integers become exact fp16 / bf16 values without int->float conversions: the
+    biased value u (< 2**bits) is OR-ed into the mantissa of 1024.0 (fp16) or
+    128.0 (bf16, bits <= 4), then the bias is subtracted in that dtype (exact).
+    fp8 (e4m3) becomes fp16 by moving its bits: the result is x * 2**-8 exactly
+    (the caller folds 2**8 into the scale).
+    """
     bk = words.shape[0]
-    w3 = jnp.broadcast_to(words[:, None, :], (bk, 4, ch.wr))
-    shift = lax.broadcasted_iota(jnp.uint32, (1, 4, 1), 1) * 8 + jnp.uint32(lay.bits * ch.c)
-    mask = jnp.uint32((1 << lay.bits) - 1)
-    x = (w3 >> shift) & mask
-    if lay.fmt == "fp8":
-        val = lax.bitcast_convert_type(x.astype(jnp.uint8), jnp.float8_e4m3fn).astype(jnp.float32)
+    if pc.i >= 0:
+        x = words >> jnp.uint32(8 * pc.i + lay.bits * pc.c)
     else:
-        xi = x.astype(jnp.int32)
-        if lay.signed:
-            half = 1 << (lay.bits - 1)
-            xi = (xi ^ half) - half
-        val = xi.astype(jnp.float32)
-    return val.reshape(bk, 4 * ch.wr).astype(jnp.bfloat16)
+        w3 = jnp.broadcast_to(words[:, None, :], (bk, 4, pc.wr))
+        x = w3 >> (lax.broadcasted_iota(jnp.uint32, (1, 4, 1), 1) * 8 + jnp.uint32(lay.bits * pc.c))
+    if lay.fmt == "fp8":
+        b = x & jnp.uint32(0xFF)
+        bits16 = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).astype(jnp.uint16)
+        val = lax.bitcast_convert_type(bits16, jnp.float16)
+        if dtype != jnp.float16:
+            val = val.astype(dtype)
+    else:
+        u = x & jnp.uint32((1 << lay.bits) - 1)  # biased: words were pre-XOR-ed when signed
+        bias = (1 << (lay.bits - 1)) if lay.signed else 0
+        if dtype == jnp.float16:
+            val = lax.bitcast_convert_type((u | 0x6400).astype(jnp.uint16), jnp.float16) - jnp.float16(1024 + bias)
+        elif lay.bits <= 4:
+            val = lax.bitcast_convert_type((u | 0x4300).astype(jnp.uint16), jnp.bfloat16) - jnp.bfloat16(128 + bias)
+        else:
+            val = (u.astype(jnp.int32) - bias).astype(jnp.float32).astype(dtype)
+    return val.reshape(bk, pc.width) if pc.i < 0 else val
 
 
-def _perm_row(ref, row, ch: Chunk, lay: Layout):
-    """Natural-order row segment of a per-channel scale -> the chunk's column order, f32 ``[4 * wr]``."""
-    start = ch.c * lay.words * 4 + 4 * ch.w0
-    seg = ref[row, pl.ds(start, 4 * ch.wr)].astype(jnp.float32)
-    return seg.reshape(ch.wr, 4).T.reshape(4 * ch.wr)
+def _channel_row(ref, grp, base, pc: Piece):
+    """Per-channel scales of token group ``grp`` for the columns of ``pc``, f32 ``[width]``.
+
+    ``ref``: ``[S / TG, D / 4, 4]`` (natural element ``4 * word + byte``).
+    """
+    if pc.i >= 0:
+        return ref[grp, pl.ds(base, pc.wr), pc.i].astype(jnp.float32)
+    seg = ref[grp, pl.ds(base, pc.wr), :].astype(jnp.float32)  # [wr, 4]
+    return seg.T.reshape(pc.width)
 
 
 def _dot(a, b_tile, precise: bool, trans_b: bool):
-    """f32 ``a`` times bf16 tile ``b`` (transposed when ``trans_b``), f32 accumulate."""
-    hi = a.astype(jnp.bfloat16)
+    """f32 ``a`` times tile ``b`` (fp16 or bf16; transposed when ``trans_b``), f32 accumulate."""
+    hi = a.astype(b_tile.dtype)
     out = _compat.dot(hi, b_tile, trans_b=trans_b)
     if precise:
-        lo = (a - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        lo = (a - hi.astype(jnp.float32)).astype(b_tile.dtype)
         out = out + _compat.dot(lo, b_tile, trans_b=trans_b)
     return out
+
+
+def _kdtype(lay: Layout):
+    """Key tiles: fp16 (exact for 8-bit integers and e4m3, 3 more mantissa bits for q than bf16)."""
+    return jnp.bfloat16 if not lay.packed else jnp.float16
+
+
+def _vdtype(lay: Layout):
+    """Value tiles: bf16, so that p * scale never underflows."""
+    return jnp.bfloat16
 
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool):
     it = iter(refs)
-    q_ref = next(it)  # [Mp, D] f32: permuted (kl.perm), softmax scale folded in
+    q_ref = next(it)  # [Mp, D] f32: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Mp] int32: body tokens visible to each row
     k_ref = next(it)  # [S, words] uint32 | [S, D] bf16
-    ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D] per channel
+    ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
     v_ref = next(it)  # [S, words] uint32 | [S, D] bf16
     vs_ref = next(it) if v_scaled else None  # [S, Gv]
@@ -167,20 +237,40 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     per_split = (nblk + num_splits - 1) // num_splits
     lo = j * per_split
     hi = jnp.minimum(nblk, lo + per_split)
+    kdt, vdt = _kdtype(kl), _vdtype(vl)
+    k_fp8_fix = 256.0 if kl.fmt == "fp8" else 1.0  # _unpack gives e4m3 values * 2**-8
+    v_fp8_fix = 256.0 if vl.fmt == "fp8" else 1.0
 
-    qs = [q_ref[:, pl.ds(i * kl.chunk, kl.chunk)] for i in range(len(kl.chunks))]
-    qsum = [q.sum(axis=1) for q in qs] if (k_zero and k_mode == "token") else None
+    # q per key piece, and per scale segment when a piece straddles groups (other columns zeroed)
+    kq = []
+    for off, pc in zip(kl.offsets(), kl.pieces):
+        q = q_ref[:, pl.ds(off, pc.width)]
+        if len(pc.segs) == 1:
+            kq.append([q])
+        else:
+            col = lax.broadcasted_iota(jnp.int32, (1, pc.width), 1)
+            kq.append([jnp.where((col >= a) & (col < b), q, 0.0) for (_, a, b) in pc.segs])
+    qsum = [[q.sum(axis=1) for q in qs] for qs in kq] if (k_zero and k_mode == "token") else None
+    vcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in vl.pieces]
 
-    def load_words(ref, start, ch, lay, cache):
+    def words(ref, start, pc, lay, cache):
         if not lay.packed:
             return ref[pl.ds(start, block_k), :]
-        if ch.w0 not in cache:
-            cache[ch.w0] = ref[pl.ds(start, block_k), pl.ds(ch.w0, ch.wr)]
-        return cache[ch.w0]
+        if pc.w0 not in cache:
+            w = ref[pl.ds(start, block_k), pl.ds(pc.w0, pc.wr)]
+            if lay.signed and lay.fmt != "fp8":
+                w = w ^ jnp.uint32(_XOR[lay.bits])
+            cache[pc.w0] = w
+        return cache[pc.w0]
 
-    def tile(ref, start, ch, lay, cache):
-        w = load_words(ref, start, ch, lay, cache)
-        return _unpack(w, ch, lay) if lay.packed else w.astype(jnp.bfloat16)
+    def tile(ref, start, pc, lay, cache, dtype):
+        w = words(ref, start, pc, lay, cache)
+        return _unpack(w, pc, lay, dtype) if lay.packed else w.astype(dtype)
+
+    def col_scale(ref, start, grp, cache, key):
+        if (key, grp) not in cache:
+            cache[(key, grp)] = ref[pl.ds(start, block_k), grp].astype(jnp.float32)
+        return cache[(key, grp)]
 
     def body(blk, carry):
         os, m_prev, l_prev = carry
@@ -190,27 +280,28 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
 
         logits = jnp.zeros((mp, block_k), jnp.float32)
         zrow = jnp.zeros((mp,), jnp.float32)
-        kcache, gcache = {}, {}
-        for i, ch in enumerate(kl.chunks):
-            kt = tile(k_ref, start, ch, kl, kcache)
-            q = qs[i]
-            if k_mode == "channel":  # one token group per block: scale q by the group's channel scales
-                q = q * _perm_row(ks_ref, blk, ch, kl)[None, :]
+        wc, sc = {}, {}
+        for n, pc in enumerate(kl.pieces):
+            kt = tile(k_ref, start, pc, kl, wc, kdt)
+            if k_mode == "channel":  # one token group per block: the group's channel scales multiply q
+                base = (pc.c * kl.words * 4) // 4 + pc.w0
+                srow = _channel_row(ks_ref, blk, base, pc)
+                logits = logits + _dot(kq[n][0] * srow[None, :], kt, precise, trans_b=True)
                 if k_zero:
-                    zrow = zrow + (qs[i] * _perm_row(kz_ref, blk, ch, kl)[None, :]).sum(axis=1)
-            part = _dot(q, kt, precise, trans_b=True)  # [Mp, BK]
-            if k_mode == "token":
-                if ch.group not in gcache:
-                    s = ks_ref[pl.ds(start, block_k), ch.group].astype(jnp.float32)
-                    z = kz_ref[pl.ds(start, block_k), ch.group].astype(jnp.float32) if k_zero else None
-                    gcache[ch.group] = (s, z)
-                s, z = gcache[ch.group]
-                part = part * s[None, :]
-                if k_zero:
-                    part = part + qsum[i][:, None] * z[None, :]
-            logits = logits + part
+                    zr = _channel_row(kz_ref, blk, base, pc)
+                    zrow = zrow + (kq[n][0] * zr[None, :]).sum(axis=1)
+                continue
+            for si, (grp, _, _) in enumerate(pc.segs):
+                part = _dot(kq[n][si], kt, precise, trans_b=True)  # [Mp, BK]
+                if k_mode == "token":
+                    part = part * col_scale(ks_ref, start, grp, sc, "s")[None, :]
+                    if k_zero:
+                        part = part + qsum[n][si][:, None] * col_scale(kz_ref, start, grp, sc, "z")[None, :]
+                logits = logits + part
         if k_mode == "channel" and k_zero:
             logits = logits + zrow[:, None]
+        if k_fp8_fix != 1.0:
+            logits = logits * k_fp8_fix
 
         logits = jnp.where(mask, logits, NEG_INF)
         m_new = jnp.maximum(m_prev, logits.max(axis=1))
@@ -218,32 +309,29 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         p = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
         l_new = corr * l_prev + p.sum(axis=1)
 
-        vcache, vgcache, new_os = {}, {}, []
-        for i, ch in enumerate(vl.chunks):
-            vt = tile(v_ref, start, ch, vl, vcache)
-            pv = p
-            extra = None
-            if v_scaled:
-                if ch.group not in vgcache:
-                    s = vs_ref[pl.ds(start, block_k), ch.group].astype(jnp.float32)
-                    z = vz_ref[pl.ds(start, block_k), ch.group].astype(jnp.float32) if v_zero else None
-                    vgcache[ch.group] = (s, z)
-                s, z = vgcache[ch.group]
-                pv = p * s[None, :]
+        wc, new_os = {}, []
+        for n, pc in enumerate(vl.pieces):
+            vt = tile(v_ref, start, pc, vl, wc, vdt)
+            acc = corr[:, None] * os[n]
+            for (grp, a, b) in pc.segs:
+                pv = p
+                if v_scaled:
+                    pv = p * (col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix)[None, :]
+                part = _dot(pv, vt, precise, trans_b=False)  # [Mp, width]
                 if v_zero:
-                    extra = (p * z[None, :]).sum(axis=1)[:, None]
-            acc = corr[:, None] * os[i] + _dot(pv, vt, precise, trans_b=False)
-            if extra is not None:
-                acc = acc + extra
+                    part = part + (p * col_scale(vz_ref, start, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
+                if len(pc.segs) > 1:
+                    part = jnp.where((vcols[n] >= a) & (vcols[n] < b), part, 0.0)
+                acc = acc + part
             new_os.append(acc)
         return tuple(new_os), m_new, l_new
 
-    o0 = tuple(jnp.zeros((mp, vl.chunk), jnp.float32) for _ in vl.chunks)
+    o0 = tuple(jnp.zeros((mp, pc.width), jnp.float32) for pc in vl.pieces)
     m0 = jnp.full((mp,), NEG_INF, jnp.float32)
     l0 = jnp.zeros((mp,), jnp.float32)
     os, m, l = lax.fori_loop(lo, hi, body, (o0, m0, l0))
-    for i, o in enumerate(os):
-        o_ref[:, pl.ds(i * vl.chunk, vl.chunk)] = o
+    for off, pc, o in zip(vl.offsets(), vl.pieces, os):
+        o_ref[:, pl.ds(off, pc.width)] = o
     m_ref[...] = m
     l_ref[...] = l
 
@@ -334,12 +422,16 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
 
     def add(x):
         args.append(x)
-        specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j: (b, h, 0, 0)))
+        zeros = (0,) * (x.ndim - 2)
+        specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j: (b, h, *zeros)))
+
+    def kscale(x):
+        return x.reshape(*x.shape[:-1], D // 4, 4) if k_mode == "channel" else x
 
     if k_mode != "none":
-        add(cache.k_scale)
+        add(kscale(cache.k_scale))
         if cache.k_zero is not None:
-            add(cache.k_zero)
+            add(kscale(cache.k_zero))
     add(_as_words(cache.v))
     v_scaled = spec.v.quantized
     if v_scaled:
