@@ -266,10 +266,10 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
         configs = [None]
         if sweep:
             base = decode.choose_config(cache, 16)
-            configs += [decode.Config(bk, ns, nw, st)
+            configs += [decode.Config(bk, ns, 4, st)
                         for bk in ((32,) if spec.channel_keys else (64, 128))
-                        for ns in (base.num_splits,)
-                        for nw in (4, 8) for st in (2, 3, 4)]
+                        for ns in (base.num_splits // 2, base.num_splits, base.num_splits * 2)
+                        for st in (3, 4)]
         for cfg in configs:
             try:
                 t = time_jax(lambda q, c, cfg=cfg: _attend_pallas(q, c, config=cfg), q, cache)

@@ -197,6 +197,25 @@ def _channel_row(ref, grp, base, pc: Piece):
     return seg.T.reshape(pc.width)
 
 
+def _dequant_tile(t, pc: Piece, col, scale_of, has_zero: bool):
+    """``t * scale (+ zero)`` for a tile whose columns span several per-token scale groups.
+
+    ``scale_of(group, "s" | "z")`` gives the f32 ``[BK]`` scale / zero of a group;
+    column ranges come from ``pc.segs``. Returns a tile of ``t``'s dtype.
+    """
+    def pick(key):
+        out = None
+        for (grp, a, b) in reversed(pc.segs):
+            val = scale_of(grp, key)[:, None]
+            out = val if out is None else jnp.where(col < b, val, out)
+        return out
+
+    x = t.astype(jnp.float32) * pick("s")
+    if has_zero:
+        x = x + pick("z")
+    return x.astype(t.dtype)
+
+
 def _dot(a, b_tile, precise: bool, trans_b: bool):
     """f32 ``a`` times tile ``b`` (fp16 or bf16; transposed when ``trans_b``), f32 accumulate."""
     hi = a.astype(b_tile.dtype)
@@ -244,13 +263,9 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     # q per key piece, and per scale segment when a piece straddles groups (other columns zeroed)
     kq = []
     for off, pc in zip(kl.offsets(), kl.pieces):
-        q = q_ref[:, pl.ds(off, pc.width)]
-        if len(pc.segs) == 1:
-            kq.append([q])
-        else:
-            col = lax.broadcasted_iota(jnp.int32, (1, pc.width), 1)
-            kq.append([jnp.where((col >= a) & (col < b), q, 0.0) for (_, a, b) in pc.segs])
-    qsum = [[q.sum(axis=1) for q in qs] for qs in kq] if (k_zero and k_mode == "token") else None
+        kq.append([q_ref[:, pl.ds(off, pc.width)]])
+    qsum = [qs[0].sum(axis=1) for qs in kq] if (k_zero and k_mode == "token") else None
+    vcols_k = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     vcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in vl.pieces]
 
     def words(ref, start, pc, lay, cache):
@@ -291,13 +306,26 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                     zr = _channel_row(kz_ref, blk, base, pc)
                     zrow = zrow + (kq[n][0] * zr[None, :]).sum(axis=1)
                 continue
-            for si, (grp, _, _) in enumerate(pc.segs):
-                part = _dot(kq[n][si], kt, precise, trans_b=True)  # [Mp, BK]
-                if k_mode == "token":
-                    part = part * col_scale(ks_ref, start, grp, sc, "s")[None, :]
+            if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, q masked to its columns
+                for (grp, a, b) in pc.segs:
+                    qm = jnp.where((vcols_k[n] >= a) & (vcols_k[n] < b), kq[n][0], 0.0)
+                    part = _dot(qm, kt, precise, trans_b=True) * col_scale(ks_ref, start, grp, sc, "s")[None, :]
                     if k_zero:
-                        part = part + qsum[n][si][:, None] * col_scale(kz_ref, start, grp, sc, "z")[None, :]
-                logits = logits + part
+                        part = part + qm.sum(axis=1)[:, None] * col_scale(kz_ref, start, grp, sc, "z")[None, :]
+                    logits = logits + part
+                continue
+            if len(pc.segs) > 1:  # the piece straddles scale groups: dequantize the tile in registers
+                kt = _dequant_tile(kt, pc, vcols_k[n], lambda g, key: col_scale(
+                    ks_ref if key == "s" else kz_ref, start, g, sc, key), k_zero)
+                logits = logits + _dot(kq[n][0], kt, precise, trans_b=True)
+                continue
+            part = _dot(kq[n][0], kt, precise, trans_b=True)  # [Mp, BK]
+            if k_mode == "token":
+                grp = pc.segs[0][0]
+                part = part * col_scale(ks_ref, start, grp, sc, "s")[None, :]
+                if k_zero:
+                    part = part + qsum[n][:, None] * col_scale(kz_ref, start, grp, sc, "z")[None, :]
+            logits = logits + part
         if k_mode == "channel" and k_zero:
             logits = logits + zrow[:, None]
         if k_fp8_fix != 1.0:
@@ -313,16 +341,27 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         for n, pc in enumerate(vl.pieces):
             vt = tile(v_ref, start, pc, vl, wc, vdt)
             acc = corr[:, None] * os[n]
-            for (grp, a, b) in pc.segs:
+            if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, masked to its columns
+                for (grp, a, b) in pc.segs:
+                    cm = (vcols[n] >= a) & (vcols[n] < b)
+                    s_g = col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix
+                    part = _dot(p * s_g[None, :], vt, precise, trans_b=False)
+                    if v_zero:
+                        part = part + (p * col_scale(vz_ref, start, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
+                    acc = acc + jnp.where(cm, part, 0.0)
+            elif len(pc.segs) > 1:
+                vt = _dequant_tile(vt, pc, vcols[n], lambda g, key: col_scale(
+                    vs_ref if key == "s" else vz_ref, start, g, sc, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
+                    v_zero)
+                acc = acc + _dot(p, vt, precise, trans_b=False)
+            else:
+                grp = pc.segs[0][0]
                 pv = p
                 if v_scaled:
                     pv = p * (col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix)[None, :]
-                part = _dot(pv, vt, precise, trans_b=False)  # [Mp, width]
+                acc = acc + _dot(pv, vt, precise, trans_b=False)  # [Mp, width]
                 if v_zero:
-                    part = part + (p * col_scale(vz_ref, start, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
-                if len(pc.segs) > 1:
-                    part = jnp.where((vcols[n] >= a) & (vcols[n] < b), part, 0.0)
-                acc = acc + part
+                    acc = acc + (p * col_scale(vz_ref, start, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
             new_os.append(acc)
         return tuple(new_os), m_new, l_new
 
@@ -367,14 +406,14 @@ def choose_config(cache: KVCache, rows: int) -> Config:
     if spec.channel_keys:
         block_k = spec.token_group
     else:
-        block_k = 64 if cache.head_dim >= 256 or rows > 32 else 128
+        block_k = 64
     block_k = min(block_k, _next_pow2(S))
     programs = cache.batch * cache.num_kv_heads
     nblk = -(-S // block_k)
     splits = 1
     while programs * splits < 2 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
         splits *= 2
-    return Config(block_k, splits)
+    return Config(block_k, splits, num_warps=4, num_stages=3 if spec.channel_keys else 4)
 
 
 def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: Config | None = None,
