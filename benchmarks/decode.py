@@ -251,7 +251,7 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
                 rows.append(dict(impl=name, t=t, bytes=nbytes))
             except Exception as e:  # noqa: BLE001
                 print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    if peers and jax.default_backend() == "gpu":
+    if peers and sweep and jax.default_backend() == "gpu":
         for words, label in ((D // 2, "bf16"), (D // 4, "int8"), (D // 8, "int4"), (D // 16, "int2")):
             try:
                 t = stream_floor(B, S, H, words, key)
@@ -264,12 +264,12 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         nbytes = cache_bytes_read(spec, B, S, H, D)
         configs = [None]
-        if sweep:
+        if sweep and name in ("int8", "fp8"):
             base = decode.choose_config(cache, 16)
-            configs += [decode.Config(bk, ns, 4, st)
+            configs += [decode.Config(bk, ns, 4, 3, vf)
                         for bk in ((32,) if spec.channel_keys else (64, 128))
-                        for ns in (base.num_splits // 2, base.num_splits, base.num_splits * 2)
-                        for st in (3, 4)]
+                        for ns in (base.num_splits, base.num_splits * 2)
+                        for vf in ((True, False) if name in ("int8", "fp8") else (True,))]
         for cfg in configs:
             try:
                 t = time_jax(lambda q, c, cfg=cfg: _attend_pallas(q, c, config=cfg), q, cache)
@@ -293,7 +293,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also sweep launch configs at B=8 S=32K")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--shapes", default="8x1024,8x4096,8x32768,8x131072,1x32768,64x32768")
-    ap.add_argument("--presets", default=",".join(OURS))
+    ap.add_argument("--presets", default="bf16,fp8,int8,int4,int2", help="timed at every shape")
+    ap.add_argument("--main-presets", default="k8v4,int4-kivi,int2-kivi", help="also timed at B=8 S=32K")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -307,8 +308,9 @@ def main(argv=None):
     rows = []
     for shp in a.shapes.split(","):
         B, S = (int(x) for x in shp.split("x"))
-        rows += bench_shape(B, S, 32, 8, 128, a.presets.split(","), key,
-                            sweep=a.sweep and (B, S) == (8, 32768))
+        main = (B, S) == (8, 32768)
+        presets = a.presets.split(",") + (a.main_presets.split(",") if main and a.main_presets else [])
+        rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main)
         with open(os.path.join(a.out, "decode.json"), "w") as f:
             json.dump(dict(result, rows=rows), f, indent=1)
     result["rows"] = rows

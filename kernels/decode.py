@@ -231,13 +231,14 @@ def _kdtype(lay: Layout):
     return jnp.bfloat16 if not lay.packed else jnp.float16
 
 
-def _vdtype(lay: Layout):
-    """Value tiles: bf16, so that p * scale never underflows."""
-    return jnp.bfloat16
+def _vdtype(lay: Layout, v_fp16: bool):
+    """Value tiles: fp16 (magic-number unpack, no int->float converts) for 8-bit formats when
+    ``v_fp16``, with p * scale normalized per block so it cannot underflow; bf16 otherwise."""
+    return jnp.float16 if (v_fp16 and lay.fmt in ("int8", "fp8")) else jnp.bfloat16
 
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
-                   v_zero: bool, block_k: int, num_splits: int, precise: bool):
+                   v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool):
     it = iter(refs)
     q_ref = next(it)  # [Mp, D] f32: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Mp] int32: body tokens visible to each row
@@ -256,7 +257,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     per_split = (nblk + num_splits - 1) // num_splits
     lo = j * per_split
     hi = jnp.minimum(nblk, lo + per_split)
-    kdt, vdt = _kdtype(kl), _vdtype(vl)
+    kdt, vdt = _kdtype(kl), _vdtype(vl, v_fp16)
     k_fp8_fix = 256.0 if kl.fmt == "fp8" else 1.0  # _unpack gives e4m3 values * 2**-8
     v_fp8_fix = 256.0 if vl.fmt == "fp8" else 1.0
 
@@ -356,10 +357,15 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 acc = acc + _dot(p, vt, precise, trans_b=False)
             else:
                 grp = pc.segs[0][0]
-                pv = p
-                if v_scaled:
-                    pv = p * (col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix)[None, :]
-                acc = acc + _dot(pv, vt, precise, trans_b=False)  # [Mp, width]
+                if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
+                    sv = col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix
+                    smax = jnp.maximum(jnp.max(sv), 1e-30)
+                    acc = acc + _dot(p * (sv / smax)[None, :], vt, precise, trans_b=False) * smax
+                else:
+                    pv = p
+                    if v_scaled:
+                        pv = p * (col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix)[None, :]
+                    acc = acc + _dot(pv, vt, precise, trans_b=False)  # [Mp, width]
                 if v_zero:
                     acc = acc + (p * col_scale(vz_ref, start, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
             new_os.append(acc)
@@ -397,6 +403,7 @@ class Config:
     num_splits: int
     num_warps: int = 4
     num_stages: int = 2
+    v_fp16: bool = True
 
 
 def choose_config(cache: KVCache, rows: int) -> Config:
@@ -413,7 +420,7 @@ def choose_config(cache: KVCache, rows: int) -> Config:
     splits = 1
     while programs * splits < 2 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
         splits *= 2
-    return Config(block_k, splits, num_warps=4, num_stages=3 if spec.channel_keys else 4)
+    return Config(block_k, splits, num_warps=4, num_stages=3)
 
 
 def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: Config | None = None,
@@ -482,7 +489,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     kernel = functools.partial(
         _decode_kernel, kl=kl, vl=vl, k_mode=k_mode, k_zero=cache.k_zero is not None,
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
-        num_splits=ns, precise=precise)
+        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns),
