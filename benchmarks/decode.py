@@ -251,7 +251,7 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
                 rows.append(dict(impl=name, t=t, bytes=nbytes))
             except Exception as e:  # noqa: BLE001
                 print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    if peers and sweep and jax.default_backend() == "gpu":
+    if peers and sweep and os.environ.get("KVQ_BENCH_FLOOR") and jax.default_backend() == "gpu":
         for words, label in ((D // 2, "bf16"), (D // 4, "int8"), (D // 8, "int4"), (D // 16, "int2")):
             try:
                 t = stream_floor(B, S, H, words, key)

@@ -4,6 +4,9 @@
     cache = kvq.init_cache("int8", batch=4, max_len=4096, num_kv_heads=8, head_dim=128)
     cache = kvq.append(cache, k, v)          # k, v: [B, T, Hkv, D]
     out = kvq.attend(q, cache)               # q: [B, T, Hq, D]
+
+    model, tok = kvq.models.load("smollm2-135m")
+    out = kvq.generate(model, tokens, max_new_tokens=64, kv="int4-kivi")
 """
 
 from kvq_jax.attention import attend, merge
@@ -20,10 +23,18 @@ from kvq_jax.quant import (
 )
 from kvq_jax.spec import PRESETS, KVSpec, TensorSpec, bytes_per_token
 
+from kvq_jax import nn  # noqa: E402  (QuantizedAttention, policies)
+from kvq_jax.capacity import plan as plan_capacity, session_bytes  # noqa: E402
+from kvq_jax.generate import GenerateOutput, Sampler, generate, teacher_force  # noqa: E402
+from kvq_jax.nn import QuantizedAttention, init_caches, resolve_policy  # noqa: E402
+from kvq_jax import models  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "KVCache", "KVSpec", "PRESETS", "Quantized", "TensorSpec", "append", "attend",
-    "bytes_per_token", "dequantize", "hadamard", "init_cache", "merge", "pack_int2",
-    "pack_int4", "quantize", "reset", "segment_lengths", "unpack_int2", "unpack_int4",
+    "GenerateOutput", "KVCache", "KVSpec", "PRESETS", "QuantizedAttention", "Quantized", "Sampler",
+    "TensorSpec", "append", "attend", "bytes_per_token", "dequantize", "generate", "hadamard",
+    "init_cache", "init_caches", "merge", "models", "nn", "pack_int2", "pack_int4", "plan_capacity",
+    "quantize", "reset", "resolve_policy", "segment_lengths", "session_bytes", "teacher_force",
+    "unpack_int2", "unpack_int4",
 ]
