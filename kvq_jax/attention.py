@@ -71,6 +71,7 @@ def attend(
     impl: str = "auto",
     interpret: bool | None = None,
     scale: float | None = None,
+    precise: bool = False,
 ) -> jax.Array:
     """Attention of ``q`` over everything in ``cache``.
 
@@ -86,6 +87,9 @@ def attend(
         unless the backend is a GPU. False forces the compiled (Triton) path, so its
         lowering can be checked from a CPU machine.
       scale: softmax scale; default 1/sqrt(D).
+      precise: for impl="pallas": split q and p into two 16-bit parts each (twice the
+        dots) so the kernel matches the f32 reference to f32 rounding; by default they
+        are rounded to 16 bits once, as flash-attention kernels do.
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype. Rows of sequences whose ``overflow`` flag is
@@ -122,7 +126,8 @@ def attend(
 
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        o_body, lse_body = decode.body_attention(q_body, cache, qpos, scale, interpret=interpret)
+        o_body, lse_body = decode.body_attention(q_body, cache, qpos, scale, interpret=interpret,
+                                                precise=precise)
     if spec.rotate:
         o_body = quant.rotate(o_body, inverse=True)
     parts.append((o_body, lse_body))

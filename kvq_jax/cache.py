@@ -150,6 +150,7 @@ def init_cache(
         if not isinstance(val, (int, np.integer)) or val <= 0:
             raise ValueError(f"{name}: expected a positive int, got {val!r}")
     spec.validate_head_dim(head_dim)
+    head_dim = int(head_dim)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
     B, H, D = int(batch), int(num_kv_heads), int(head_dim)
@@ -254,7 +255,9 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
         lengths = jnp.asarray(lengths)
         if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths: expected int[{B}], got {lengths.dtype}{list(lengths.shape)}")
-        t_valid = jnp.clip(lengths.astype(jnp.int32), 0, T)
+        if _is_concrete(lengths) and bool(jnp.any((lengths < 0) | (lengths > T))):
+            raise ValueError(f"lengths: expected values in [0, {T}], got {np.asarray(lengths).tolist()}")
+        t_valid = jnp.clip(lengths.astype(jnp.int32), 0, T)  # under jit: clipped into [0, T]
 
     n_old = cache.lengths
     n_want = n_old + t_valid
@@ -272,8 +275,10 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
     t_valid = jnp.where(take, t_valid, 0)
     n_new = n_old + t_valid
 
-    kt = jnp.swapaxes(k, 1, 2)  # [B, H, T, D]
-    vt = jnp.swapaxes(v, 1, 2)
+    # Every token is rounded to the cache dtype first, whether it is quantized now or
+    # after a stay in the residual window: the stored result never depends on chunking.
+    kt = jnp.swapaxes(k.astype(cache.res_k.dtype), 1, 2)  # [B, H, T, D]
+    vt = jnp.swapaxes(v.astype(cache.res_v.dtype), 1, 2)
     tpos = jnp.arange(T, dtype=jnp.int32)[None, :]  # [1, T]
     valid = tpos < t_valid[:, None]  # [B, T]
     pos = n_old[:, None] + tpos  # absolute positions [B, T]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
+
 FORMATS = ("bf16", "fp8", "int8", "int4", "int2")
 BITS = {"bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "int2": 2}
 AXES = ("token", "channel")
@@ -54,6 +56,10 @@ class TensorSpec:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format: expected one of {FORMATS}, got {self.format!r}")
+        if self.format == "bf16":  # no scales: normalize the fields that do not apply
+            object.__setattr__(self, "axis", "token")
+            object.__setattr__(self, "group", None)
+            object.__setattr__(self, "symmetric", True)
         if self.axis not in AXES:
             raise ValueError(f"axis: expected one of {AXES}, got {self.axis!r}")
         if self.group is not None and (not isinstance(self.group, int) or self.group <= 0):
@@ -148,8 +154,9 @@ class KVSpec:
 
     def validate_head_dim(self, head_dim: int) -> None:
         """Raise ValueError if this spec cannot store vectors of ``head_dim``."""
-        if not isinstance(head_dim, int) or head_dim <= 0:
+        if not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
             raise ValueError(f"head_dim: expected a positive int, got {head_dim!r}")
+        head_dim = int(head_dim)
         for name, t in (("k", self.k), ("v", self.v)):
             if not t.quantized:
                 continue
@@ -232,7 +239,7 @@ def _parse_canonical(name: str, key: str) -> KVSpec:
             continue
         if "=" not in item:
             raise ValueError(f"name: cannot parse {item!r} in {name!r}; valid presets: {', '.join(PRESETS)}")
-        k, v = item.split("=", 1)
+        k, v = (x.strip() for x in item.split("=", 1))
         try:
             if k == "k":
                 kw["k"] = _parse_tensor(v, "k")
@@ -298,6 +305,7 @@ def bytes_per_token(spec: KVSpec | str, num_layers: int, num_kv_heads: int, head
     """
     spec = KVSpec.parse(spec)
     spec.validate_head_dim(head_dim)
+    head_dim = int(head_dim)
     num = 0  # bytes per (layer, head) times token_group
     tg = spec.token_group
     scale_bytes = 2 if spec.scale_dtype == "bf16" else 4

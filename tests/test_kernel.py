@@ -1,0 +1,149 @@
+"""The Pallas decode kernel (interpret mode on CPU) against reference.py on the same quantized data.
+
+Two modes:
+* ``precise=True``: q and p are split into hi + lo 16-bit parts, so the kernel must match
+  the f32 reference to f32 rounding (tolerance 5e-5 of max|v| on o, 2e-5 on lse).
+* default: q is rounded once to fp16 (packed formats) or bf16 (bf16 format), p once to
+  bf16 / fp16, and tiles that straddle scale groups are dequantized to 16 bits. With a
+  relative rounding eps (2**-8 covers bf16 and fp16), every logit moves by at most
+  Δ = 2 eps * scale * max_t Σ_d |q_d k̂_td| and every value by eps |v̂|, so
+  |o - o_ref| <= (exp(2Δ) - 1 + 2 eps) * max|v̂| (the softmax perturbation bound of
+  test_attend_xla.py). That bound is what the default mode is held to.
+
+Every format and scale layout meets G in {1, 3, 4, 8}, D in {64, 128, 256}, T in {1, 4},
+and lengths 1, block non-multiples and max_len, ragged across the batch. The compiled
+(Triton) path is lowered for CUDA on the CPU for every format.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvq_jax as kvq
+from kvq_jax import reference
+from kvq_jax.kernels import decode
+
+FORMATS = {  # every format and scale layout the kernel reads
+    "bf16": "bf16",
+    "fp8": "fp8",
+    "int8": "int8",
+    "int8-g32-asym": "k=int8:g32:asym,v=int8:g32:asym",
+    "int4": "int4",
+    "int4-tok-asym": "k=int4:asym,v=int4:asym",
+    "int4-kivi": "int4-kivi",
+    "int2-kivi": "int2-kivi",
+    "int2": "int2",
+    "int4-rot": "int4-rot",
+    "k8v4": "k8v4",
+    "kbf16-v4": "k=bf16,v=int4:g32:asym",
+    "fp8-sinks": "k=fp8,v=fp8,sinks=4,res=8",
+}
+# (G, D, T) combinations: each format meets every G, D and T value over the list
+SHAPES = [(1, 64, 1), (3, 128, 4), (4, 256, 1), (8, 64, 4)]
+MAX_LEN = 200
+
+
+def _case(name, spec_str, G, D, T, seed):
+    rng = np.random.default_rng(seed)
+    spec = kvq.KVSpec.parse(spec_str)
+    B, H = 3, 2
+    lengths = np.array([MAX_LEN, max(T, 1), 133])  # max_len, 1 (or T), a non-multiple of the block
+    cache = kvq.init_cache(spec, B, MAX_LEN, H, D)
+    k = rng.standard_normal((B, MAX_LEN, H, D)).astype(np.float32)
+    k[..., 5] *= 12.0  # an outlier channel, as real keys have
+    v = rng.standard_normal((B, MAX_LEN, H, D)).astype(np.float32)
+    cache = kvq.append(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32))
+    q = jnp.asarray(rng.standard_normal((B, T, H * G, D)), jnp.float32)
+    return spec, cache, q
+
+
+def _body_inputs(spec, cache, q):
+    B, T, Hq, D = q.shape
+    H = cache.num_kv_heads
+    qg = q.reshape(B, T, H, Hq // H, D)
+    if spec.rotate:
+        qg = kvq.quant.rotate(qg)
+    qpos = cache.lengths[:, None] - T + jnp.arange(T)[None]
+    return qg, qpos, 1.0 / math.sqrt(D)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"G{s[0]}-D{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_kernel_matches_reference(name, shape):
+    G, D, T = shape
+    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"{name}{shape}".encode()))
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
+    k_hat, v_hat = reference.dequantize_body(cache)
+    vmax = float(jnp.max(jnp.abs(v_hat)))
+    finite = np.isfinite(np.asarray(lse_ref))
+
+    o, lse = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)
+    assert np.array_equal(np.isfinite(np.asarray(lse)), finite)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse_ref)[finite], rtol=2e-5, atol=2e-5)
+
+    if shape != SHAPES[1]:  # the default (fast) mode is checked on one shape per format
+        return
+    o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=False)
+    eps = 2.0**-8
+    qk = jnp.einsum("bthgd,bhsd->bthgs", jnp.abs(qg), jnp.abs(k_hat), precision="highest")
+    delta = 2 * eps * scale * float(jnp.max(qk))
+    bound = (math.expm1(2 * delta) + 2 * eps) * vmax
+    err = float(jnp.max(jnp.abs(o_fast - o_ref)))
+    assert err <= bound, f"{name}: fast-mode error {err:.3e} above its bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-kivi", "k8v4"])
+def test_attend_pallas_equals_xla_with_all_segments(name):
+    """Through kvq.attend: sinks and residual merged by log-sum-exp around the kernel."""
+    spec_str = FORMATS[name] if name != "int8" else "k=int8,v=int8,sinks=4,res=16"
+    spec, cache, q = _case(name, spec_str, 4, 64, 4, seed=11)
+    want = kvq.attend(q, cache, impl="xla")
+    got = kvq.attend(q, cache, impl="pallas", precise=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5 * 4, rtol=0)
+
+
+def test_split_count_does_not_change_the_result():
+    spec, cache, q = _case("int8", "int8", 4, 64, 1, seed=3)
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    outs = [decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
+                                  config=decode.Config(64, ns))[0] for ns in (1, 3, 8)]
+    for o in outs[1:]:
+        np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=1e-5, rtol=0)
+
+
+def test_overflowed_sequence_gives_nan_rows_only():
+    spec = kvq.KVSpec.parse("int8")
+    cache = kvq.init_cache(spec, 2, 64, 1, 64)
+    k = jax.random.normal(jax.random.key(0), (2, 40, 1, 64))
+    step = jax.jit(kvq.append)
+    cache = step(cache, k, k)
+    cache = step(cache, k, k, jnp.array([1, 30]))  # sequence 1 overflows (70 > 64)
+    out = kvq.attend(jax.random.normal(jax.random.key(1), (2, 1, 4, 64)), cache, impl="pallas")
+    assert bool(jnp.all(jnp.isfinite(out[0]))) and bool(jnp.all(jnp.isnan(out[1])))
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_compiled_path_lowers_for_cuda_with_the_triton_call(name):
+    spec = kvq.KVSpec.parse(FORMATS[name])
+    cache = kvq.init_cache(spec, 2, 512, 2, 128)
+    q = jnp.zeros((2, 2, 8, 128), jnp.bfloat16)
+    f = jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", interpret=False))
+    text = f.trace(q, cache).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), "no Triton call in the lowered module"
+
+
+def test_unsupported_layout_is_a_clear_error():
+    spec = kvq.KVSpec.parse("k=int4:g8,v=int4:g8")
+    cache = kvq.init_cache(spec, 1, 64, 1, 64)
+    with pytest.raises(NotImplementedError, match="group"):
+        decode.make_layout(spec.k, 64)
+    del cache
