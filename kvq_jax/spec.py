@@ -266,31 +266,37 @@ def _sym(fmt, group=None):
     return TensorSpec(fmt, "token", group, True)
 
 
+# Presets store scales and zero points in bf16 (scale rounded up, zero down: the
+# |x - x̂| <= scale / 2 bound holds for the stored values); explicit specs default to f32.
+_BF = dict(scale_dtype="bf16")
 PRESETS: dict[str, KVSpec] = {
     "bf16": KVSpec(),
-    "fp8": KVSpec(k=_sym("fp8"), v=_sym("fp8")),
-    "int8": KVSpec(k=_sym("int8"), v=_sym("int8")),
+    "fp8": KVSpec(k=_sym("fp8"), v=_sym("fp8"), **_BF),
+    "int8": KVSpec(k=_sym("int8"), v=_sym("int8"), **_BF),
     # per-token symmetric int4 with groups of 32 channels (the plain baseline)
-    "int4": KVSpec(k=_sym("int4", 32), v=_sym("int4", 32)),
+    "int4": KVSpec(k=_sym("int4", 32), v=_sym("int4", 32), **_BF),
     "int4-kivi": KVSpec(
         k=TensorSpec("int4", "channel", None, False),
         v=TensorSpec("int4", "token", 32, False),
         token_group=32,
         residual=128,
+        **_BF,
     ),
     "int2-kivi": KVSpec(
         k=TensorSpec("int2", "channel", None, False),
         v=TensorSpec("int2", "token", 32, False),
         token_group=32,
         residual=128,
+        **_BF,
     ),
     "int4-rot": KVSpec(
         k=TensorSpec("int4", "token", 32, False),
         v=TensorSpec("int4", "token", 32, False),
         rotate=True,
+        **_BF,
     ),
-    "k8v4": KVSpec(k=_sym("int8"), v=TensorSpec("int4", "token", 32, False)),
-    "int2": KVSpec(k=TensorSpec("int2", "token", 32, False), v=TensorSpec("int2", "token", 32, False)),
+    "k8v4": KVSpec(k=_sym("int8"), v=TensorSpec("int4", "token", 32, False), **_BF),
+    "int2": KVSpec(k=TensorSpec("int2", "token", 32, False), v=TensorSpec("int2", "token", 32, False), **_BF),
 }
 
 

@@ -38,18 +38,18 @@ def _seq(cache, b, flag=True):
 
 # -- sizes ---------------------------------------------------------------------------
 
-# Bytes per token per (layer, KV head) at head_dim 128, f32 scales, written out by hand:
-# data = 128 * bits / 8, plus 4 bytes per scale (and per zero point when asymmetric).
+# Bytes per token per (layer, KV head) at head_dim 128, bf16 scales (the presets'), by hand:
+# data = 128 * bits / 8, plus 2 bytes per scale (and per zero point when asymmetric).
 BPT_HEAD_D128 = {
     "bf16": 2 * (128 * 2),
-    "fp8": 2 * (128 + 4),                               # one scale per token and head
-    "int8": 2 * (128 + 4),
-    "int4": 2 * (64 + 4 * 4),                           # g32: 4 scales
-    "int4-kivi": (64 + 2 * 4 * 128 // 32) + (64 + 2 * 4 * 4),  # K: scale+zero per channel per 32 tokens
-    "int2-kivi": (32 + 2 * 4 * 128 // 32) + (32 + 2 * 4 * 4),
-    "int4-rot": 2 * (64 + 2 * 4 * 4),                   # g32 asym
-    "k8v4": (128 + 4) + (64 + 2 * 4 * 4),
-    "int2": 2 * (32 + 2 * 4 * 4),
+    "fp8": 2 * (128 + 2),                               # one scale per token and head
+    "int8": 2 * (128 + 2),
+    "int4": 2 * (64 + 2 * 4),                           # g32: 4 scales
+    "int4-kivi": (64 + 2 * 2 * 128 // 32) + (64 + 2 * 2 * 4),  # K: scale+zero per channel per 32 tokens
+    "int2-kivi": (32 + 2 * 2 * 128 // 32) + (32 + 2 * 2 * 4),
+    "int4-rot": 2 * (64 + 2 * 2 * 4),                   # g32 asym
+    "k8v4": (128 + 2) + (64 + 2 * 2 * 4),
+    "int2": 2 * (32 + 2 * 2 * 4),
 }
 
 
@@ -110,7 +110,7 @@ def test_init_cache_accepts_numpy_ints_everywhere():
     assert c.batch == 2 and c.max_len == 16
     c = kvq.init_cache("int8", 2, 16, 1, np.int64(64))
     assert c.head_dim == 64
-    assert kvq.bytes_per_token("int8", 1, 1, np.int64(64)) == 2 * (64 + 4)
+    assert kvq.bytes_per_token("int8", 1, 1, np.int64(64)) == 2 * (64 + 2)
 
 
 def test_init_cache_bad_input():

@@ -21,7 +21,7 @@ from tokenizers import decoders, pre_tokenizers, trainers
 
 from kvq_jax.models import (
     SMOLLM2_135M, LlamaConfig, check_params, convert_rope_style, forward_logits, greedy_generate,
-    init_random_params, load, load_gguf, load_safetensors, load_tokenizer, param_shapes,
+    init_random_params, load_checkpoint, load_gguf, load_safetensors, load_tokenizer, param_shapes,
 )
 from kvq_jax.models import hub
 from kvq_jax.models.reference_forward import apply_rope, rope_angles
@@ -303,12 +303,12 @@ def test_loader_errors(tmp_path, tok):
     with pytest.raises(NotImplementedError, match="model_type"):
         load_safetensors(_write_hf_dir(tmp_path / "b", weights, tok, model_type="gemma"))
     with pytest.raises(FileNotFoundError):
-        load(tmp_path / "nothing-here")
+        load_checkpoint(tmp_path / "nothing-here")
 
 
 def test_load_dispatches_and_returns_tokenizer(llama_pair):
     for path, style in ((llama_pair[0], "interleaved"), (llama_pair[1], "half")):
-        config, params, tokenizer = load(path)
+        config, params, tokenizer = load_checkpoint(path)
         assert config.rope_style == style and tokenizer.vocab_size == V and tokenizer.eos_id == 2
 
 
@@ -503,7 +503,7 @@ needs_real_model = pytest.mark.skipif(not REAL.is_file(), reason=f"{REAL} absent
 
 @pytest.fixture(scope="module")
 def smollm2():
-    config, params, tokenizer = load(REAL)
+    config, params, tokenizer = load_checkpoint(REAL)
     return config, params, tokenizer
 
 

@@ -34,8 +34,9 @@ def test_preset_contents():
     assert p["int2-kivi"].k.format == "int2" and p["int2-kivi"].residual == 128
     assert p["int4-rot"].rotate and p["int4-rot"].k.format == "int4"
     assert p["k8v4"].k.format == "int8" and p["k8v4"].v.format == "int4"
-    for n in PRESET_NAMES:
-        assert p[n].scale_dtype == "f32"  # f32 scales by default
+    for n in PRESET_NAMES:  # presets keep bf16 scales; explicit specs default to f32
+        assert p[n].scale_dtype == ("f32" if n == "bf16" else "bf16")
+    assert KVSpec.parse("k=int8,v=int8").scale_dtype == "f32"
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
@@ -50,7 +51,7 @@ def test_str_round_trips_presets(name):
 @pytest.mark.parametrize("text", [
     "k=int8,v=int8,sinks=4,res=16",
     "k=int4:c:asym,v=int4:g32:asym,tg=16,res=64",
-    "k=int4:c:asym,v=int4:g32:asym,res=128,scale=bf16",
+    "k=int4:c:asym,v=int4:g32:asym,res=64,scale=bf16",
     "k=int8,v=int4:g32:asym,rot",
     "k=fp8:g16,v=int2:g8:asym,sinks=2",
     "k=int8:c,v=bf16,tg=8",
@@ -64,8 +65,9 @@ def test_str_round_trips_canonical_strings(text):
 
 
 def test_canonical_string_of_a_preset_prints_the_preset_name():
-    assert str(KVSpec.parse("k=int8,v=int8")) == "int8"
-    assert str(KVSpec.parse("k=int4:c:asym,v=int4:g32:asym,res=128")) == "int4-kivi"
+    assert str(KVSpec.parse("k=int8,v=int8,scale=bf16")) == "int8"
+    assert str(KVSpec.parse("k=int8,v=int8")) == "k=int8,v=int8"  # f32 scales: not the preset
+    assert str(KVSpec.parse("k=int4:c:asym,v=int4:g32:asym,res=128,scale=bf16")) == "int4-kivi"
     assert KVSpec.parse("k=int8, v=int8 ,sinks=4") == KVSpec(
         k=TensorSpec("int8"), v=TensorSpec("int8"), sinks=4)
 
@@ -130,7 +132,7 @@ def test_spec_is_a_jit_static_argument():
     g = jax.jit(f, static_argnums=1)
     x = jnp.ones(3)
     assert float(g(x, KVSpec.parse("int8"))[0]) == 8.0
-    assert float(g(x, KVSpec.parse("k=int8,v=int8"))[0]) == 8.0  # equal spec: cache hit
+    assert float(g(x, KVSpec.parse("k=int8,v=int8,scale=bf16"))[0]) == 8.0  # equal spec: cache hit
     assert float(g(x, KVSpec.parse("int4"))[0]) == 4.0
     assert len(traces) == 2
 
@@ -203,5 +205,6 @@ def test_good_head_dims_validate():
 
 def test_bits_per_element():
     assert KVSpec.parse("bf16").bits_per_element(128) == 16.0
-    # int8 per token, f32 scale: (128 + 4) bytes per vector
-    assert KVSpec.parse("int8").bits_per_element(128) == pytest.approx(8 * 132 / 128)
+    # int8 per token, bf16 scale: (128 + 2) bytes per vector
+    assert KVSpec.parse("int8").bits_per_element(128) == pytest.approx(8 * 130 / 128)
+    assert KVSpec.parse("k=int8,v=int8").bits_per_element(128) == pytest.approx(8 * 132 / 128)
