@@ -403,7 +403,7 @@ class Config:
     num_splits: int
     num_warps: int = 4
     num_stages: int = 2
-    v_fp16: bool = True
+    v_fp16: bool = False
 
 
 def choose_config(cache: KVCache, rows: int) -> Config:
@@ -418,7 +418,7 @@ def choose_config(cache: KVCache, rows: int) -> Config:
     programs = cache.batch * cache.num_kv_heads
     nblk = -(-S // block_k)
     splits = 1
-    while programs * splits < 2 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
+    while programs * splits < 4 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
         splits *= 2
     return Config(block_k, splits, num_warps=4, num_stages=3)
 
