@@ -103,14 +103,14 @@ def cache_bytes_read(spec, B, S, H, D, lengths=None):
 
 # -- correctness ---------------------------------------------------------------
 
-def check(quick=False):
+def check(quick=False, presets=None):
     """Our GPU kernel vs reference.py on the same quantized data; returns rows of results."""
     rows = []
     key = jax.random.key(1)
     shapes = [(2, 8, 4, 128, 1), (3, 2, 1, 64, 4), (2, 4, 8, 256, 1), (2, 2, 3, 128, 16)]
     if quick:
         shapes = shapes[:2]
-    for name in OURS + ["int4-rot"]:
+    for name in presets or (OURS + ["int4-rot"]):
         spec = kvq.KVSpec.parse(name)
         for (B, H, G, D, T) in shapes:
             key, kq = jax.random.split(key)
@@ -292,6 +292,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--sweep", action="store_true", help="also sweep launch configs at B=8 S=32K")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-presets", default=None, help="comma-separated; default all")
     ap.add_argument("--shapes", default="8x1024,8x4096,8x32768,8x131072,1x32768,64x32768")
     ap.add_argument("--presets", default="bf16,fp8,int8,int4,int2", help="timed at every shape")
     ap.add_argument("--main-presets", default="k8v4,int4-kivi,int2-kivi", help="also timed at B=8 S=32K")
@@ -301,7 +302,7 @@ def main(argv=None):
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
     result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d")}
     if not a.no_check:
-        result["check"] = check(a.quick)
+        result["check"] = check(a.quick, a.check_presets.split(",") if a.check_presets else None)
         if not all(r["ok"] for r in result["check"]):
             print("CHECK FAILED", flush=True)
     key = jax.random.key(0)

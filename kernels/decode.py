@@ -284,8 +284,18 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         return _unpack(w, pc, lay, dtype) if lay.packed else w.astype(dtype)
 
     def col_scale(ref, start, grp, cache, key):
+        """f32 ``[BK]`` scale (or zero) column ``grp`` of this block: the block's
+        ``[BK, groups]`` tile is loaded once, contiguously, and columns are picked in registers."""
         if (key, grp) not in cache:
-            cache[(key, grp)] = ref[pl.ds(start, block_k), grp].astype(jnp.float32)
+            ngroups = ref.shape[-1]
+            if (key, "tile") not in cache:
+                cache[(key, "tile")] = ref[pl.ds(start, block_k), :].astype(jnp.float32)
+            tile_ = cache[(key, "tile")]
+            if ngroups == 1:
+                cache[(key, grp)] = tile_.reshape(block_k)
+            else:
+                col = lax.broadcasted_iota(jnp.int32, (1, ngroups), 1)
+                cache[(key, grp)] = jnp.sum(jnp.where(col == grp, tile_, 0.0), axis=1)
         return cache[(key, grp)]
 
     def body(blk, carry):
