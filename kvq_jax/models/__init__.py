@@ -36,7 +36,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "LlamaBlock", "LlamaConfig", "LlamaModel", "SMOLLM2_135M", "SwiGLU", "load_checkpoint", "load_model", "Tokenizer", "cast_params", "check_params", "convert_rope_style",
-    "fetch_smollm2", "forward_logits", "greedy_generate", "init_random_params", "load", "load_gguf",
-    "load_safetensors", "load_tokenizer", "param_shapes",
+    "LlamaBlock", "LlamaConfig", "LlamaModel", "SMOLLM2_135M", "SwiGLU", "Tokenizer", "cast_params",
+    "check_params", "convert_rope_style", "fetch_smollm2", "forward_logits", "greedy_generate",
+    "init_random_params", "load", "load_checkpoint", "load_gguf", "load_model", "load_safetensors",
+    "load_tokenizer", "param_shapes",
 ]

@@ -1,0 +1,430 @@
+"""Jit-compiled generation over quantized KV caches: prefill, a `lax.while_loop` decode, samplers.
+
+    out = kvq.generate(model, tokens, max_new_tokens=64, kv="int4-kivi")
+    out.tokens    # int32[B, max_new_tokens], padded with eos after a sequence stops
+    out.lengths   # int32[B], tokens generated per sequence (eos included)
+
+Flow of one call (one jit, caches donated):
+
+1. Prompts ``[B, T]`` are right-padded to a length bucket (a power of two >= 16), so
+   prompts of different lengths in the same bucket reuse one compilation.
+2. Prefill runs the prompts through every layer attending on their own full-precision
+   K/V, then quantize-appends the real tokens (``lengths`` = per-sequence prompt length).
+   When ``caches`` already hold earlier turns, the prompt is instead appended and
+   attended through the caches (chunked prefill).
+3. Decode: ``lax.while_loop`` feeds one token per step (append, then attend through the
+   cache), samples the next, and stops a sequence at EOS; the loop ends when every
+   sequence is done or ``max_new_tokens`` are out.
+
+Note: ``kvq_jax.generate`` (attribute of the package) is this function; import helpers
+with ``from kvq_jax.generate import ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvq_jax.cache import KVCache
+from kvq_jax.nn import init_caches, resolve_policy
+
+MIN_BUCKET = 16
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Next-token sampling: temperature, then top-k, then top-p (nucleus) filtering.
+
+    Hashable: it is a static argument of the compiled loop.
+
+    Attributes:
+      temperature: logits are divided by it; 0 means greedy (argmax).
+      top_k: keep the k most likely tokens (None: all).
+      top_p: keep the smallest set of most likely tokens whose probability reaches
+        top_p (None or 1.0: all); the most likely token is always kept.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k: expected a positive int or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a float in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def filter(self, logits: jax.Array) -> jax.Array:
+        """Temperature-scaled logits ``f32[B, V]`` with the tokens outside top-k / top-p set to -inf."""
+        logits = logits.astype(jnp.float32) / max(self.temperature, 1e-6)
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.top_p is not None and self.top_p < 1.0:
+            srt = jnp.sort(logits, axis=-1)[..., ::-1]
+            probs = jax.nn.softmax(srt, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+            keep = before < self.top_p
+            thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+            logits = jnp.where(logits < thresh, -jnp.inf, logits)
+        return logits
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """Sample ids: logits ``f32[B, V]``, a PRNG key -> ``int32[B]``."""
+        if self.greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, self.filter(logits), axis=-1).astype(jnp.int32)
+
+
+GREEDY = Sampler(temperature=0.0)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """What `generate` returns.
+
+    Attributes:
+      tokens: ``int32[B, max_new_tokens]`` generated ids; after a sequence's EOS (and
+        after the loop stopped) the row is padded with the first EOS id (0 without one).
+      lengths: ``int32[B]`` tokens generated per sequence, its EOS included.
+      caches: tuple of one KVCache per layer holding, for each sequence, the prompt
+        (and earlier turns) plus every generated token but the last one (the last
+        token has not been fed back yet: start the next turn's prompt with it).
+      prompt_lengths: ``int32[B]`` prompt tokens per sequence.
+      steps: decode iterations run (at most max_new_tokens - 1; fewer when all sequences
+        hit EOS early).
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    caches: tuple[KVCache, ...]
+    prompt_lengths: jax.Array
+    steps: int
+
+
+# ----------------------------------------------------------------------------- bucketing and tracing
+
+
+def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The padded prompt length for a prompt of ``n`` tokens: the next power of two, at least ``minimum``."""
+    n = max(int(n), 1)
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+_TRACES = {"generate": 0, "teacher_force": 0}
+
+
+def trace_count(name: str = "generate") -> int:
+    """How many times the compiled generate (or "teacher_force") function was traced in this process.
+
+    Each trace is one compilation; tests use it to prove that prompts of different
+    lengths within a bucket share one.
+    """
+    return _TRACES[name]
+
+
+_STREAMS: dict[int, Callable] = {}
+_STREAM_IDS = itertools.count(1)
+_STREAM_LOCK = threading.Lock()
+
+
+def _emit(stream_id, step, tokens, active):
+    fn = _STREAMS.get(int(stream_id))
+    if fn is not None:
+        fn(int(step), np.asarray(tokens), np.asarray(active))
+
+
+def _eos_array(eos_ids):
+    return jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the compiled loop
+
+
+def _prefill(model, caches, start, tokens, prompt_lengths, fresh, impl):
+    """Run the padded prompts from positions ``start`` (int32[B]); return (last-token logits f32[B, V], caches)."""
+    B, T = tokens.shape
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    h, caches = model.hidden(tokens, positions, caches, prefill=fresh, lengths=prompt_lengths, impl=impl)
+    last = jnp.take_along_axis(h, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, d]
+    return model.logits(last), caches
+
+
+def _runner(graphdef, state, caches, scan_layers):
+    """The model to run inside a jit (scanned over layers when asked) and its caches in the form it takes."""
+    model = nnx.merge(graphdef, state)
+    if scan_layers and hasattr(model, "scanned"):
+        runner = model.scanned([c.spec for c in caches])
+        return runner, runner.stack_caches(caches), runner.unstack_caches
+    return model, caches, lambda c: c
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "eos_ids", "fresh", "impl",
+                                   "streaming", "scan_layers"), donate_argnames=("caches",))
+def _generate_jit(graphdef, state, caches, tokens, prompt_lengths, key, stream_id, *, max_new_tokens,
+                  sampler, eos_ids, fresh, impl, streaming, scan_layers):
+    _TRACES["generate"] += 1
+    start = caches[0].lengths
+    model, caches, unstack = _runner(graphdef, state, caches, scan_layers)
+    B = tokens.shape[0]
+    eos = _eos_array(eos_ids)
+    pad = eos_ids[0] if eos_ids else 0
+
+    logits, caches = _prefill(model, caches, start, tokens, prompt_lengths, fresh, impl)
+    tok = sampler(logits, jax.random.fold_in(key, 0))
+    done = jnp.isin(tok, eos) if eos_ids else jnp.zeros((B,), bool)
+    out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
+    n_gen = jnp.ones((B,), jnp.int32)
+    if streaming:
+        jax.debug.callback(_emit, stream_id, 0, tok, jnp.ones((B,), bool), ordered=True)
+    pos0 = start + prompt_lengths  # position of generated token 0
+
+    def cond(carry):
+        i, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, out, done, n_gen, caches = carry
+        prev = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1, keepdims=True)  # [B, 1]
+        pos = (pos0 + i - 1)[:, None]
+        # finished sequences append nothing: their caches stop at the last real token.
+        step_len = jnp.where(done, 0, 1).astype(jnp.int32)
+        logits, caches = model(prev, pos, caches, lengths=step_len, impl=impl)
+        nxt = sampler(logits[:, 0], jax.random.fold_in(key, i))
+        nxt = jnp.where(done, pad, nxt)
+        out = jax.lax.dynamic_update_index_in_dim(out, nxt[:, None], i, axis=1)
+        if streaming:
+            jax.debug.callback(_emit, stream_id, i, nxt, ~done, ordered=True)
+        n_gen = n_gen + (~done).astype(jnp.int32)
+        if eos_ids:
+            done = done | jnp.isin(nxt, eos)
+        return i + 1, out, done, n_gen, caches
+
+    i, out, done, n_gen, caches = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, n_gen, caches))
+    return out, n_gen, unstack(caches), i - 1
+
+
+def _as_prompts(tokens, prompt_lengths):
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens: expected int[B, T], got {tokens.dtype}{list(tokens.shape)}")
+    B, T = tokens.shape
+    if T == 0:
+        raise ValueError("tokens: prompts need at least one token")
+    if prompt_lengths is None:
+        lens = np.full((B,), T, np.int32)
+    else:
+        lens = np.asarray(prompt_lengths, np.int64).reshape(-1)
+        if lens.shape != (B,):
+            raise ValueError(f"prompt_lengths: expected {B} lengths, got shape {lens.shape}")
+        if lens.min() < 1 or lens.max() > T:
+            raise ValueError(f"prompt_lengths: expected values in [1, {T}], got {lens.tolist()}")
+        lens = lens.astype(np.int32)
+    return tokens.astype(np.int32), lens
+
+
+def _pad_to_bucket(tokens: np.ndarray, lens: np.ndarray, bucket: int | None):
+    Tb = bucket_length(int(lens.max())) if bucket is None else int(bucket)
+    if Tb < int(lens.max()):
+        raise ValueError(f"bucket: {Tb} is shorter than the longest prompt ({int(lens.max())})")
+    B = tokens.shape[0]
+    padded = np.zeros((B, Tb), np.int32)
+    w = min(Tb, tokens.shape[1])
+    padded[:, :w] = tokens[:, :w]
+    padded[np.arange(Tb)[None, :] >= lens[:, None]] = 0
+    return padded
+
+
+def _resolve_eos(model, eos_id) -> tuple[int, ...]:
+    if eos_id is None:
+        return tuple(getattr(model, "eos_token_ids", ()) or ())
+    if isinstance(eos_id, (int, np.integer)):
+        return (int(eos_id),)
+    return tuple(int(e) for e in eos_id)
+
+
+def _model_dims(model):
+    return model.num_layers, model.num_kv_heads, model.head_dim
+
+
+def generate(
+    model,
+    tokens,
+    max_new_tokens: int,
+    kv="int8",
+    sampler: Sampler | None = None,
+    rng: jax.Array | int | None = None,
+    prompt_lengths=None,
+    eos_id: int | Sequence[int] | None = None,
+    stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    max_len: int | None = None,
+    impl: str = "auto",
+    *,
+    caches: tuple[KVCache, ...] | None = None,
+    bucket: int | None = None,
+    scan_layers: bool = True,
+) -> GenerateOutput:
+    """Generate up to ``max_new_tokens`` per sequence with quantized KV caches.
+
+    Args:
+      model: a `kvq_jax.models.LlamaModel` (or any nnx module with the same call
+        signature and ``num_layers``, ``num_kv_heads``, ``head_dim``).
+      tokens: ``int[B, T]`` prompts, right-padded (or ``int[T]`` for one prompt).
+      max_new_tokens: N >= 1, tokens to generate per sequence (a compile-time constant).
+      kv: cache policy when ``caches`` is None: a preset name ("bf16", "int8",
+        "int4-kivi", ...), a KVSpec, or one per layer (`kvq.nn.resolve_policy`).
+      sampler: a `Sampler`; None is greedy.
+      rng: PRNG key or int seed for sampling (default 0).
+      prompt_lengths: ``int[B]`` real prompt tokens per row (default: all T).
+      eos_id: an id or ids that end a sequence; None uses ``model.eos_token_ids``;
+        ``()`` never stops early.
+      stream: optional ``stream(step, tokens int32[B], active bool[B])`` called on the
+        host for every generated position as the loop runs (``active[b]`` False once
+        sequence b has finished: its token is padding).
+      max_len: cache capacity in tokens per sequence for new caches (default: prompt
+        bucket + max_new_tokens).
+      impl: attention implementation over the caches ("auto", "xla", "pallas").
+      caches: continue from these caches (earlier turns of the same sequences); they
+        are donated (consumed) and the new ones returned in ``.caches``. The prompt is
+        then appended and attended through the caches instead of the full-precision prefill.
+      bucket: force the padded prompt length (default: power of two >= 16).
+      scan_layers: run the blocks under ``lax.scan`` (`LlamaModel.scanned`): compiles
+        several times faster; costs one copy of the layer weights and of the caches per
+        call (not per step). False unrolls the layers: no copies, longer compiles.
+
+    Returns:
+      `GenerateOutput` with ``.tokens int32[B, N]``, ``.lengths int32[B]``, ``.caches``,
+      ``.prompt_lengths``, ``.steps``.
+    """
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    prompts, lens = _as_prompts(tokens, prompt_lengths)
+    padded = _pad_to_bucket(prompts, lens, bucket)
+    B, Tb = padded.shape
+    L, Hkv, D = _model_dims(model)
+    fresh = caches is None
+    if fresh:
+        max_len = Tb + max_new_tokens if max_len is None else int(max_len)
+        need = int(lens.max()) + max_new_tokens - 1
+        if need > max_len:
+            raise ValueError(f"max_len: {max_len} tokens cannot hold a {int(lens.max())}-token prompt "
+                             f"and {max_new_tokens} new tokens (need {need})")
+        caches = init_caches(resolve_policy(kv, L), B, max_len, Hkv, D)
+    else:
+        caches = tuple(caches)
+        if len(caches) != L or caches[0].batch != B:
+            raise ValueError(f"caches: expected {L} caches of batch {B}")
+        # read a copy: a host view of the buffer itself would keep it from being donated
+        held = np.asarray(jnp.copy(caches[0].lengths))
+        need = held + lens + max_new_tokens - 1
+        if (need > caches[0].max_len).any():
+            raise ValueError(f"caches: max_len {caches[0].max_len} cannot hold this turn "
+                             f"(needs {int(need.max())} tokens)")
+    sampler = GREEDY if sampler is None else sampler
+    if rng is None:
+        rng = jax.random.key(0)
+    elif isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
+    eos_ids = _resolve_eos(model, eos_id)
+    graphdef, state = nnx.split(model)
+    stream_id = 0
+    if stream is not None:
+        with _STREAM_LOCK:
+            stream_id = next(_STREAM_IDS)
+            _STREAMS[stream_id] = stream
+    try:
+        out, n_gen, caches, steps = _generate_jit(
+            graphdef, state, caches, jnp.asarray(padded), jnp.asarray(lens), rng, jnp.int32(stream_id),
+            max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids, fresh=fresh, impl=impl,
+            streaming=stream is not None, scan_layers=bool(scan_layers))
+        out.block_until_ready()
+        if stream is not None:
+            jax.effects_barrier()
+    finally:
+        if stream is not None:
+            _STREAMS.pop(stream_id, None)
+    return GenerateOutput(tokens=out, lengths=n_gen, caches=caches, prompt_lengths=jnp.asarray(lens),
+                          steps=int(steps))
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+
+
+@partial(jax.jit, static_argnames=("graphdef", "impl", "scan_layers"), donate_argnames=("caches",))
+def _teacher_force_jit(graphdef, state, caches, tokens, prompt_lengths, targets, *, impl, scan_layers):
+    _TRACES["teacher_force"] += 1
+    start = caches[0].lengths
+    model, caches, unstack = _runner(graphdef, state, caches, scan_layers)
+    logits0, caches = _prefill(model, caches, start, tokens, prompt_lengths, True, impl)
+    pos0 = start + prompt_lengths
+
+    def step(caches, xs):
+        i, tok = xs
+        logits, caches = model(tok[:, None], (pos0 + i)[:, None], caches, impl=impl)
+        return caches, logits[:, 0]
+
+    N = targets.shape[1]
+    caches, rest = jax.lax.scan(step, caches, (jnp.arange(N - 1, dtype=jnp.int32), targets[:, :-1].T))
+    return jnp.concatenate([logits0[:, None], jnp.swapaxes(rest, 0, 1)], axis=1), unstack(caches)
+
+
+def teacher_force(model, tokens, targets, kv="bf16", prompt_lengths=None, max_len: int | None = None,
+                  impl: str = "auto", bucket: int | None = None, scan_layers: bool = True):
+    """Next-token logits along a given continuation, decoding it step by step through the caches.
+
+    The prompt is prefilled exactly as in `generate` (full-precision K/V, then
+    quantize-append); then ``targets[:, i]`` is fed at step i (append, attend through
+    the cache), so ``logits[:, i]`` is the distribution `generate` would sample token i
+    from had it produced ``targets[:, :i]``. Use it to compare caches on the same text.
+
+    Args:
+      model: a LlamaModel.
+      tokens: ``int[B, T]`` right-padded prompts; prompt_lengths ``int[B]`` (default T).
+      targets: ``int[B, N]`` the continuation.
+      kv: cache policy (preset, KVSpec or per-layer).
+      max_len: cache capacity (default bucket + N).
+
+    Returns:
+      ``(logits f32[B, N, V], caches)``.
+    """
+    prompts, lens = _as_prompts(tokens, prompt_lengths)
+    padded = _pad_to_bucket(prompts, lens, bucket)
+    targets = np.asarray(targets, np.int32)
+    if targets.ndim == 1:
+        targets = targets[None]
+    B, Tb = padded.shape
+    N = targets.shape[1]
+    if targets.shape[0] != B or N < 1:
+        raise ValueError(f"targets: expected int[{B}, N >= 1], got {list(targets.shape)}")
+    L, Hkv, D = _model_dims(model)
+    max_len = Tb + N if max_len is None else int(max_len)
+    caches = init_caches(resolve_policy(kv, L), B, max_len, Hkv, D)
+    graphdef, state = nnx.split(model)
+    return _teacher_force_jit(graphdef, state, caches, jnp.asarray(padded), jnp.asarray(lens),
+                              jnp.asarray(targets), impl=impl, scan_layers=bool(scan_layers))
+
+
+__all__ = ["GREEDY", "GenerateOutput", "Sampler", "bucket_length", "generate", "teacher_force", "trace_count"]
