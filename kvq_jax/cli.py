@@ -408,14 +408,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help='write {preset: {"bytes_per_token", "sessions"}}')
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("eval", help="perplexity / KL / top-1 of each preset against the bf16 cache",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="see `kvq-jax eval --help`")
+    p.set_defaults(func=lambda a: _delegate("kvq_jax.eval.perplexity", a.rest))
+
+    p = sub.add_parser("needle", help="needle-in-a-haystack retrieval grid per preset", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="see `kvq-jax needle --help`")
+    p.set_defaults(func=lambda a: _delegate("kvq_jax.eval.needle", a.rest))
+
     p = sub.add_parser("bench", help="GPU decode benchmark (benchmarks/decode.py)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/decode.py")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
+def _delegate(module: str, argv: list[str]) -> int:
+    """Run ``module.main(argv)`` (the eval tools parse their own arguments)."""
+    import importlib
+
+    importlib.import_module(module).main(argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kvq-jax`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    tools = {"eval": "kvq_jax.eval.perplexity", "needle": "kvq_jax.eval.needle"}
+    if argv and argv[0] in tools:  # these parse their own arguments
+        return _delegate(tools[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -121,3 +121,13 @@ def test_byte_tokenizer_round_trip():
     ids = tok.encode(text)
     assert ids[0] == 256 and 257 in ids and tok.decode(ids) == text
     assert tok.decode(ids, skip_special_tokens=True) == "user\nhéllo\nassistant\n"
+
+
+def test_eval_and_needle_subcommands_reach_their_tools(capsys):
+    from kvq_jax import cli
+
+    for tool in ("eval", "needle"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([tool, "--help"])
+        assert e.value.code == 0
+        assert "--text" in capsys.readouterr().out
