@@ -142,13 +142,12 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float, style: str) -> jax.Array:
-    """Rotate channel pairs of every head by their position.
+def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, style: str) -> jax.Array:
+    """Rotate channel pairs of every head by precomputed angles.
 
     Args:
       x: ``[B, T, H, D]``.
-      positions: ``int[B, T]``.
-      theta: RoPE base.
+      cos, sin: ``f32[B, T, D/2]`` or ``f32[T, D/2]`` (from `rope_cos_sin`).
       style: "half" rotates pairs (i, i + D/2) (Hugging Face); "interleaved" rotates
         pairs (2i, 2i + 1) (GGUF llama files, the original RoPE paper).
 
@@ -157,14 +156,29 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, style: str) -> 
     """
     if style not in ROPE_STYLES:
         raise ValueError(f"style: expected one of {ROPE_STYLES}, got {style!r}")
-    cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     x = x.astype(jnp.float32)
     if style == "half":
         x1, x2 = jnp.split(x, 2, axis=-1)
         return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, style: str) -> jax.Array:
+    """Rotate channel pairs of every head by their position (`rotate_pairs` of `rope_cos_sin`).
+
+    Args:
+      x: ``[B, T, H, D]``.
+      positions: ``int[B, T]``.
+      theta: RoPE base.
+      style: "half" or "interleaved" (see `rotate_pairs`).
+
+    Returns:
+      ``f32[B, T, H, D]``.
+    """
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+    return rotate_pairs(x, cos, sin, style)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
@@ -444,5 +458,5 @@ def _set(param: nnx.Variable, value) -> None:
 
 __all__ = [
     "QuantizedAttention", "RMSNorm", "apply_rope", "causal_attention", "init_caches",
-    "policy_bytes_per_token", "resolve_policy", "rope_cos_sin",
+    "policy_bytes_per_token", "resolve_policy", "rope_cos_sin", "rotate_pairs",
 ]

@@ -1,6 +1,6 @@
 """The no-cache oracle: a plain-jnp f32 forward pass of the Llama architecture.
 
-No Flax, no KV cache, no kernels: every layer recomputes attention over the whole
+No Flax modules, no KV cache, no kernels: every layer recomputes attention over the whole
 sequence with a causal mask. Later tests compare the cached, quantized model to it.
 It is a pure function of (config, params, tokens); jit it with the config static:
 `jax.jit(forward_logits, static_argnums=0)`.
@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from kvq_jax.models.config import LlamaConfig
+# RoPE has one home, kvq_jax.nn; tests check it against independent float64 transcriptions.
+from kvq_jax.nn import rope_cos_sin as rope_angles
+from kvq_jax.nn import rotate_pairs as apply_rope
 
 # An oracle must not use TF32 on GPUs: every product at full f32 precision.
 _HI = jax.lax.Precision.HIGHEST
@@ -21,38 +24,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight. x: [..., d], weight: [d]."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight.astype(jnp.float32)
-
-
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of RoPE: pair i of a head turns by position * theta^(-2i / D).
-
-    Args:
-      positions: [..., T] int token positions.
-    Returns:
-      (cos, sin), each [..., T, D/2] f32.
-    """
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rope_style: str) -> jax.Array:
-    """Rotate channel pairs of every head.
-
-    Args:
-      x: [B, T, H, D].
-      cos, sin: [B, T, D/2] or [T, D/2] from `rope_angles`.
-      rope_style: "half" pairs (i, i + D/2); "interleaved" pairs (2i, 2i + 1).
-    Returns:
-      [B, T, H, D] f32.
-    """
-    x = x.astype(jnp.float32)
-    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
-    if rope_style == "half":
-        x1, x2 = jnp.split(x, 2, axis=-1)
-        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
