@@ -7,26 +7,28 @@ dot). Partials ``(o, m, l)`` stay f32 and are merged across splits by
 log-sum-exp in XLA.
 
 Reading packed data: the body is viewed as uint32 words (a free bitcast of the
-byte layout), 4 bytes per word, and unpacked with shifts in registers. A tile
-of ``wr`` words and value slot ``c`` (``c < 8 / bits``) unpacks to ``[BK, 4, wr]``
-values, reshaped to ``[BK, 4 * wr]`` whose column ``i * wr + w`` holds element
-``c * Dp + 4 * (w0 + w) + i`` of the head vector (DESIGN.md's split packing). So
-the kernel never shuffles: the wrapper permutes q's head_dim into that column
-order once, and un-permutes the tiny output after. Such a tile is a *chunk*;
-chunks never straddle a scale group, so scales apply per chunk:
+byte layout) and unpacked with shifts in registers (see `Piece`). A *piece* is
+one shift of a ``[BK, wr]`` word tile: its column w holds element
+``c * Dp + 4 * (w0 + w) + i`` of the head vector (DESIGN.md's split packing), for
+value slot ``c`` and byte ``i``. Rows of fewer than 16 words use *chunks*
+instead: all four bytes unpacked to ``[BK, 4, wr]`` and reshaped. So the kernel
+never shuffles: the wrapper permutes q's head_dim into the kernel's column
+order once, and un-permutes the tiny output after. Scales apply where cheapest:
 
-* per-token key scales multiply the chunk's logits ``q·k_int`` (zero points add
-  ``sum(q_chunk) * zero``);
+* per-token key scales multiply a tile's logits ``q·k_int`` (zero points add
+  ``sum(q_tile) * zero``);
 * per-channel key scales (KIVI) multiply q (blocks are one token group long);
   zero points add ``q·zero`` per row;
 * per-token value scales multiply the probabilities before ``p @ v_int`` (zero
-  points add ``(p·zero)`` per row).
+  points add ``(p·zero)`` per row);
+* a tile whose columns straddle two scale groups is dequantized in registers
+  instead (``precise=True``: one exact dot per group).
 
-Dots take bf16 operands (integers up to 255 and fp8 values are exact in bf16)
-and accumulate in f32. ``precise=True`` splits q and p into bf16 hi + lo parts
-(two dots each) for results within f32 rounding of the reference; the default
-rounds q and p to bf16 once, as flash-attention kernels do (error bound in
-tests/test_kernel.py).
+Integers are turned into fp16 / bf16 without int->float conversions (magic-number
+trick, `_unpack`); key tiles are fp16, value tiles bf16; dots accumulate in f32.
+``precise=True`` splits q and p into 16-bit hi + lo parts (two dots each) for
+results within f32 rounding of the reference; the default rounds them once, as
+flash-attention kernels do (error bound in tests/test_kernel.py).
 """
 
 from __future__ import annotations
@@ -261,12 +263,10 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     k_fp8_fix = 256.0 if kl.fmt == "fp8" else 1.0  # _unpack gives e4m3 values * 2**-8
     v_fp8_fix = 256.0 if vl.fmt == "fp8" else 1.0
 
-    # q per key piece, and per scale segment when a piece straddles groups (other columns zeroed)
-    kq = []
-    for off, pc in zip(kl.offsets(), kl.pieces):
-        kq.append([q_ref[:, pl.ds(off, pc.width)]])
-    qsum = [qs[0].sum(axis=1) for qs in kq] if (k_zero and k_mode == "token") else None
-    vcols_k = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
+    # q columns of each key piece (loaded once, before the loop)
+    kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
+    qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
+    kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     vcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in vl.pieces]
 
     def words(ref, start, pc, lay, cache):
@@ -312,25 +312,25 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             if k_mode == "channel":  # one token group per block: the group's channel scales multiply q
                 base = (pc.c * kl.words * 4) // 4 + pc.w0
                 srow = _channel_row(ks_ref, blk, base, pc)
-                logits = logits + _dot(kq[n][0] * srow[None, :], kt, precise, trans_b=True)
+                logits = logits + _dot(kq[n] * srow[None, :], kt, precise, trans_b=True)
                 if k_zero:
                     zr = _channel_row(kz_ref, blk, base, pc)
-                    zrow = zrow + (kq[n][0] * zr[None, :]).sum(axis=1)
+                    zrow = zrow + (kq[n] * zr[None, :]).sum(axis=1)
                 continue
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, q masked to its columns
                 for (grp, a, b) in pc.segs:
-                    qm = jnp.where((vcols_k[n] >= a) & (vcols_k[n] < b), kq[n][0], 0.0)
+                    qm = jnp.where((kcols[n] >= a) & (kcols[n] < b), kq[n], 0.0)
                     part = _dot(qm, kt, precise, trans_b=True) * col_scale(ks_ref, start, grp, sc, "s")[None, :]
                     if k_zero:
                         part = part + qm.sum(axis=1)[:, None] * col_scale(kz_ref, start, grp, sc, "z")[None, :]
                     logits = logits + part
                 continue
             if len(pc.segs) > 1:  # the piece straddles scale groups: dequantize the tile in registers
-                kt = _dequant_tile(kt, pc, vcols_k[n], lambda g, key: col_scale(
+                kt = _dequant_tile(kt, pc, kcols[n], lambda g, key: col_scale(
                     ks_ref if key == "s" else kz_ref, start, g, sc, key), k_zero)
-                logits = logits + _dot(kq[n][0], kt, precise, trans_b=True)
+                logits = logits + _dot(kq[n], kt, precise, trans_b=True)
                 continue
-            part = _dot(kq[n][0], kt, precise, trans_b=True)  # [Mp, BK]
+            part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
             if k_mode == "token":
                 grp = pc.segs[0][0]
                 part = part * col_scale(ks_ref, start, grp, sc, "s")[None, :]
