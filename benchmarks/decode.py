@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvq_jax as kvq
-from kvq_jax import reference
 from kvq_jax.kernels import decode
 
 OURS = ["bf16", "fp8", "int8", "int4", "int2", "k8v4", "int4-kivi", "int2-kivi"]
@@ -132,26 +131,9 @@ def check(quick=False, presets=None):
 
 
 def _attend_pallas(q, cache, precise=False, config=None):
-    """attend() through the kernel with explicit precise / config (same segment merge as attend)."""
-    spec = cache.spec
-    B, T, Hq, D = q.shape
-    H = cache.num_kv_heads
-    qg = q.astype(jnp.float32).reshape(B, T, H, Hq // H, D)
-    if spec.rotate:
-        qg = kvq.quant.rotate(qg)
-    qpos = cache.lengths[:, None] - T + jnp.arange(T)[None]
-    o, lse = decode.body_attention(qg, cache, qpos, 1 / math.sqrt(D), interpret=jax.default_backend() != "gpu",
-                                   precise=precise, config=config)
-    if spec.rotate:
-        o = kvq.quant.rotate(o, inverse=True)
-    parts = [(o, lse)]
-    if cache.residual_capacity:
-        _, q_len, r_len = cache.segments()
-        j = jnp.arange(cache.residual_capacity)[None, None, :]
-        mask = (j < r_len[:, None, None]) & (spec.sinks + q_len[:, None, None] + j <= qpos[:, :, None])
-        parts.append(reference.masked_attention(qg, cache.res_k, cache.res_v, mask, 1 / math.sqrt(D)))
-    o, _ = kvq.merge(parts) if len(parts) > 1 else parts[0]
-    return o.reshape(B, T, Hq, D)
+    """kvq.attend through the compiled kernel (interpreted off a GPU) with explicit precise / config."""
+    return kvq.attend(q, cache, impl="pallas", interpret=jax.default_backend() != "gpu",
+                      precise=precise, config=config)
 
 
 # -- peers -------------------------------------------------------------------

@@ -72,6 +72,7 @@ def attend(
     interpret: bool | None = None,
     scale: float | None = None,
     precise: bool = False,
+    config=None,
 ) -> jax.Array:
     """Attention of ``q`` over everything in ``cache``.
 
@@ -90,6 +91,8 @@ def attend(
       precise: for impl="pallas": split q and p into two 16-bit parts each (twice the
         dots) so the kernel matches the f32 reference to f32 rounding; by default they
         are rounded to 16 bits once, as flash-attention kernels do.
+      config: for impl="pallas": a `kvq_jax.kernels.decode.Config` (block size, splits,
+        warps, stages); default chosen per shape by `decode.choose_config`.
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype. Rows of sequences whose ``overflow`` flag is
@@ -127,7 +130,7 @@ def attend(
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
         o_body, lse_body = decode.body_attention(q_body, cache, qpos, scale, interpret=interpret,
-                                                precise=precise)
+                                                precise=precise, config=config)
     if spec.rotate:
         o_body = quant.rotate(o_body, inverse=True)
     parts.append((o_body, lse_body))
