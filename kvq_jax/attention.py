@@ -121,7 +121,11 @@ def attend(
         parts.append(reference.masked_attention(qg, cache.sink_k, cache.sink_v, mask, scale))
 
     # quantized body: absolute positions sinks + [0, q_len)
-    q_body = quant.rotate(qg) if spec.rotate else qg
+    st = spec.static  # calibrated per-channel scales (spec.StaticScales), folded in around the body
+    q_body = qg
+    if st is not None and st.k_scale is not None:
+        q_body = q_body * jnp.asarray(st.array("k_scale"))[None, None, :, None, :]
+    q_body = quant.rotate(q_body) if spec.rotate else q_body
     if impl == "xla":
         o_body, lse_body = reference.body_attention(q_body, cache, qpos, scale)
     else:
@@ -140,8 +144,38 @@ def attend(
         j = jnp.arange(cache.residual_capacity, dtype=jnp.int32)[None, None, :]
         kpos = spec.sinks + q_len[:, None, None] + j
         mask = (j < r_len[:, None, None]) & (kpos <= qpos[:, :, None])
+    if st is not None:
+        o_body, lse_body = unscale_body(qg, o_body, lse_body, st, scale)
         parts.append(reference.masked_attention(qg, cache.res_k, cache.res_v, mask, scale))
 
     o, _ = merge(parts) if len(parts) > 1 else parts[0]
     o = jnp.where(cache.overflow[:, None, None, None, None], jnp.nan, o)
     return o.reshape(B, T, Hq, D).astype(q.dtype)
+
+
+def unscale_body(qg, o, lse, static, scale):
+    """Undo a spec's static per-channel shift and scale on the body's partial result.
+
+    Keys were stored as ``(k - k_shift) / k_scale`` and the queries multiplied by
+    ``k_scale``, so every body logit lacks ``scale * q . k_shift`` (the same for all
+    keys of a query row: it moves the log-sum-exp only); values were stored as
+    ``(v - v_shift) / v_scale``, so ``o = o' * v_scale + v_shift`` (rows sum to one).
+
+    Args:
+      qg: ``f32[B, T, Hkv, G, D]`` unscaled, unrotated queries.
+      o, lse: the body's ``f32[B, T, Hkv, G, D]`` and ``f32[B, T, Hkv, G]``.
+      static: the spec's `StaticScales`.
+      scale: softmax scale.
+
+    Returns:
+      ``(o, lse)``; rows that see no body token keep ``lse = -inf`` and get ``o = 0``.
+    """
+    seen = jnp.isfinite(lse)
+    if static.k_shift is not None:
+        ks = jnp.asarray(static.array("k_shift"))[None, None, :, None, :]
+        lse = lse + scale * jnp.sum(qg * ks, axis=-1)
+    if static.v_scale is not None:
+        o = o * jnp.asarray(static.array("v_scale"))[None, None, :, None, :]
+    if static.v_shift is not None:
+        o = o + jnp.asarray(static.array("v_shift"))[None, None, :, None, :]
+    return jnp.where(seen[..., None], o, 0.0), jnp.where(seen, lse, -jnp.inf)

@@ -8,7 +8,8 @@ Storage (DESIGN.md, Data layout), per layer:
   ``k_zero, v_zero`` (None where the spec has none): the quantized tokens. Body
   slot ``j`` holds the token at absolute position ``sinks + j`` (the *stream*
   position ``j``). Per-token scales are ``[B, Hkv, S, D / group]``, per-channel
-  key scales ``[B, Hkv, S / token_group, D]``. Rotated when ``spec.rotate``.
+  key scales ``[B, Hkv, S / token_group, D]``. Rotated when ``spec.rotate``;
+  shifted and divided per channel first when ``spec.static`` (`prescale`).
 * residual ``res_k, res_v: bf16[B, Hkv, R, D]``: the most recent stream tokens
   that are not (yet) quantized, in order, slot 0 first; unrotated.
 * ``lengths: int32[B]``: tokens appended to each sequence; ``overflow: bool[B]``.
@@ -151,6 +152,8 @@ def init_cache(
             raise ValueError(f"{name}: expected a positive int, got {val!r}")
     spec.validate_head_dim(head_dim)
     head_dim = int(head_dim)
+    if spec.static is not None:
+        spec.static.check(num_kv_heads, head_dim)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
     B, H, D = int(batch), int(num_kv_heads), int(head_dim)
@@ -313,18 +316,22 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
     # 2a. tokens leaving the window enter the quantized body at stream slots q_old + i.
     n_body = q_new - q_old
     bidx = jnp.where(widx < n_body[:, None], q_old[:, None] + widx, cache.body_capacity)
+    bk, bv = wk, wv
+    if spec.static is not None:  # calibrated per-channel shift and scale (spec.StaticScales)
+        bk = prescale(bk, spec.static.array("k_scale"), spec.static.array("k_shift"))
+        bv = prescale(bv, spec.static.array("v_scale"), spec.static.array("v_shift"))
     if spec.rotate:
-        bk, bv = quant.rotate(wk), quant.rotate(wv)
-    else:
-        bk, bv = wk, wv
+        bk, bv = quant.rotate(bk), quant.rotate(bv)
     new = dict(k=cache.k, k_scale=cache.k_scale, k_zero=cache.k_zero,
                v=cache.v, v_scale=cache.v_scale, v_zero=cache.v_zero)
     for name, x, t in (("k", bk, spec.k), ("v", bv, spec.v)):
+        clip = None if spec.static is None else getattr(spec.static, name + "_clip")
+        clip = None if clip == 1.0 else clip
         if t.quantized and t.axis == "channel":
             tg = spec.token_group
             Wp = _round_up(W, tg)
             xp = jnp.pad(x, ((0, 0), (0, 0), (0, Wp - W), (0, 0)))
-            qt = quant.quantize(xp, t, scale_dtype=spec.scale_dtype, token_group=tg)
+            qt = quant.quantize(xp, t, scale_dtype=spec.scale_dtype, token_group=tg, clip=clip)
             data = qt.data[:, :, :W]
             gi = jnp.arange(Wp // tg, dtype=jnp.int32)[None, :]
             gidx = jnp.where(gi * tg < n_body[:, None], q_old[:, None] // tg + gi, cache.k_scale.shape[2])
@@ -332,7 +339,7 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
             if qt.zero is not None:
                 new[name + "_zero"] = _scatter_tokens(new[name + "_zero"], gidx, qt.zero)
         else:
-            qt = quant.quantize(x, t, scale_dtype=spec.scale_dtype)
+            qt = quant.quantize(x, t, scale_dtype=spec.scale_dtype, clip=clip)
             data = qt.data
             if qt.scale is not None:
                 new[name + "_scale"] = _scatter_tokens(new[name + "_scale"], bidx, qt.scale)
@@ -353,6 +360,23 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
         cache, **new, res_k=res_k, res_v=res_v, sink_k=sink_k, sink_v=sink_v,
         lengths=n_new, overflow=cache.overflow | over,
     )
+
+
+def prescale(x: jax.Array, scale=None, shift=None) -> jax.Array:
+    """``(x - shift) / scale`` per (KV head, channel), as the write path of a spec with static scales.
+
+    Args:
+      x: ``f32[B, Hkv, W, D]`` (head-major, as the cache stores tokens).
+      scale, shift: None or ``[Hkv, D]`` (`StaticScales.array`).
+
+    Returns:
+      ``f32[B, Hkv, W, D]``.
+    """
+    if shift is not None:
+        x = x - jnp.asarray(shift, jnp.float32)[None, :, None, :]
+    if scale is not None:
+        x = x / jnp.asarray(scale, jnp.float32)[None, :, None, :]
+    return x
 
 
 def reset(cache: KVCache, mask: jax.Array | None = None) -> KVCache:

@@ -192,6 +192,7 @@ def quantize(
     *,
     scale_dtype="f32",
     token_group: int | None = None,
+    clip: float | None = None,
 ) -> Quantized:
     """Quantize ``x`` as tensor spec ``t``.
 
@@ -201,6 +202,10 @@ def quantize(
       t: the TensorSpec (format, axis, group, symmetric).
       scale_dtype: "f32" or "bf16" (or a jnp dtype), dtype of scale and zero.
       token_group: tokens per per-channel scale (axis="channel" only).
+      clip: optional clip ratio in (0, 1]: each group's absmax (symmetric, fp8) is
+        multiplied by it, or its [min, max] (asymmetric) shrunk by it around the
+        midpoint; values outside are clipped. The ``scale / 2`` bound then holds only
+        for the values inside the clipped range. None (default) is the plain quantizer.
 
     Returns:
       ``Quantized(data, scale, zero)``: data ``[..., Dp]`` in ``storage_dtype(t)``;
@@ -217,6 +222,8 @@ def quantize(
 
     if t.format == "fp8":
         amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
+        if clip is not None:
+            amax = amax * clip
         s = _round_up(amax / FP8_MAX, sdt)
         y = jnp.clip(xg * _safe_inv(s.astype(jnp.float32)), -FP8_MAX, FP8_MAX)
         data = y.reshape(shape).astype(FP8_DTYPE)
@@ -225,6 +232,8 @@ def quantize(
     qmin, qmax = qrange(t.bits, t.symmetric)
     if t.symmetric:
         amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
+        if clip is not None:
+            amax = amax * clip
         s = _round_up(amax / qmax, sdt)
         sf = s.astype(jnp.float32)
         q = jnp.clip(jnp.round(xg * _safe_inv(sf)), qmin, qmax)
@@ -232,6 +241,8 @@ def quantize(
     else:
         lo = jnp.min(xg, axis=red, keepdims=True)
         hi = jnp.max(xg, axis=red, keepdims=True)
+        if clip is not None:
+            lo, hi = _shrink(lo, hi, clip)
         z = _round_down(lo, sdt)
         zf = z.astype(jnp.float32)
         s = _round_up((hi - zf) / qmax, sdt)
@@ -239,6 +250,73 @@ def quantize(
         q = jnp.clip(jnp.round((xg - zf) * _safe_inv(sf)), qmin, qmax)
     data = _pack(q.reshape(shape).astype(jnp.int32), t)
     return Quantized(data, jnp.squeeze(s, red), None if z is None else jnp.squeeze(z, red))
+
+
+def _shrink(lo, hi, clip):
+    """[lo, hi] shrunk by ``clip`` around its midpoint."""
+    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo) * clip
+    return mid - half, mid + half
+
+
+def fake_quantize(
+    x: jax.Array,
+    t: TensorSpec,
+    *,
+    scale_dtype="f32",
+    token_group: int | None = None,
+    clip: float | jax.Array | None = None,
+) -> jax.Array:
+    """``dequantize(quantize(x, ...))`` in f32, differentiable with straight-through rounding.
+
+    The value is that of the stored round trip (same scales, zero points, rounding of
+    parameters into ``scale_dtype``, clipping). For gradients, each rounding (of the
+    grid value, of scales into ``scale_dtype``, of fp8 values) counts as the identity,
+    so the result is differentiable in ``x`` and in ``clip`` (a scalar or an array
+    broadcast against the scale groups): the objective of learned clip ratios.
+
+    Args and shapes as `quantize`; returns ``f32`` of x's shape.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x: expected a floating array, got {x.dtype}")
+    sg = jax.lax.stop_gradient
+
+    def ste(a, f):  # value f(a), gradient of the identity
+        return a + sg(f(sg(a)) - sg(a))
+
+    xf = x.astype(jnp.float32)
+    if t.format == "bf16":
+        return ste(xf, lambda a: a.astype(jnp.bfloat16).astype(jnp.float32))
+    sdt = scale_dtype_of(scale_dtype) if isinstance(scale_dtype, str) else scale_dtype
+    up = lambda a: _round_up(a, sdt).astype(jnp.float32)  # noqa: E731
+    down = lambda a: _round_down(a, sdt).astype(jnp.float32)  # noqa: E731
+    shape = x.shape
+    xg, red = _grouped(xf, t, token_group)
+    if t.format == "fp8":
+        amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
+        if clip is not None:
+            amax = amax * clip
+        s = ste(amax / FP8_MAX, up)
+        y = jnp.clip(xg * _safe_inv(s), -FP8_MAX, FP8_MAX)
+        out = ste(y, lambda a: a.astype(FP8_DTYPE).astype(jnp.float32)) * s
+        return out.reshape(shape)
+    qmin, qmax = qrange(t.bits, t.symmetric)
+    if t.symmetric:
+        amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
+        if clip is not None:
+            amax = amax * clip
+        s = ste(amax / qmax, up)
+        q = jnp.clip(ste(xg * _safe_inv(s), jnp.round), qmin, qmax)
+        out = q * s
+    else:
+        lo = jnp.min(xg, axis=red, keepdims=True)
+        hi = jnp.max(xg, axis=red, keepdims=True)
+        if clip is not None:
+            lo, hi = _shrink(lo, hi, clip)
+        z = ste(lo, down)
+        s = ste((hi - z) / qmax, up)
+        q = jnp.clip(ste((xg - z) * _safe_inv(s), jnp.round), qmin, qmax)
+        out = q * s + z
+    return out.reshape(shape)
 
 
 def dequantize(

@@ -16,6 +16,10 @@ Canonical string grammar (comma-separated, order free)::
     scale=bf16|f32                                     (default f32)
 
 e.g. ``k=int4:c:asym,v=int4:t:g32:asym,tg=32,res=128``.
+
+A spec may also carry `StaticScales` (calibrated per-channel scales, shifts and
+clip ratios, made by `kvq_jax.calibrate`). They are numbers, not grammar: such a
+spec prints as ``<spec>+<tag>`` and is rebuilt from its calibration file, not parsed.
 """
 
 from __future__ import annotations
@@ -97,6 +101,96 @@ class TensorSpec:
         return ":".join(parts)
 
 
+def _nested(x, name):
+    """None, or an array-like ``[Hkv, D]`` -> a tuple of Hkv tuples of D floats (hashable)."""
+    if x is None:
+        return None
+    a = np.asarray(x, np.float64)
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"{name}: expected shape [num_kv_heads, head_dim], got {list(a.shape)}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return tuple(tuple(float(v) for v in row) for row in a)
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticScales:
+    """Calibrated, static parameters of one layer's cache (see `kvq_jax.calibrate`).
+
+    Before the dynamic quantizer runs, every key and value is shifted and divided per
+    (KV head, channel): ``x' = (x - shift) / scale``; ``x'`` is then quantized as the
+    TensorSpec says (per-token or per-channel dynamic scales), with the dynamic range
+    of each scale group shrunk by the clip ratio (``absmax * clip``; asymmetric: the
+    group's [min, max] shrunk by ``clip`` around its midpoint; values beyond are
+    clipped). Attention folds the inverse in, outside the kernel, as it does the
+    rotation: ``q' = q * k_scale``, the body's log-sum-exp gains ``softmax_scale *
+    q . k_shift`` (the same for every key, so exact), and the body's output becomes
+    ``o' * v_scale + v_shift``. Residual and sink tokens are stored as they come.
+    With ``rotate`` the Hadamard rotation applies after the shift and division.
+
+    The values are plain floats so that a KVSpec stays hashable (a jit static
+    argument); they are constants of the compiled program, not cache leaves, and
+    cost no bytes per token.
+
+    Attributes:
+      k_scale, k_shift, v_scale, v_shift: None (identity) or ``[Hkv][D]`` nested
+        tuples of floats; scales must be positive. Array-likes are converted.
+      k_clip, v_clip: clip ratios in (0, 1]; 1 keeps the plain absmax / min-max.
+      tag: a short name shown by ``str(spec)`` (e.g. "cal-1a2b3c4d"): letters,
+        digits, '-', '_' and '.'.
+    """
+
+    k_scale: tuple | None = None
+    k_shift: tuple | None = None
+    v_scale: tuple | None = None
+    v_shift: tuple | None = None
+    k_clip: float = 1.0
+    v_clip: float = 1.0
+    tag: str = "static"
+
+    def __post_init__(self):
+        for name in ("k_scale", "k_shift", "v_scale", "v_shift"):
+            object.__setattr__(self, name, _nested(getattr(self, name), name))
+        for name in ("k_scale", "v_scale"):
+            val = getattr(self, name)
+            if val is not None and min(min(r) for r in val) <= 0:
+                raise ValueError(f"{name}: scales must be positive")
+        shapes = {(len(a), len(a[0])) for a in (self.k_scale, self.k_shift, self.v_scale, self.v_shift)
+                  if a is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"k_scale: scales and shifts must share one [Hkv, D] shape, got {sorted(shapes)}")
+        for name in ("k_clip", "v_clip"):
+            val = getattr(self, name)
+            if not isinstance(val, (int, float, np.floating)) or not 0.0 < float(val) <= 1.0:
+                raise ValueError(f"{name}: expected a ratio in (0, 1], got {val!r}")
+            object.__setattr__(self, name, float(val))
+        if not isinstance(self.tag, str) or not self.tag or any(
+                not (c.isalnum() or c in "-_.") for c in self.tag):
+            raise ValueError(f"tag: expected letters, digits, '-', '_' or '.', got {self.tag!r}")
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """``(Hkv, D)`` of the per-channel arrays, or None when there are none."""
+        for a in (self.k_scale, self.k_shift, self.v_scale, self.v_shift):
+            if a is not None:
+                return len(a), len(a[0])
+        return None
+
+    def array(self, name: str) -> np.ndarray | None:
+        """``f32[Hkv, D]`` of "k_scale", "k_shift", "v_scale" or "v_shift" (None when unset)."""
+        if name not in ("k_scale", "k_shift", "v_scale", "v_shift"):
+            raise ValueError(f"name: expected k_scale, k_shift, v_scale or v_shift, got {name!r}")
+        val = getattr(self, name)
+        return None if val is None else np.asarray(val, np.float32)
+
+    def check(self, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ValueError unless the per-channel arrays are ``[num_kv_heads, head_dim]``."""
+        shp = self.shape
+        if shp is not None and shp != (int(num_kv_heads), int(head_dim)):
+            raise ValueError(f"spec.static: per-channel arrays are {list(shp)}, the cache has "
+                             f"[{num_kv_heads}, {head_dim}] (num_kv_heads, head_dim)")
+
+
 @dataclasses.dataclass(frozen=True)
 class KVSpec:
     """How one layer's KV cache is stored.
@@ -113,6 +207,8 @@ class KVSpec:
         before quantizing (q by the same before attention, the output by its
         transpose after).
       scale_dtype: "bf16" or "f32", dtype of scales and zero points.
+      static: optional `StaticScales` (calibrated per-channel scales, shifts and clip
+        ratios); None: plain dynamic scales.
     """
 
     k: TensorSpec = TensorSpec()
@@ -122,8 +218,14 @@ class KVSpec:
     sinks: int = 0
     rotate: bool = False
     scale_dtype: Literal["bf16", "f32"] = "f32"
+    static: StaticScales | None = None
 
     def __post_init__(self):
+        if self.static is not None:
+            if not isinstance(self.static, StaticScales):
+                raise TypeError(f"static: expected a StaticScales or None, got {type(self.static).__name__}")
+            if not (self.k.quantized or self.v.quantized):
+                raise ValueError("static: static scales need a quantized k or v format")
         if not isinstance(self.k, TensorSpec) or not isinstance(self.v, TensorSpec):
             raise TypeError("k, v: expected TensorSpec instances")
         if self.v.axis == "channel":
@@ -170,6 +272,9 @@ class KVSpec:
                 raise ValueError(f"head_dim: int2 packing needs head_dim divisible by 4, got {head_dim}")
         if self.rotate and head_dim & (head_dim - 1):
             raise ValueError(f"head_dim: rotate=True needs a power-of-two head_dim, got {head_dim}")
+        if self.static is not None and self.static.shape is not None and self.static.shape[1] != head_dim:
+            raise ValueError(f"head_dim: {head_dim}, the spec's static scales are for head_dim "
+                             f"{self.static.shape[1]}")
 
     def bits_per_element(self, head_dim: int) -> float:
         """Average stored bits per K/V element of the quantized body, scales and zero points included."""
@@ -177,6 +282,8 @@ class KVSpec:
 
     # -- naming ------------------------------------------------------------
     def __str__(self) -> str:
+        if self.static is not None:
+            return f"{dataclasses.replace(self, static=None)}+{self.static.tag}"
         for name, spec in PRESETS.items():
             if spec == self:
                 return name
@@ -201,6 +308,9 @@ class KVSpec:
         if not isinstance(name, str):
             raise TypeError(f"name: expected a preset name or KVSpec, got {type(name).__name__}")
         key = name.strip().lower()
+        if "+" in key:
+            raise ValueError(f"name: {name!r} names a spec with static (calibrated) scales; those are "
+                             "numbers, not grammar: rebuild it with kvq_jax.calibrate.load(path).spec(...)")
         if key in PRESETS:
             return PRESETS[key]
         if "=" not in key:
