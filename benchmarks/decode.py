@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -136,6 +137,73 @@ def _attend_pallas(q, cache, precise=False, config=None):
                       precise=precise, config=config)
 
 
+# -- paged -------------------------------------------------------------------
+
+BODY = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
+
+
+def to_pages(cache, page_size, key):
+    """The body of a contiguous cache as page pools in shuffled page order, and its page table."""
+    B, H, S = cache.k.shape[:3]
+    npg = S // page_size
+    order = jax.random.permutation(key, B * npg)
+
+    def pool(x):
+        if x is None:
+            return None
+        rows = x.shape[2] // npg
+        pages = jnp.moveaxis(x.reshape(B, H, npg, rows, *x.shape[3:]), 2, 1).reshape(B * npg, H, rows, *x.shape[3:])
+        return jnp.zeros_like(pages).at[order].set(pages)
+
+    return {n: pool(getattr(cache, n)) for n in BODY}, order.reshape(B, npg).astype(jnp.int32)
+
+
+def paged_body(q, pools, table, cache):
+    """Our kernel over the body through a page table (the body segment of attend, B=any, T=1)."""
+    import types
+
+    B, T, Hq, D = q.shape
+    H = cache.num_kv_heads
+    view = types.SimpleNamespace(spec=cache.spec, lengths=cache.lengths, **pools)
+    qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
+    qpos = cache.lengths[:, None] - 1
+    return decode.body_attention(qg, view, qpos, 1.0 / math.sqrt(D), interpret=jax.default_backend() != "gpu",
+                                 page_table=table)[0]
+
+
+def contiguous_body(q, cache):
+    B, T, Hq, D = q.shape
+    H = cache.num_kv_heads
+    qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
+    return decode.body_attention(qg, cache, cache.lengths[:, None] - 1, 1.0 / math.sqrt(D),
+                                 interpret=jax.default_backend() != "gpu")[0]
+
+
+def bench_paged(B, S, Hq, H, D, presets, key, page_size):
+    """Kernel over the body, contiguous vs through a shuffled page table: equal outputs, both times."""
+    rows = []
+    for name in presets:
+        spec = kvq.KVSpec.parse(name)
+        if spec.residual or spec.sinks:
+            continue
+        cache = build_cache(spec, B, S, H, D, key)
+        q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
+        pools, table = to_pages(cache, page_size, key)
+        a = jax.jit(contiguous_body)(q, cache)
+        b = jax.jit(paged_body)(q, pools, table, cache)
+        same = bool(jnp.array_equal(a, b))
+        t_c = time_jax(contiguous_body, q, cache)
+        t_p = time_jax(lambda q, pools, table, c: paged_body(q, pools, table, c), q, pools, table, cache)
+        nbytes = cache_bytes_read(spec, B, S, H, D)
+        for impl, t in ((f"kvq-{name}-body", t_c), (f"kvq-{name}-paged{page_size}", t_p)):
+            rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D,
+                             tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
+        print(f"paged B={B} S={S} {name:8s} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
+              f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x), outputs equal: {same}", flush=True)
+        del cache, pools
+    return rows
+
+
 # -- peers -------------------------------------------------------------------
 
 def torch_sdpa(B, S, Hq, H, D):
@@ -216,7 +284,7 @@ def stream_floor(B, S, H, words, key, block_k=128, splits=8, num_warps=4, num_st
 
 # -- main --------------------------------------------------------------------
 
-def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
+def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=("auto",)):
     rows = []
     bf16_bytes = B * S * H * D * 2 * 2
     t_torch = None
@@ -245,13 +313,14 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False):
         cache = build_cache(spec, B, S, H, D, key)
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         nbytes = cache_bytes_read(spec, B, S, H, D)
-        configs = [None]
-        if sweep and name in ("int8", "fp8"):
-            base = decode.choose_config(cache, 16)
-            configs += [decode.Config(bk, ns, 4, 3, vf)
+        base = decode.choose_config(cache, 16)
+        configs = [None if u == "auto" else dataclasses.replace(base, unpack=u) for u in unpacks]
+        if sweep and name != "bf16":
+            configs += [dataclasses.replace(base, block_k=bk, num_splits=ns, unpack=u)
                         for bk in ((32,) if spec.channel_keys else (64, 128))
                         for ns in (base.num_splits, base.num_splits * 2)
-                        for vf in ((True, False) if name in ("int8", "fp8") else (True,))]
+                        for u in unpacks if u != "auto"
+                        if (bk, ns) != (base.block_k, base.num_splits)]
         for cfg in configs:
             try:
                 t = time_jax(lambda q, c, cfg=cfg: _attend_pallas(q, c, config=cfg), q, cache)
@@ -278,6 +347,11 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8x1024,8x4096,8x32768,8x131072,1x32768,64x32768")
     ap.add_argument("--presets", default="bf16,fp8,int8,int4,int2", help="timed at every shape")
     ap.add_argument("--main-presets", default="k8v4,int4-kivi,int2-kivi", help="also timed at B=8 S=32K")
+    ap.add_argument("--unpack", default="auto",
+                    help="comma-separated Config.unpack variants timed per preset (auto = choose_config's)")
+    ap.add_argument("--paged", type=int, default=0,
+                    help="also time the kernel through a page table of this page size (at --paged-shape)")
+    ap.add_argument("--paged-shape", default="8x32768")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -289,11 +363,17 @@ def main(argv=None):
             print("CHECK FAILED", flush=True)
     key = jax.random.key(0)
     rows = []
-    for shp in a.shapes.split(","):
+    for shp in filter(None, a.shapes.split(",")):
         B, S = (int(x) for x in shp.split("x"))
         main = (B, S) == (8, 32768)
         presets = a.presets.split(",") + (a.main_presets.split(",") if main and a.main_presets else [])
-        rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main)
+        rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main,
+                            unpacks=a.unpack.split(","))
+        with open(os.path.join(a.out, "decode.json"), "w") as f:
+            json.dump(dict(result, rows=rows), f, indent=1)
+    if a.paged:
+        B, S = (int(x) for x in a.paged_shape.split("x"))
+        rows += bench_paged(B, S, 32, 8, 128, a.presets.split(",") + a.main_presets.split(","), key, a.paged)
         with open(os.path.join(a.out, "decode.json"), "w") as f:
             json.dump(dict(result, rows=rows), f, indent=1)
     result["rows"] = rows

@@ -7,13 +7,21 @@ dot). Partials ``(o, m, l)`` stay f32 and are merged across splits by
 log-sum-exp in XLA.
 
 Reading packed data: the body is viewed as uint32 words (a free bitcast of the
-byte layout) and unpacked with shifts in registers (see `Piece`). A *piece* is
-one shift of a ``[BK, wr]`` word tile: its column w holds element
-``c * Dp + 4 * (w0 + w) + i`` of the head vector (DESIGN.md's split packing), for
-value slot ``c`` and byte ``i``. Rows of fewer than 16 words use *chunks*
-instead: all four bytes unpacked to ``[BK, 4, wr]`` and reshaped. So the kernel
-never shuffles: the wrapper permutes q's head_dim into the kernel's column
-order once, and un-permutes the tiny output after. Scales apply where cheapest:
+byte layout) and unpacked with shifts in registers (see `Piece`). Two tilings:
+
+* *natural chunks* (``unpack="join"``, the default for sub-byte formats): the four
+  bytes of each word are shifted out, converted, and interleaved back into
+  head_dim order with two rounds of joins, giving ``[BK, 4 * wr]`` tiles of
+  contiguous elements (DESIGN.md's split packing puts element ``c * Dp + 4 * w + i``
+  in byte i of word w, nibble c). A chunk is as wide as the scale group allows,
+  so it never straddles one, and q and the output need no permutation.
+* *pieces* (``unpack="split"``, the default for 8-bit formats with one scale
+  per token): one shift of a ``[BK, wr]`` word tile per piece; column w holds
+  element ``c * Dp + 4 * (w0 + w) + i``. The wrapper permutes q's head_dim into
+  the pieces' column order once and un-permutes the tiny output after. Rows of
+  fewer than 16 words use byte-major chunks ``[BK, 4, wr]`` instead.
+
+Scales apply where cheapest:
 
 * per-token key scales multiply a tile's logits ``q·k_int`` (zero points add
   ``sum(q_tile) * zero``);
@@ -21,8 +29,8 @@ order once, and un-permutes the tiny output after. Scales apply where cheapest:
   zero points add ``q·zero`` per row;
 * per-token value scales multiply the probabilities before ``p @ v_int`` (zero
   points add ``(p·zero)`` per row);
-* a tile whose columns straddle two scale groups is dequantized in registers
-  instead (``precise=True``: one exact dot per group).
+* a piece whose columns straddle two scale groups is dequantized in registers
+  instead (``precise=True``: one exact dot per group); natural chunks never do.
 
 Integers are turned into fp16 / bf16 without int->float conversions (magic-number
 trick, `_unpack`); key tiles are fp16, value tiles bf16; dots accumulate in f32.
@@ -49,6 +57,9 @@ from kvq_jax.spec import TensorSpec
 
 NEG_INF = -1e30  # finite "minus infinity": masked logits, initial running max
 NUM_SMS = 132  # H200
+NATURAL = -2  # Piece.i of a natural-order chunk
+UNPACKS = ("auto", "join", "bcast", "split")  # Config.unpack: how packed words become tiles
+MAX_CHUNK = 128  # widest natural chunk (columns)
 
 
 # -- layout of one tensor as the kernel reads it ------------------------------
@@ -62,6 +73,10 @@ class Piece:
     ``i == -1`` (a *chunk*, for rows of fewer than 16 words): all four bytes of the
     words, unpacked to ``[BK, 4, wr]`` and reshaped to ``[BK, 4 * wr]``, column
     ``i * wr + w`` holding element ``c * Dp + 4 * (w0 + w) + i``.
+    ``i == NATURAL`` (a *natural chunk*): all four bytes interleaved back into
+    head_dim order, ``[BK, wr, 4]`` reshaped to ``[BK, 4 * wr]``: column ``4 * w + i``
+    holds element ``c * Dp + 4 * (w0 + w) + i``, so the chunk is the contiguous
+    element range ``[c * Dp + 4 * w0, c * Dp + 4 * (w0 + wr))``.
     ``segs``: ``(group, col_lo, col_hi)`` per-token scale groups the columns fall in.
     """
 
@@ -75,6 +90,10 @@ class Piece:
     def width(self) -> int:
         return self.wr if self.i >= 0 else 4 * self.wr
 
+    @property
+    def natural(self) -> bool:
+        return self.i == NATURAL
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -87,10 +106,16 @@ class Layout:
     words: int  # uint32 words per token (0 for bf16)
     pieces: tuple
     perm: tuple  # kernel column -> natural head_dim index
+    unpack: str = "join"  # natural chunks: "join" (interleave by joins) or "bcast" (broadcast + shift)
 
     @property
     def packed(self) -> bool:
         return self.fmt != "bf16"
+
+    @property
+    def identity(self) -> bool:
+        """Kernel columns are head_dim order: q and the output need no permutation."""
+        return self.perm == tuple(range(self.head_dim))
 
     def offsets(self):
         """Start column of each piece in the kernel's column order."""
@@ -105,8 +130,27 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def make_layout(t: TensorSpec, head_dim: int) -> Layout:
-    """The kernel's tiling of a tensor stored as ``t`` with vectors of ``head_dim``."""
+def auto_unpack(t: TensorSpec) -> str:
+    """The faster unpacking of ``t`` on the H200 (BENCHMARKS.md, run D): "split" for 8-bit
+    formats with one scale per token (4 byte-shift tiles, no group straddling), "join"
+    otherwise (natural chunks that never straddle a scale group)."""
+    if t.bits == 8 and (t.axis == "channel" or t.group is None):
+        return "split"
+    return "join"
+
+
+def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
+    """The kernel's tiling of a tensor stored as ``t`` with vectors of ``head_dim``.
+
+    ``unpack`` "join" or "bcast": natural chunks (head_dim order, no permutation of q
+    or o), each as wide as the largest power of two <= MAX_CHUNK that divides both the
+    scale group and the packed row, so a chunk never straddles a scale group.
+    "split": one tile per byte shift (``Piece``), columns permuted. "auto": `auto_unpack`.
+    """
+    if unpack not in UNPACKS:
+        raise ValueError(f"unpack: expected one of {UNPACKS}, got {unpack!r}")
+    if unpack == "auto":
+        unpack = auto_unpack(t)
     D = head_dim
     if t.format == "bf16":
         if D != _pow2_divisor(D):
@@ -121,6 +165,19 @@ def make_layout(t: TensorSpec, head_dim: int) -> Layout:
     if g % 4:
         raise NotImplementedError(f"group: the kernel needs scale groups of a multiple of 4 channels, got {g}")
     pieces, perm = [], []
+    if unpack != "split":
+        ce = min(_pow2_divisor(math.gcd(g, dp)), MAX_CHUNK)
+        if ce < 16:
+            raise NotImplementedError(
+                f"group: the kernel needs tiles of >= 16 elements; {t.format} group {g} with head_dim {D} gives {ce}")
+        wr = ce // 4
+        for c in range(8 // bits):
+            for w0 in range(0, words, wr):
+                start = c * dp + 4 * w0
+                pieces.append(Piece(c, NATURAL, w0, wr, ((start // g if t.axis == "token" else 0, 0, ce),)))
+                perm += range(start, start + ce)
+        assert sorted(perm) == list(range(D))
+        return Layout(t.format, bits, t.symmetric, D, words, tuple(pieces), tuple(perm), unpack)
     wr = min(_pow2_divisor(words), 64)
     if wr >= 16:  # pieces: one shift per tile, no reshape
         for c in range(8 // bits):
@@ -147,7 +204,7 @@ def make_layout(t: TensorSpec, head_dim: int) -> Layout:
                 pieces.append(Piece(c, -1, w0, wr, ((grp, 0, ce),)))
                 perm += [start + 4 * w + i for i in range(4) for w in range(wr)]
     assert sorted(perm) == list(range(D))
-    return Layout(t.format, bits, t.symmetric, D, words, tuple(pieces), tuple(perm))
+    return Layout(t.format, bits, t.symmetric, D, words, tuple(pieces), tuple(perm), unpack)
 
 
 # -- in-kernel helpers --------------------------------------------------------
@@ -155,8 +212,8 @@ def make_layout(t: TensorSpec, head_dim: int) -> Layout:
 _XOR = {8: 0x80808080, 4: 0x88888888, 2: 0xAAAAAAAA}
 
 
-def _unpack(words, pc: Piece, lay: Layout, dtype):
-    """uint32 words ``[BK, wr]`` -> values ``[BK, width]`` of piece ``pc`` in ``dtype``.
+def _to_float(x, lay: Layout, dtype):
+    """Shifted uint32 words -> the low byte's value in ``dtype`` (same shape).
 
     Integers become exact fp16 / bf16 values without int->float conversions: the
     biased value u (< 2**bits) is OR-ed into the mantissa of 1024.0 (fp16) or
@@ -164,39 +221,56 @@ def _unpack(words, pc: Piece, lay: Layout, dtype):
     fp8 (e4m3) becomes fp16 by moving its bits: the result is x * 2**-8 exactly
     (the caller folds 2**8 into the scale).
     """
-    bk = words.shape[0]
-    if pc.i >= 0:
-        x = words >> jnp.uint32(8 * pc.i + lay.bits * pc.c)
-    else:
-        w3 = jnp.broadcast_to(words[:, None, :], (bk, 4, pc.wr))
-        x = w3 >> (lax.broadcasted_iota(jnp.uint32, (1, 4, 1), 1) * 8 + jnp.uint32(lay.bits * pc.c))
     if lay.fmt == "fp8":
         b = x & jnp.uint32(0xFF)
         bits16 = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).astype(jnp.uint16)
         val = lax.bitcast_convert_type(bits16, jnp.float16)
-        if dtype != jnp.float16:
-            val = val.astype(dtype)
-    else:
-        u = x & jnp.uint32((1 << lay.bits) - 1)  # biased: words were pre-XOR-ed when signed
-        bias = (1 << (lay.bits - 1)) if lay.signed else 0
-        if dtype == jnp.float16:
-            val = lax.bitcast_convert_type((u | 0x6400).astype(jnp.uint16), jnp.float16) - jnp.float16(1024 + bias)
-        elif lay.bits <= 4:
-            val = lax.bitcast_convert_type((u | 0x4300).astype(jnp.uint16), jnp.bfloat16) - jnp.bfloat16(128 + bias)
-        else:
-            val = (u.astype(jnp.int32) - bias).astype(jnp.float32).astype(dtype)
-    return val.reshape(bk, pc.width) if pc.i < 0 else val
+        return val if dtype == jnp.float16 else val.astype(dtype)
+    u = x & jnp.uint32((1 << lay.bits) - 1)  # biased: words were pre-XOR-ed when signed
+    bias = (1 << (lay.bits - 1)) if lay.signed else 0
+    if dtype == jnp.float16:
+        return lax.bitcast_convert_type((u | 0x6400).astype(jnp.uint16), jnp.float16) - jnp.float16(1024 + bias)
+    if lay.bits <= 4:
+        return lax.bitcast_convert_type((u | 0x4300).astype(jnp.uint16), jnp.bfloat16) - jnp.bfloat16(128 + bias)
+    return (u.astype(jnp.int32) - bias).astype(jnp.float32).astype(dtype)
 
 
-def _channel_row(ref, grp, base, pc: Piece):
-    """Per-channel scales of token group ``grp`` for the columns of ``pc``, f32 ``[width]``.
+def _unpack(words, pc: Piece, lay: Layout, dtype):
+    """uint32 words ``[BK, wr]`` -> values ``[BK, width]`` of piece ``pc`` in ``dtype``.
 
-    ``ref``: ``[S / TG, D / 4, 4]`` (natural element ``4 * word + byte``).
+    Natural chunks interleave the four bytes of every word back into head_dim order:
+    "join" converts the four shifted tiles and interleaves them with two rounds of
+    joins (``jnp.stack(..., -1)``, Triton's ``join``: the new minor axis stays in
+    each thread's registers, so the reshape moves no data); "bcast" shifts a
+    ``[BK, wr, 4]`` broadcast of the words.
+    """
+    bk = words.shape[0]
+    shift0 = lay.bits * pc.c
+    if pc.natural and lay.unpack == "join":
+        b = [_to_float(words >> jnp.uint32(8 * i + shift0), lay, dtype) for i in range(4)]
+        x = jnp.stack([jnp.stack([b[0], b[2]], axis=-1), jnp.stack([b[1], b[3]], axis=-1)], axis=-1)
+        return x.reshape(bk, pc.width)  # [BK, wr, a, b] holds byte 2a + b
+    if pc.natural:
+        w3 = jnp.broadcast_to(words[:, :, None], (bk, pc.wr, 4))
+        x = w3 >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 8 + jnp.uint32(shift0))
+        return _to_float(x, lay, dtype).reshape(bk, pc.width)
+    if pc.i >= 0:
+        return _to_float(words >> jnp.uint32(8 * pc.i + shift0), lay, dtype)
+    w3 = jnp.broadcast_to(words[:, None, :], (bk, 4, pc.wr))
+    x = w3 >> (lax.broadcasted_iota(jnp.uint32, (1, 4, 1), 1) * 8 + jnp.uint32(shift0))
+    return _to_float(x, lay, dtype).reshape(bk, pc.width)
+
+
+def _channel_row(ref, grp: tuple, base, pc: Piece):
+    """Per-channel scales of one token group for the columns of ``pc``, f32 ``[width]``.
+
+    ``ref``: ``[S / TG, D / 4, 4]`` (natural element ``4 * word + byte``), or the pool
+    ``[P, page / TG, D / 4, 4]``; ``grp``: the group's leading index, ``(g,)`` or ``(page, g)``.
     """
     if pc.i >= 0:
-        return ref[grp, pl.ds(base, pc.wr), pc.i].astype(jnp.float32)
-    seg = ref[grp, pl.ds(base, pc.wr), :].astype(jnp.float32)  # [wr, 4]
-    return seg.T.reshape(pc.width)
+        return ref[(*grp, pl.ds(base, pc.wr), pc.i)].astype(jnp.float32)
+    seg = ref[(*grp, pl.ds(base, pc.wr), slice(None))].astype(jnp.float32)  # [wr, 4]
+    return seg.reshape(pc.width) if pc.natural else seg.T.reshape(pc.width)
 
 
 def _dequant_tile(t, pc: Piece, col, scale_of, has_zero: bool):
@@ -240,10 +314,13 @@ def _vdtype(lay: Layout, v_fp16: bool):
 
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
-                   v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool):
+                   v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
+                   page_size: int | None):
+    # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Mp, D] f32: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Mp] int32: body tokens visible to each row
+    pt_ref = next(it) if page_size else None  # [max_pages] int32: page of each page_size stream slots
     k_ref = next(it)  # [S, words] uint32 | [S, D] bf16
     ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
@@ -269,27 +346,27 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     vcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in vl.pieces]
 
-    def words(ref, start, pc, lay, cache):
+    def words(ref, at, pc, lay, cache):
         if not lay.packed:
-            return ref[pl.ds(start, block_k), :]
+            return ref[(*at, slice(None))]
         if pc.w0 not in cache:
-            w = ref[pl.ds(start, block_k), pl.ds(pc.w0, pc.wr)]
+            w = ref[(*at, pl.ds(pc.w0, pc.wr))]
             if lay.signed and lay.fmt != "fp8":
                 w = w ^ jnp.uint32(_XOR[lay.bits])
             cache[pc.w0] = w
         return cache[pc.w0]
 
-    def tile(ref, start, pc, lay, cache, dtype):
-        w = words(ref, start, pc, lay, cache)
+    def tile(ref, at, pc, lay, cache, dtype):
+        w = words(ref, at, pc, lay, cache)
         return _unpack(w, pc, lay, dtype) if lay.packed else w.astype(dtype)
 
-    def col_scale(ref, start, grp, cache, key):
+    def col_scale(ref, at, grp, cache, key):
         """f32 ``[BK]`` scale (or zero) column ``grp`` of this block: the block's
         ``[BK, groups]`` tile is loaded once, contiguously, and columns are picked in registers."""
         if (key, grp) not in cache:
             ngroups = ref.shape[-1]
             if (key, "tile") not in cache:
-                cache[(key, "tile")] = ref[pl.ds(start, block_k), :].astype(jnp.float32)
+                cache[(key, "tile")] = ref[(*at, slice(None))].astype(jnp.float32)
             tile_ = cache[(key, "tile")]
             if ngroups == 1:
                 cache[(key, grp)] = tile_.reshape(block_k)
@@ -301,6 +378,12 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     def body(blk, carry):
         os, m_prev, l_prev = carry
         start = pl.multiple_of(blk * block_k, block_k)
+        if page_size:  # the block lies in one page (page_size % block_k == 0)
+            page = pt_ref[start // page_size]
+            row = pl.multiple_of(start % page_size, block_k)
+            at, grp_at = (page, pl.ds(row, block_k)), (page, row // block_k)
+        else:
+            at, grp_at = (pl.ds(start, block_k),), (blk,)
         pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         mask = pos < lim[:, None]  # [Mp, BK]
 
@@ -308,34 +391,34 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         zrow = jnp.zeros((mp,), jnp.float32)
         wc, sc = {}, {}
         for n, pc in enumerate(kl.pieces):
-            kt = tile(k_ref, start, pc, kl, wc, kdt)
+            kt = tile(k_ref, at, pc, kl, wc, kdt)
             if k_mode == "channel":  # one token group per block: the group's channel scales multiply q
                 base = (pc.c * kl.words * 4) // 4 + pc.w0
-                srow = _channel_row(ks_ref, blk, base, pc)
+                srow = _channel_row(ks_ref, grp_at, base, pc)
                 logits = logits + _dot(kq[n] * srow[None, :], kt, precise, trans_b=True)
                 if k_zero:
-                    zr = _channel_row(kz_ref, blk, base, pc)
+                    zr = _channel_row(kz_ref, grp_at, base, pc)
                     zrow = zrow + (kq[n] * zr[None, :]).sum(axis=1)
                 continue
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, q masked to its columns
                 for (grp, a, b) in pc.segs:
                     qm = jnp.where((kcols[n] >= a) & (kcols[n] < b), kq[n], 0.0)
-                    part = _dot(qm, kt, precise, trans_b=True) * col_scale(ks_ref, start, grp, sc, "s")[None, :]
+                    part = _dot(qm, kt, precise, trans_b=True) * col_scale(ks_ref, at, grp, sc, "s")[None, :]
                     if k_zero:
-                        part = part + qm.sum(axis=1)[:, None] * col_scale(kz_ref, start, grp, sc, "z")[None, :]
+                        part = part + qm.sum(axis=1)[:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
                     logits = logits + part
                 continue
             if len(pc.segs) > 1:  # the piece straddles scale groups: dequantize the tile in registers
                 kt = _dequant_tile(kt, pc, kcols[n], lambda g, key: col_scale(
-                    ks_ref if key == "s" else kz_ref, start, g, sc, key), k_zero)
+                    ks_ref if key == "s" else kz_ref, at, g, sc, key), k_zero)
                 logits = logits + _dot(kq[n], kt, precise, trans_b=True)
                 continue
             part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
             if k_mode == "token":
                 grp = pc.segs[0][0]
-                part = part * col_scale(ks_ref, start, grp, sc, "s")[None, :]
+                part = part * col_scale(ks_ref, at, grp, sc, "s")[None, :]
                 if k_zero:
-                    part = part + qsum[n][:, None] * col_scale(kz_ref, start, grp, sc, "z")[None, :]
+                    part = part + qsum[n][:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
             logits = logits + part
         if k_mode == "channel" and k_zero:
             logits = logits + zrow[:, None]
@@ -350,34 +433,34 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
 
         wc, new_os = {}, []
         for n, pc in enumerate(vl.pieces):
-            vt = tile(v_ref, start, pc, vl, wc, vdt)
+            vt = tile(v_ref, at, pc, vl, wc, vdt)
             acc = corr[:, None] * os[n]
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, masked to its columns
                 for (grp, a, b) in pc.segs:
                     cm = (vcols[n] >= a) & (vcols[n] < b)
-                    s_g = col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix
+                    s_g = col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix
                     part = _dot(p * s_g[None, :], vt, precise, trans_b=False)
                     if v_zero:
-                        part = part + (p * col_scale(vz_ref, start, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
+                        part = part + (p * col_scale(vz_ref, at, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
                     acc = acc + jnp.where(cm, part, 0.0)
             elif len(pc.segs) > 1:
                 vt = _dequant_tile(vt, pc, vcols[n], lambda g, key: col_scale(
-                    vs_ref if key == "s" else vz_ref, start, g, sc, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
+                    vs_ref if key == "s" else vz_ref, at, g, sc, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
                     v_zero)
                 acc = acc + _dot(p, vt, precise, trans_b=False)
             else:
                 grp = pc.segs[0][0]
                 if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
-                    sv = col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix
+                    sv = col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix
                     smax = jnp.maximum(jnp.max(sv), 1e-30)
                     acc = acc + _dot(p * (sv / smax)[None, :], vt, precise, trans_b=False) * smax
                 else:
                     pv = p
                     if v_scaled:
-                        pv = p * (col_scale(vs_ref, start, grp, sc, "vs") * v_fp8_fix)[None, :]
+                        pv = p * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[None, :]
                     acc = acc + _dot(pv, vt, precise, trans_b=False)  # [Mp, width]
                 if v_zero:
-                    acc = acc + (p * col_scale(vz_ref, start, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
+                    acc = acc + (p * col_scale(vz_ref, at, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
             new_os.append(acc)
         return tuple(new_os), m_new, l_new
 
@@ -407,25 +490,32 @@ def _as_words(x: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Launch configuration: tokens per block, sequence splits, warps, pipeline stages."""
+    """Launch configuration: tokens per block, sequence splits, warps, pipeline stages,
+    and how packed words are unpacked (`make_layout`'s ``unpack``)."""
 
     block_k: int
     num_splits: int
     num_warps: int = 4
     num_stages: int = 2
     v_fp16: bool = False
+    unpack: str = "auto"
+
+    def __post_init__(self):
+        if self.unpack not in UNPACKS:
+            raise ValueError(f"unpack: expected one of {UNPACKS}, got {self.unpack!r}")
 
 
 def choose_config(cache: KVCache, rows: int) -> Config:
     """Heuristic launch config for this cache shape (B * Hkv * splits fills the SMs)."""
-    spec = cache.spec
-    S = cache.body_capacity
+    return _choose(cache.spec, cache.batch * cache.num_kv_heads, cache.body_capacity)
+
+
+def _choose(spec, programs: int, S: int) -> Config:
     if spec.channel_keys:
         block_k = spec.token_group
     else:
         block_k = 64
     block_k = min(block_k, _next_pow2(S))
-    programs = cache.batch * cache.num_kv_heads
     nblk = -(-S // block_k)
     splits = 1
     while programs * splits < 4 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
@@ -434,12 +524,17 @@ def choose_config(cache: KVCache, rows: int) -> Config:
 
 
 def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: Config | None = None,
-                   precise: bool = False):
+                   precise: bool = False, page_table: jax.Array | None = None):
     """Pallas twin of ``reference.body_attention``: ``(o, lse)`` over the quantized body.
 
     Args:
       qg: ``f32[B, T, Hkv, G, D]`` queries (rotated when the spec rotates).
-      cache: the KVCache.
+      cache: the KVCache; with ``page_table``, any object with ``spec``, ``lengths``
+        (``int32[B]``) and page pools named like KVCache's body: ``k, v: [P, Hkv, page, Dp]``,
+        ``k_scale, k_zero, v_scale, v_zero`` (None where the spec has none;
+        ``[P, Hkv, page, D / group]`` per token, ``[P, Hkv, page / TG, D]`` per channel).
+      page_table: ``int32[B, max_pages]``: body stream slot ``s`` of sequence ``b`` lives in
+        page ``page_table[b, s // page]``, row ``s % page``. None: ``cache`` is contiguous.
       qpos: ``int32[B, T]`` absolute query positions (causal limit per row).
       scale: softmax scale.
       interpret: run in Pallas interpret mode (CPU); False lowers with Triton.
@@ -451,35 +546,53 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     """
     spec = cache.spec
     B, T, H, G, D = qg.shape
-    kl, vl = make_layout(spec.k, D), make_layout(spec.v, D)
     rows = T * G
     mp = max(16, _next_pow2(rows))
-    cfg = config or choose_config(cache, mp)
+    page_size = None
+    if page_table is None:
+        S = cache.body_capacity
+    else:
+        page_size = cache.k.shape[2]
+        if page_table.ndim != 2 or page_table.shape[0] != B or page_table.dtype != jnp.int32:
+            raise ValueError(f"page_table: expected int32[{B}, max_pages], got {page_table.dtype}{list(page_table.shape)}")
+        S = page_table.shape[1] * page_size
+    cfg = config or _choose(spec, B * H, S)
+    kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
     if spec.channel_keys and cfg.block_k != spec.token_group:
         raise ValueError(f"config: block_k must equal token_group={spec.token_group} for per-channel keys")
-    if cache.body_capacity % cfg.block_k:
-        raise ValueError(f"config: block_k {cfg.block_k} must divide the body capacity {cache.body_capacity}")
+    if (page_size or S) % cfg.block_k:
+        what = f"the page size {page_size}" if page_size else f"the body capacity {S}"
+        raise ValueError(f"config: block_k {cfg.block_k} must divide {what}")
 
     # rows r = t * G + g, padded to mp; softmax scale folded into q; columns in kl.perm order
     q = jnp.transpose(qg.astype(jnp.float32), (0, 2, 1, 3, 4)).reshape(B, H, rows, D) * scale
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, mp - rows), (0, 0)))[..., np.asarray(kl.perm)]
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, mp - rows), (0, 0)))
+    if not kl.identity:
+        q = q[..., np.asarray(kl.perm)]
     _, q_len, _ = segment_lengths(spec, cache.lengths)
     vis = jnp.clip(qpos - spec.sinks + 1, 0, q_len[:, None])  # [B, T]
     lim = jnp.pad(jnp.repeat(vis, G, axis=1), ((0, 0), (0, mp - rows))).astype(jnp.int32)  # [B, Mp]
 
-    S = cache.body_capacity
     k_mode = "none" if not spec.k.quantized or spec.k.format == "bf16" else spec.k.axis
-    args = [q, lim, _as_words(cache.k)]
+    args = [q, lim]
     specs = [
         pl.BlockSpec((None, None, mp, D), lambda b, h, j: (b, h, 0, 0)),
         pl.BlockSpec((None, mp), lambda b, h, j: (b, 0)),
-        pl.BlockSpec((None, None, S, args[2].shape[-1]), lambda b, h, j: (b, h, 0, 0)),
     ]
+    if page_size:  # padded to a power of two (Triton block shapes); padding is never read
+        maxp = _next_pow2(page_table.shape[1])
+        args.append(jnp.pad(page_table, ((0, 0), (0, maxp - page_table.shape[1]))))
+        specs.append(pl.BlockSpec((None, maxp), lambda b, h, j: (b, 0)))
 
     def add(x):
         args.append(x)
         zeros = (0,) * (x.ndim - 2)
-        specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j: (b, h, *zeros)))
+        if page_size:  # the whole pool of head h: [P, page, ...]
+            specs.append(pl.BlockSpec((x.shape[0], None, *x.shape[2:]), lambda b, h, j: (0, h, *zeros)))
+        else:
+            specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j: (b, h, *zeros)))
+
+    add(_as_words(cache.k))
 
     def kscale(x):
         return x.reshape(*x.shape[:-1], D // 4, 4) if k_mode == "channel" else x
@@ -499,7 +612,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     kernel = functools.partial(
         _decode_kernel, kl=kl, vl=vl, k_mode=k_mode, k_zero=cache.k_zero is not None,
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
-        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16)
+        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns),
@@ -524,7 +637,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     w = jnp.where(l > 0, jnp.exp(m - m_tot[:, :, None]), 0.0)
     l_tot = jnp.sum(w * l, axis=2)
     o = jnp.sum(w[..., None] * o, axis=2) / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
-    o = o[..., np.argsort(np.asarray(vl.perm))]
+    if not vl.identity:
+        o = o[..., np.argsort(np.asarray(vl.perm))]
     lse = jnp.where(l_tot > 0, m_tot + jnp.log(jnp.where(l_tot > 0, l_tot, 1.0)), -jnp.inf)
     o = o[:, :, :rows].reshape(B, H, T, G, D).transpose(0, 2, 1, 3, 4)
     lse = lse[:, :, :rows].reshape(B, H, T, G).transpose(0, 2, 1, 3)

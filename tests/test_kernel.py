@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 import zlib
 
 import jax
@@ -118,6 +119,82 @@ def test_split_count_does_not_change_the_result():
                                   config=decode.Config(64, ns))[0] for ns in (1, 3, 8)]
     for o in outs[1:]:
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("unpack", ["join", "bcast", "split"])
+@pytest.mark.parametrize("name,shape", [("int4", (4, 128, 1)), ("int8", (3, 64, 4)), ("int4-kivi", (1, 128, 4)),
+                                        ("int2", (8, 64, 1)), ("int8-g32-asym", (4, 128, 1))])
+def test_every_unpacking_matches_reference(name, shape, unpack):
+    """Natural chunks (join / bcast) and byte-shift pieces (split) read the same data."""
+    G, D, T = shape
+    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"{name}{unpack}".encode()))
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    o_ref, _ = reference.body_attention(qg, cache, qpos, scale)
+    vmax = float(jnp.max(jnp.abs(reference.dequantize_body(cache)[1])))
+    base = decode.choose_config(cache, 16)
+    cfg = decode.Config(base.block_k, base.num_splits, unpack=unpack)
+    o, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
+
+
+def test_natural_chunks_follow_scale_groups():
+    spec = kvq.KVSpec.parse("int4")  # groups of 32: four chunks of 32 contiguous channels
+    lay = decode.make_layout(spec.k, 128, "join")
+    assert lay.identity and [pc.width for pc in lay.pieces] == [32] * 4
+    assert [pc.segs for pc in lay.pieces] == [((g, 0, 32),) for g in range(4)]
+    assert decode.auto_unpack(kvq.KVSpec.parse("int8").k) == "split"
+    assert decode.auto_unpack(spec.k) == "join"
+    with pytest.raises(ValueError, match="unpack"):
+        decode.Config(64, 1, unpack="shuffle")
+
+
+def _paged(cache, page_size, rng):
+    """The body of a contiguous cache moved into a pool of pages in scrambled order (+ 3 spare pages)."""
+    B, H, S = cache.k.shape[:3]
+    npg = S // page_size
+    P = B * npg + 3
+    order = rng.permutation(P)[: B * npg]
+
+    def pool(x):
+        if x is None:
+            return None
+        rows = x.shape[2] // npg  # tokens (or token groups) per page
+        pages = x.reshape(B, H, npg, rows, *x.shape[3:]).transpose(0, 2, 1, 3, *range(4, x.ndim + 1))
+        pages = pages.reshape(B * npg, H, rows, *x.shape[3:])
+        out = jnp.asarray(rng.standard_normal((P, *pages.shape[1:])) * 7).astype(x.dtype)  # junk in spare pages
+        return out.at[order].set(pages)
+
+    fields = {n: pool(getattr(cache, n)) for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")}
+    paged = types.SimpleNamespace(spec=cache.spec, lengths=cache.lengths, **fields)
+    return paged, jnp.asarray(order.reshape(B, npg), jnp.int32)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8", "int8", "int4", "int4-kivi", "int2-kivi", "k8v4", "fp8-sinks"])
+def test_paged_body_equals_contiguous(name):
+    """Reading through a page table gives the contiguous kernel's result on the same data."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    spec, cache, q = _case(name, FORMATS[name], 4, 64, 4, seed=zlib.crc32(name.encode()))
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    paged, table = _paged(cache, 64, rng)
+    want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)
+    got, lse = decode.body_attention(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
+
+
+def test_paged_kernel_lowers_for_cuda_and_checks_its_table():
+    rng = np.random.default_rng(0)
+    spec, cache, q = _case("int4", "int4", 4, 128, 1, seed=5)
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    paged, table = _paged(cache, 128, rng)
+    f = jax.jit(lambda qg, t: decode.body_attention(qg, paged, qpos, scale, interpret=False, page_table=t))
+    text = f.trace(qg, table).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text)
+    with pytest.raises(ValueError, match="page_table"):
+        decode.body_attention(qg, paged, qpos, scale, interpret=True, page_table=table[:1])
+    with pytest.raises(ValueError, match="page size"):
+        decode.body_attention(qg, paged, qpos, scale, interpret=True, page_table=table,
+                              config=decode.Config(256, 1))
 
 
 def test_overflowed_sequence_gives_nan_rows_only():
