@@ -73,6 +73,7 @@ def attend(
     scale: float | None = None,
     precise: bool = False,
     config=None,
+    page_table=None,
 ) -> jax.Array:
     """Attention of ``q`` over everything in ``cache``.
 
@@ -93,6 +94,9 @@ def attend(
         are rounded to 16 bits once, as flash-attention kernels do.
       config: for impl="pallas": a `kvq_jax.kernels.decode.Config` (block size, splits,
         warps, stages); default chosen per shape by `decode.choose_config`.
+      page_table: for impl="pallas" over a paged cache (`kvq_jax.serve.PagedKVCache`,
+        whose body is a pool of pages): its ``int32[B, max_pages]`` table, passed to the
+        kernel. The xla path reads a contiguous body (`kvq_jax.serve.attend_paged`).
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype. Rows of sequences whose ``overflow`` flag is
@@ -103,6 +107,8 @@ def attend(
     _check_q(q, cache)
     if impl == "auto":
         impl = default_impl()
+    if page_table is not None and impl != "pallas":
+        raise ValueError(f"page_table: only impl='pallas' reads through a page table, got impl={impl!r}")
     B, T, Hq, D = q.shape
     H = cache.num_kv_heads
     G = Hq // H
@@ -133,8 +139,9 @@ def attend(
 
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
+        paged = {} if page_table is None else {"page_table": page_table}
         o_body, lse_body = decode.body_attention(q_body, cache, qpos, scale, interpret=interpret,
-                                                precise=precise, config=config)
+                                                precise=precise, config=config, **paged)
     if spec.rotate:
         o_body = quant.rotate(o_body, inverse=True)
     parts.append((o_body, lse_body))

@@ -1,0 +1,495 @@
+"""PagedKVCache: the quantized body of many sequences in one pool of fixed-size pages.
+
+Storage of one layer (compare `kvq_jax.cache.KVCache`, whose semantics it keeps):
+
+* pool ``k, v: [num_pages, Hkv, page_size, Dp]`` with scales and zero points
+  ``k_scale, k_zero, v_scale, v_zero`` (None where the spec has none): per-token
+  scales ``[num_pages, Hkv, page_size, D / group]``, per-channel key scales
+  ``[num_pages, Hkv, page_size / token_group, D]``. Dtypes as KVCache's body.
+* ``page_table: int32[B, max_pages]``: body stream slot ``s`` of sequence ``b``
+  (the token at absolute position ``sinks + s``) lives at page
+  ``page_table[b, s // page_size]``, row ``s % page_size``. ``-1`` marks a table
+  entry with no page.
+* per sequence, as in KVCache: the bf16 residual window ``res_k, res_v: [B, Hkv, R, D]``,
+  the bf16 sinks ``sink_k, sink_v: [B, Hkv, sinks, D]``, ``lengths: int32[B]``
+  (tokens appended) and ``overflow: bool[B]``.
+
+Which token lives in the sinks, the body or the residual window is exactly as in
+`kvq_jax.cache` (`segment_lengths`): a paged cache and a contiguous cache fed the same
+tokens hold the same bytes, only at different addresses (`contiguous_view` gathers them).
+
+Capacity: a sequence can hold as many body tokens as the pages its table row names,
+from entry 0 on. `append_paged` past that raises ValueError on concrete arrays; under
+``jit`` the sequence's ``overflow`` flag is set, none of that call's tokens of that
+sequence are written (no page is ever written outside the sequence's own pages) and
+`attend_paged` returns NaN rows for it.
+
+Pages are handed out by `kvq_jax.serve.allocator.PageAllocator` on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvq_jax import attention, quant
+from kvq_jax.cache import (
+    KVCache,
+    _check_kv,
+    _gather_tokens,
+    _is_concrete,
+    _round_up,
+    _scatter_tokens,
+    prescale,
+    residual_capacity,
+    segment_lengths,
+)
+from kvq_jax.spec import KVSpec
+
+_BODY = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+
+
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "k", "k_scale", "k_zero", "v", "v_scale", "v_zero",
+        "res_k", "res_v", "sink_k", "sink_v", "page_table", "lengths", "overflow",
+    ],
+    meta_fields=["spec", "page_size", "head_dim"],
+)
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """One layer's paged KV cache (see the module docstring for the layout).
+
+    Leaves: pool ``k, k_scale, k_zero, v, v_scale, v_zero`` (``[num_pages, Hkv, ...]``),
+    ``res_k, res_v, sink_k, sink_v`` (``[B, Hkv, ., D]`` bf16), ``page_table: int32[B,
+    max_pages]``, ``lengths: int32[B]``, ``overflow: bool[B]``. Static: ``spec``,
+    ``page_size``, ``head_dim``.
+    """
+
+    k: jax.Array
+    k_scale: jax.Array | None
+    k_zero: jax.Array | None
+    v: jax.Array
+    v_scale: jax.Array | None
+    v_zero: jax.Array | None
+    res_k: jax.Array
+    res_v: jax.Array
+    sink_k: jax.Array
+    sink_v: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+    overflow: jax.Array
+    spec: KVSpec
+    page_size: int
+    head_dim: int
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_pages(self) -> int:
+        return self.page_table.shape[1]
+
+    @property
+    def body_capacity(self) -> int:
+        """Body slots one sequence can address: ``max_pages * page_size``."""
+        return self.max_pages * self.page_size
+
+    @property
+    def residual_capacity(self) -> int:
+        return self.res_k.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        """Most tokens a sequence can hold with every table entry assigned."""
+        return self.spec.sinks + self.body_capacity + self.residual_capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all leaves (the whole pool, tables and per-sequence windows)."""
+        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+
+
+def pool_shapes(spec: KVSpec | str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> dict:
+    """``{name: (shape, dtype)}`` of the pool leaves (None where the spec has no such leaf)."""
+    spec = KVSpec.parse(spec)
+    P, H, D = int(num_pages), int(num_kv_heads), int(head_dim)
+    sdt = quant.scale_dtype_of(spec.scale_dtype)
+    out = {}
+    for name, t in (("k", spec.k), ("v", spec.v)):
+        out[name] = ((P, H, page_size, quant.packed_dim(t, D)), quant.storage_dtype(t))
+        if not t.quantized:
+            out[name + "_scale"] = out[name + "_zero"] = None
+            continue
+        if t.axis == "token":
+            sshape = (P, H, page_size, D // t.group_size(D))
+        else:
+            sshape = (P, H, page_size // spec.token_group, D)
+        out[name + "_scale"] = (sshape, sdt)
+        out[name + "_zero"] = None if t.symmetric else (sshape, sdt)
+    return out
+
+
+def page_bytes(spec: KVSpec | str, page_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of one page of one layer (data, scales and zero points)."""
+    tot = 0
+    for v in pool_shapes(spec, 1, page_size, num_kv_heads, head_dim).values():
+        if v is not None:
+            tot += int(np.prod(v[0])) * jnp.dtype(v[1]).itemsize
+    return tot
+
+
+def check_page_size(spec: KVSpec, page_size) -> int:
+    """``page_size`` as an int, or ValueError: it must be a positive multiple of 16 and of the spec's token group."""
+    g = int(np.lcm(16, spec.token_group)) if spec.channel_keys else 16
+    if not isinstance(page_size, (int, np.integer)) or page_size <= 0 or page_size % g:
+        raise ValueError(f"page_size: expected a positive multiple of {g}, got {page_size!r}")
+    return int(page_size)
+
+
+def init_paged_cache(
+    spec: KVSpec | str,
+    batch: int,
+    num_pages: int,
+    page_size: int,
+    max_pages: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype=jnp.bfloat16,
+    page_table=None,
+) -> PagedKVCache:
+    """An empty paged cache: a pool of ``num_pages`` pages and ``batch`` table rows.
+
+    Args:
+      spec: a KVSpec or preset name.
+      batch: table rows (sequences).
+      num_pages: pages in the pool.
+      page_size: tokens per page; a multiple of 16 and of the spec's token group (the
+        Pallas kernel needs a multiple of 64).
+      max_pages: table entries per sequence (a sequence holds at most
+        ``max_pages * page_size`` body tokens).
+      num_kv_heads, head_dim: Hkv and D.
+      dtype: dtype of the residual window and sinks (bf16 by default).
+      page_table: optional ``int[batch, max_pages]`` initial table (-1: no page);
+        default all -1.
+
+    Returns:
+      a PagedKVCache with lengths 0.
+    """
+    spec = KVSpec.parse(spec)
+    for name, val in (("batch", batch), ("num_pages", num_pages), ("max_pages", max_pages),
+                      ("num_kv_heads", num_kv_heads)):
+        if not isinstance(val, (int, np.integer)) or val <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    page_size = check_page_size(spec, page_size)
+    spec.validate_head_dim(head_dim)
+    if spec.static is not None:
+        spec.static.check(num_kv_heads, head_dim)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+    B, H, D = int(batch), int(num_kv_heads), int(head_dim)
+    if page_table is None:
+        table = jnp.full((B, int(max_pages)), -1, jnp.int32)
+    else:
+        table = check_page_table(page_table, B, int(max_pages), int(num_pages))
+    leaves = {n: None if s is None else jnp.zeros(*s)
+              for n, s in pool_shapes(spec, num_pages, page_size, H, D).items()}
+    R = residual_capacity(spec)
+    return PagedKVCache(
+        **leaves,
+        res_k=jnp.zeros((B, H, R, D), dtype), res_v=jnp.zeros((B, H, R, D), dtype),
+        sink_k=jnp.zeros((B, H, spec.sinks, D), dtype), sink_v=jnp.zeros((B, H, spec.sinks, D), dtype),
+        page_table=table, lengths=jnp.zeros((B,), jnp.int32), overflow=jnp.zeros((B,), bool),
+        spec=spec, page_size=page_size, head_dim=D,
+    )
+
+
+def check_page_table(page_table, batch: int, max_pages: int, num_pages: int) -> jax.Array:
+    """Validate a concrete page table (``int[batch, max_pages]``, entries in [-1, num_pages)) -> int32 array."""
+    t = np.asarray(page_table)
+    if t.shape != (batch, max_pages) or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"page_table: expected int[{batch}, {max_pages}], got {t.dtype}{list(t.shape)}")
+    if t.size and (t.min() < -1 or t.max() >= num_pages):
+        raise ValueError(f"page_table: entries must lie in [-1, {num_pages}), got [{t.min()}, {t.max()}]")
+    used = t[t >= 0]
+    if len(np.unique(used)) != len(used):
+        raise ValueError("page_table: a page is named twice (in one row or by two sequences)")
+    return jnp.asarray(t, jnp.int32)
+
+
+def set_page_table(cache: PagedKVCache, page_table) -> PagedKVCache:
+    """The cache with a new page table (validated when concrete)."""
+    if _is_concrete(page_table):
+        page_table = check_page_table(page_table, cache.batch, cache.max_pages, cache.num_pages)
+    return dataclasses.replace(cache, page_table=jnp.asarray(page_table, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- addressing
+
+
+def _page_rows(table, idx, rows_per_page, num_pages):
+    """(page, row) of unit ``idx[b, i]`` (token slot or scale group) of sequence b; idx < 0 -> page num_pages (dropped)."""
+    pi = jnp.clip(idx // rows_per_page, 0, table.shape[1] - 1)
+    page = jnp.take_along_axis(table, pi, axis=1)
+    ok = (idx >= 0) & (idx // rows_per_page < table.shape[1]) & (page >= 0)
+    return jnp.where(ok, page, num_pages), idx % rows_per_page
+
+
+def _scatter_pages(pool, table, idx, vals):
+    """pool[page(b, i), :, row(b, i)] = vals[b, :, i]; negative idx are dropped.
+
+    pool: ``[P, H, rows, X]``; table: ``int32[B, max_pages]``; idx: ``int32[B, W]``
+    (units of one pool row); vals: ``[B, H, W, X]``.
+    """
+    page, row = _page_rows(table, idx, pool.shape[2], pool.shape[0])
+    return pool.at[page, :, row].set(jnp.swapaxes(vals, 1, 2).astype(pool.dtype), mode="drop")
+
+
+def _gather_pages(pool, table):
+    """The pages of each sequence in table order: pool ``[P, H, rows, X]`` -> ``[B, H, max_pages * rows, X]``.
+
+    Entries without a page (-1) read page 0 (unreachable: past the sequence's body length).
+    """
+    g = pool[jnp.clip(table, 0, pool.shape[0] - 1)]  # [B, MP, H, rows, X]
+    B, MP, H, rows, X = g.shape
+    return jnp.transpose(g, (0, 2, 1, 3, 4)).reshape(B, H, MP * rows, X)
+
+
+def contiguous_view(cache: PagedKVCache) -> KVCache:
+    """The same tokens as a contiguous `KVCache` (body gathered through the page table).
+
+    Its body has ``max_pages * page_size`` slots; slots of table entries without a page
+    hold unreachable bytes. ``kvq.attend`` over it is the reference of `attend_paged`.
+    """
+    body = {}
+    for name in _BODY:
+        x = getattr(cache, name)
+        body[name] = None if x is None else _gather_pages(x, cache.page_table)
+    return KVCache(
+        **body, res_k=cache.res_k, res_v=cache.res_v, sink_k=cache.sink_k, sink_v=cache.sink_v,
+        lengths=cache.lengths, overflow=cache.overflow, spec=cache.spec, max_len=cache.max_len,
+        head_dim=cache.head_dim)
+
+
+def pages_needed(spec: KVSpec, n_tokens: int, page_size: int) -> int:
+    """Pages the quantized body of a sequence of ``n_tokens`` tokens occupies (host int)."""
+    _, q, _ = segment_lengths(spec, np.asarray([int(n_tokens)], np.int32))
+    return int(-(-int(q[0]) // int(page_size)))
+
+
+# ----------------------------------------------------------------------------- write
+
+
+def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None) -> PagedKVCache:
+    """Append ``k, v: [B, T, Hkv, D]`` at each sequence's own length, through its page table.
+
+    Same semantics as `kvq.append` (sinks, residual window, KIVI groups, rounding to
+    the cache dtype first, per-channel static scales, rotation); the quantized tokens
+    go to the pages the table names.
+
+    Args:
+      cache: the layer's PagedKVCache.
+      k, v: new keys and values (any float dtype; quantized in f32).
+      lengths: optional ``int[B]``: append only the first ``lengths[b]`` of the T
+        tokens of sequence b (ragged); the rest are ignored.
+
+    Returns:
+      The new PagedKVCache. A sequence whose body would need a page its table row does
+      not name: ValueError outside jit; under jit its ``overflow`` flag is set and none
+      of its tokens are written.
+    """
+    _check_kv(cache, k, v)
+    spec = cache.spec
+    B, T, H, D = k.shape
+    ps = cache.page_size
+    if lengths is None:
+        t_valid = jnp.full((B,), T, jnp.int32)
+    else:
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths: expected int[{B}], got {lengths.dtype}{list(lengths.shape)}")
+        if _is_concrete(lengths) and bool(jnp.any((lengths < 0) | (lengths > T))):
+            raise ValueError(f"lengths: expected values in [0, {T}], got {np.asarray(lengths).tolist()}")
+        t_valid = jnp.clip(lengths.astype(jnp.int32), 0, T)
+
+    n_old = cache.lengths
+    n_want = n_old + t_valid
+    _, q_want, _ = segment_lengths(spec, n_want)
+    need = -(-q_want // ps)  # pages the body needs afterwards
+    j = jnp.arange(cache.max_pages, dtype=jnp.int32)[None, :]
+    have = jnp.all((j >= need[:, None]) | (cache.page_table >= 0), axis=1)
+    over = (need > cache.max_pages) | ~have
+    if _is_concrete(k, v, n_old, t_valid, cache.page_table):
+        if bool(jnp.any(over)):
+            bad = np.nonzero(np.asarray(over))[0].tolist()
+            raise ValueError(
+                f"k: appending {np.asarray(t_valid)[bad].tolist()} tokens to sequences {bad} holding "
+                f"{np.asarray(n_old)[bad].tolist()} needs {np.asarray(need)[bad].tolist()} pages; their "
+                f"page_table rows name {np.asarray(jnp.sum(cache.page_table[np.asarray(bad)] >= 0, 1)).tolist()}")
+        if not (bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))):
+            raise ValueError("k, v: contain NaN or Inf")
+    take = ~(over | cache.overflow)
+    t_valid = jnp.where(take, t_valid, 0)
+    n_new = n_old + t_valid
+
+    kt = jnp.swapaxes(k.astype(cache.res_k.dtype), 1, 2)  # [B, H, T, D]
+    vt = jnp.swapaxes(v.astype(cache.res_v.dtype), 1, 2)
+    tpos = jnp.arange(T, dtype=jnp.int32)[None, :]
+    valid = tpos < t_valid[:, None]
+    pos = n_old[:, None] + tpos
+
+    # 1. sinks
+    sink_k, sink_v = cache.sink_k, cache.sink_v
+    if spec.sinks:
+        sidx = jnp.where(valid & (pos < spec.sinks), pos, spec.sinks)
+        sink_k = _scatter_tokens(sink_k, sidx, kt)
+        sink_v = _scatter_tokens(sink_v, sidx, vt)
+    n_to_sink = jnp.clip(spec.sinks - n_old, 0, t_valid)
+
+    # 2. stream: old residual followed by the new non-sink tokens, as one window
+    _, q_old, r_old = segment_lengths(spec, n_old)
+    _, q_new, r_new = segment_lengths(spec, n_new)
+    R = cache.residual_capacity
+    W = R + T
+    widx = jnp.arange(W, dtype=jnp.int32)[None, :]
+    from_res = widx < r_old[:, None]
+    src_new = widx - r_old[:, None] + n_to_sink[:, None]
+    n_stream_new = t_valid - n_to_sink
+    in_window = from_res | (widx - r_old[:, None] < n_stream_new[:, None])
+
+    def window(res, new):
+        a = _gather_tokens(res, widx.repeat(B, 0)) if R else None
+        b = _gather_tokens(new, src_new)
+        w = b.astype(jnp.float32) if a is None else jnp.where(
+            from_res[:, None, :, None], a.astype(jnp.float32), b.astype(jnp.float32))
+        return jnp.where(in_window[:, None, :, None], w, 0.0)
+
+    wk, wv = window(cache.res_k, kt), window(cache.res_v, vt)
+
+    # 2a. tokens leaving the window enter the body at stream slots q_old + i
+    n_body = q_new - q_old
+    bidx = jnp.where(widx < n_body[:, None], q_old[:, None] + widx, -1)
+    bk, bv = wk, wv
+    if spec.static is not None:
+        bk = prescale(bk, spec.static.array("k_scale"), spec.static.array("k_shift"))
+        bv = prescale(bv, spec.static.array("v_scale"), spec.static.array("v_shift"))
+    if spec.rotate:
+        bk, bv = quant.rotate(bk), quant.rotate(bv)
+    new = {name: getattr(cache, name) for name in _BODY}
+    table = cache.page_table
+    for name, x, t in (("k", bk, spec.k), ("v", bv, spec.v)):
+        clip = None if spec.static is None else getattr(spec.static, name + "_clip")
+        clip = None if clip == 1.0 else clip
+        if t.quantized and t.axis == "channel":
+            tg = spec.token_group
+            Wp = _round_up(W, tg)
+            xp = jnp.pad(x, ((0, 0), (0, 0), (0, Wp - W), (0, 0)))
+            qt = quant.quantize(xp, t, scale_dtype=spec.scale_dtype, token_group=tg, clip=clip)
+            data = qt.data[:, :, :W]
+            gi = jnp.arange(Wp // tg, dtype=jnp.int32)[None, :]
+            gidx = jnp.where(gi * tg < n_body[:, None], q_old[:, None] // tg + gi, -1)
+            new[name + "_scale"] = _scatter_pages(new[name + "_scale"], table, gidx, qt.scale)
+            if qt.zero is not None:
+                new[name + "_zero"] = _scatter_pages(new[name + "_zero"], table, gidx, qt.zero)
+        else:
+            qt = quant.quantize(x, t, scale_dtype=spec.scale_dtype, clip=clip)
+            data = qt.data
+            if qt.scale is not None:
+                new[name + "_scale"] = _scatter_pages(new[name + "_scale"], table, bidx, qt.scale)
+            if qt.zero is not None:
+                new[name + "_zero"] = _scatter_pages(new[name + "_zero"], table, bidx, qt.zero)
+        new[name] = _scatter_pages(new[name], table, bidx, data)
+
+    # 2b. what stays in the window becomes the new residual
+    res_k, res_v = cache.res_k, cache.res_v
+    if R:
+        ridx = jnp.arange(R, dtype=jnp.int32)[None, :]
+        src = n_body[:, None] + ridx
+        keep = (ridx < r_new[:, None])[:, None, :, None]
+        res_k = jnp.where(keep, _gather_tokens(wk, src), 0).astype(res_k.dtype)
+        res_v = jnp.where(keep, _gather_tokens(wv, src), 0).astype(res_v.dtype)
+
+    return dataclasses.replace(
+        cache, **new, res_k=res_k, res_v=res_v, sink_k=sink_k, sink_v=sink_v,
+        lengths=n_new, overflow=cache.overflow | over)
+
+
+# ----------------------------------------------------------------------------- read
+
+_PAGED_KERNEL = None
+
+
+def kernel_supports_pages() -> bool:
+    """True when the Pallas decode kernel takes a ``page_table`` argument."""
+    global _PAGED_KERNEL
+    if _PAGED_KERNEL is None:
+        try:
+            from kvq_jax.kernels import decode
+
+            _PAGED_KERNEL = "page_table" in inspect.signature(decode.body_attention).parameters
+        except ImportError:  # pragma: no cover
+            _PAGED_KERNEL = False
+    return _PAGED_KERNEL
+
+
+def attend_paged(
+    q: jax.Array,
+    cache: PagedKVCache,
+    *,
+    impl: str = "auto",
+    interpret: bool | None = None,
+    scale: float | None = None,
+    precise: bool = False,
+    config=None,
+) -> jax.Array:
+    """Attention of ``q`` over everything in a paged cache (`kvq.attend` semantics).
+
+    Args:
+      q: ``Float[Array, "B T Hq D"]``: queries of the last T tokens appended to each
+        sequence (causal among themselves).
+      cache: the layer's PagedKVCache.
+      impl: "xla" (gather each sequence's pages into a contiguous view, then the plain
+        jnp reference), "pallas" (the fused-dequant kernel reading through the page
+        table; needs a page_size multiple of 64), "auto" (pallas on GPU when the kernel
+        reads page tables, xla otherwise).
+      interpret, precise, config: for impl="pallas", as in `kvq.attend`.
+      scale: softmax scale; default 1/sqrt(D).
+
+    Returns:
+      ``[B, T, Hq, D]`` in q's dtype; NaN rows for overflowed sequences.
+    """
+    if impl not in attention.IMPLS:
+        raise ValueError(f"impl: expected one of {attention.IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "pallas" if (attention.default_impl() == "pallas" and kernel_supports_pages()) else "xla"
+    if impl == "xla":
+        return attention.attend(q, contiguous_view(cache), impl="xla", scale=scale)
+    if not kernel_supports_pages():
+        raise ValueError("impl: the Pallas decode kernel of this build does not read page tables; use impl='xla'")
+    if cache.page_size % 64:
+        raise ValueError(f"page_size: the Pallas kernel needs a multiple of 64, the cache has {cache.page_size}")
+    return attention.attend(q, cache, impl="pallas", interpret=interpret, scale=scale, precise=precise,
+                            config=config, page_table=cache.page_table)
+
+
+def reset_paged(cache: PagedKVCache, mask=None) -> PagedKVCache:
+    """Empty the sequences where ``mask[b]`` (all when None): lengths 0, overflow cleared, table rows -1."""
+    m = jnp.ones_like(cache.overflow) if mask is None else jnp.asarray(mask, bool)
+    return dataclasses.replace(
+        cache, lengths=jnp.where(m, 0, cache.lengths), overflow=jnp.where(m, False, cache.overflow),
+        page_table=jnp.where(m[:, None], -1, cache.page_table))
