@@ -317,7 +317,7 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=(
         configs = [None if u == "auto" else dataclasses.replace(base, unpack=u) for u in unpacks]
         if sweep and name != "bf16":
             configs += [dataclasses.replace(base, block_k=bk, num_splits=ns, unpack=u)
-                        for bk in ((32,) if spec.channel_keys else (64, 128))
+                        for bk in ((32, 64, 128) if spec.channel_keys else (64, 128))
                         for ns in (base.num_splits, base.num_splits * 2)
                         for u in unpacks if u != "auto"
                         if (bk, ns) != (base.block_k, base.num_splits)]

@@ -25,8 +25,8 @@ Scales apply where cheapest:
 
 * per-token key scales multiply a tile's logits ``q·k_int`` (zero points add
   ``sum(q_tile) * zero``);
-* per-channel key scales (KIVI) multiply q (blocks are one token group long);
-  zero points add ``q·zero`` per row;
+* per-channel key scales (KIVI) multiply q, one dot per token group of the block
+  (the unpacked tile is shared by the dots); zero points add ``q·zero`` per row;
 * per-token value scales multiply the probabilities before ``p @ v_int`` (zero
   points add ``(p·zero)`` per row);
 * a piece whose columns straddle two scale groups is dequantized in registers
@@ -315,7 +315,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
-                   page_size: int | None):
+                   page_size: int | None, token_group: int):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Mp, D] f32: columns in kl.perm order, softmax scale folded in
@@ -344,6 +344,9 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
     qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
+    tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
+    groups_per_block = block_k // tg if k_mode == "channel" else 1
+    tok_group = lax.broadcasted_iota(jnp.int32, (1, block_k), 1) // tg  # [1, BK]
     vcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in vl.pieces]
 
     def words(ref, at, pc, lay, cache):
@@ -381,24 +384,26 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         if page_size:  # the block lies in one page (page_size % block_k == 0)
             page = pt_ref[start // page_size]
             row = pl.multiple_of(start % page_size, block_k)
-            at, grp_at = (page, pl.ds(row, block_k)), (page, row // block_k)
+            at, grp_at = (page, pl.ds(row, block_k)), (page, row // tg)
         else:
-            at, grp_at = (pl.ds(start, block_k),), (blk,)
+            at, grp_at = (pl.ds(start, block_k),), (blk * groups_per_block,)
         pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         mask = pos < lim[:, None]  # [Mp, BK]
 
         logits = jnp.zeros((mp, block_k), jnp.float32)
-        zrow = jnp.zeros((mp,), jnp.float32)
         wc, sc = {}, {}
         for n, pc in enumerate(kl.pieces):
             kt = tile(k_ref, at, pc, kl, wc, kdt)
-            if k_mode == "channel":  # one token group per block: the group's channel scales multiply q
+            if k_mode == "channel":  # per token group: its channel scales multiply q, one dot per group
                 base = (pc.c * kl.words * 4) // 4 + pc.w0
-                srow = _channel_row(ks_ref, grp_at, base, pc)
-                logits = logits + _dot(kq[n] * srow[None, :], kt, precise, trans_b=True)
-                if k_zero:
-                    zr = _channel_row(kz_ref, grp_at, base, pc)
-                    zrow = zrow + (kq[n] * zr[None, :]).sum(axis=1)
+                for sg in range(groups_per_block):
+                    gidx = (*grp_at[:-1], grp_at[-1] + sg)
+                    srow = _channel_row(ks_ref, gidx, base, pc)
+                    part = _dot(kq[n] * srow[None, :], kt, precise, trans_b=True)
+                    if k_zero:
+                        zr = _channel_row(kz_ref, gidx, base, pc)
+                        part = part + (kq[n] * zr[None, :]).sum(axis=1)[:, None]
+                    logits = logits + (part if groups_per_block == 1 else jnp.where(tok_group == sg, part, 0.0))
                 continue
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, q masked to its columns
                 for (grp, a, b) in pc.segs:
@@ -420,8 +425,6 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 if k_zero:
                     part = part + qsum[n][:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
             logits = logits + part
-        if k_mode == "channel" and k_zero:
-            logits = logits + zrow[:, None]
         if k_fp8_fix != 1.0:
             logits = logits * k_fp8_fix
 
@@ -511,10 +514,9 @@ def choose_config(cache: KVCache, rows: int) -> Config:
 
 
 def _choose(spec, programs: int, S: int) -> Config:
-    if spec.channel_keys:
+    block_k = 64
+    if spec.channel_keys and 64 % spec.token_group:
         block_k = spec.token_group
-    else:
-        block_k = 64
     block_k = min(block_k, _next_pow2(S))
     nblk = -(-S // block_k)
     splits = 1
@@ -558,8 +560,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         S = page_table.shape[1] * page_size
     cfg = config or _choose(spec, B * H, S)
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
-    if spec.channel_keys and cfg.block_k != spec.token_group:
-        raise ValueError(f"config: block_k must equal token_group={spec.token_group} for per-channel keys")
+    if spec.channel_keys and cfg.block_k % spec.token_group:
+        raise ValueError(f"config: block_k must be a multiple of token_group={spec.token_group} for per-channel keys")
     if (page_size or S) % cfg.block_k:
         what = f"the page size {page_size}" if page_size else f"the body capacity {S}"
         raise ValueError(f"config: block_k {cfg.block_k} must divide {what}")
@@ -612,7 +614,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     kernel = functools.partial(
         _decode_kernel, kl=kl, vl=vl, k_mode=k_mode, k_zero=cache.k_zero is not None,
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
-        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size)
+        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, token_group=spec.token_group)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns),
