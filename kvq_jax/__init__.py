@@ -21,19 +21,21 @@ from kvq_jax.quant import (
     unpack_int2,
     unpack_int4,
 )
-from kvq_jax.spec import PRESETS, KVSpec, TensorSpec, bytes_per_token
+from kvq_jax.spec import PRESETS, KVSpec, StaticScales, TensorSpec, bytes_per_token
 
 from kvq_jax import nn  # noqa: E402  (QuantizedAttention, policies)
 from kvq_jax.capacity import plan as plan_capacity, session_bytes  # noqa: E402
 from kvq_jax.generate import GenerateOutput, Sampler, generate, teacher_force  # noqa: E402
 from kvq_jax.nn import QuantizedAttention, init_caches, resolve_policy  # noqa: E402
 from kvq_jax import models  # noqa: E402
+from kvq_jax import calibrate  # noqa: E402  (calibrated / learned scales, sensitivity, policies)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GenerateOutput", "KVCache", "KVSpec", "PRESETS", "QuantizedAttention", "Quantized", "Sampler",
-    "TensorSpec", "append", "attend", "bytes_per_token", "dequantize", "generate", "hadamard",
+    "StaticScales", "TensorSpec", "append", "attend", "bytes_per_token", "calibrate", "dequantize", "generate",
+    "hadamard",
     "init_cache", "init_caches", "merge", "models", "nn", "pack_int2", "pack_int4", "plan_capacity",
     "quantize", "reset", "resolve_policy", "segment_lengths", "session_bytes", "teacher_force",
     "unpack_int2", "unpack_int4",

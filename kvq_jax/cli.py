@@ -1,9 +1,10 @@
-"""The ``kvq-jax`` command: demo | generate | plan | bench.
+"""The ``kvq-jax`` command: demo | generate | plan | eval | needle | calibrate | bench.
 
     kvq-jax demo                      # SmolLM2-135M, one question, bf16/int8/int4/int2 caches compared
     kvq-jax demo --random-weights     # the same on a small random model, no download
     kvq-jax generate --kv int4-kivi --prompt "Why is the sky blue?"
     kvq-jax plan --layers 32 --kv-heads 8 --head-dim 128 --context 131072 --gpu-mem 141GB --weights 16GB
+    kvq-jax calibrate --text emma.txt --out smollm2.kvcal.npz --learn int2-kivi
     kvq-jax bench                     # GPU only: points at benchmarks/decode.py
 """
 
@@ -417,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="see `kvq-jax needle --help`")
     p.set_defaults(func=lambda a: _delegate("kvq_jax.eval.needle", a.rest))
 
+    p = sub.add_parser("calibrate", help="per-channel K/V statistics and learned clip ratios into a calibration file",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="see `kvq-jax calibrate --help`")
+    p.set_defaults(func=lambda a: _delegate("kvq_jax.calibrate", a.rest))
+
     p = sub.add_parser("bench", help="GPU decode benchmark (benchmarks/decode.py)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/decode.py")
     p.set_defaults(func=cmd_bench)
@@ -434,7 +440,7 @@ def _delegate(module: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kvq-jax`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    tools = {"eval": "kvq_jax.eval.perplexity", "needle": "kvq_jax.eval.needle"}
+    tools = {"eval": "kvq_jax.eval.perplexity", "needle": "kvq_jax.eval.needle", "calibrate": "kvq_jax.calibrate"}
     if argv and argv[0] in tools:  # these parse their own arguments
         return _delegate(tools[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
