@@ -1,0 +1,612 @@
+"""Engine: continuous batching over a paged quantized KV cache, with a prefix cache and
+chunked prefill; `speculative_generate`: greedy speculative decoding with a draft model.
+
+    engine = Engine(model, kv="int8", max_batch=8, page_size=64, max_len=4096)
+    a = engine.submit(prompt_a, max_new_tokens=64)
+    b = engine.submit(prompt_b, max_new_tokens=16)
+    out = engine.run()                       # {a: [ids...], b: [ids...]}
+
+How a request runs:
+
+1. Admission (between steps): a free slot of the ``max_batch`` decode slots and the
+   pages its whole life needs (prompt + max_new_tokens - 1 tokens) must be available;
+   pages of a cached prefix are shared instead of allocated (see below).
+2. Prefill in chunks of at most ``prefill_chunk`` tokens, one chunk per engine
+   iteration, so decoding requests keep stepping while a long prompt enters. A chunk
+   starting at position 0 attends to its own full-precision K/V (as `kvq.generate`'s
+   prefill does), then is quantize-appended; later chunks are appended first and then
+   attend through the quantized cache (past and themselves), causal per row.
+3. Decode: one jitted step feeds the last token of every decoding slot (T = 1),
+   appends it through the page tables and samples the next one. A request retires
+   after ``max_new_tokens`` tokens or an EOS; its pages go back to the allocator.
+
+Cache layout inside the engine: the pool leaves of all layers are stacked into one
+array per leaf, ``[num_layers * num_pages, Hkv, page_size, ...]``; layer ``l`` reads and
+writes its pages through ``page_table + l * num_pages``. The layers run under
+``lax.scan`` with the pools in the carry, so every step updates them in place (the
+jitted calls donate them): no per-layer or per-step copy of the cache is made.
+
+Prefix cache (specs without a bf16 residual window or sinks, i.e. whose state after n
+tokens is exactly their first n quantized tokens): when a prompt's chunk completes
+full pages, those pages are registered under the hash of the token prefix they end. A
+later prompt that starts with the same tokens takes the longest registered run of
+pages, cut down to a multiple of ``prefill_chunk`` tokens (and to at most the prompt
+minus one token), and prefills only the rest. Because chunks always start at
+multiples of ``prefill_chunk``, the shared pages and everything computed after them
+are what a prefill from scratch computes: results do not depend on hits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvq_jax.cache import residual_capacity
+from kvq_jax.generate import GREEDY, Sampler, bucket_length
+from kvq_jax.nn import _left_align, _right_align, causal_attention
+from kvq_jax.serve.allocator import OutOfPages, PageAllocator, prefix_keys
+from kvq_jax.serve.paged import (
+    PagedKVCache,
+    append_paged,
+    attend_paged,
+    check_page_size,
+    pages_needed,
+    pool_shapes,
+)
+from kvq_jax.spec import KVSpec
+
+_POOL = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+_SEQ = ("res_k", "res_v", "sink_k", "sink_v")
+
+
+# ----------------------------------------------------------------------------- one block over a paged cache
+
+
+def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, lengths, impl: str):
+    """One `LlamaBlock` over a paged cache: x ``[B, T, d]`` -> (x ``[B, T, d]``, cache).
+
+    ``fresh``: the T tokens are the first of their sequences: attend on their own
+    full-precision K/V, then append (as ``prefill=True`` of `QuantizedAttention`).
+    Otherwise append first, then attend through the cache. ``lengths: int[B]``: real
+    tokens of each row (right padding).
+    """
+    attn = block.attn
+    B, T, _ = x.shape
+    q, k, v = attn.qkv(block.attn_norm(x), positions)
+    if fresh:
+        o = causal_attention(q, k, v, positions, positions, key_lengths=lengths,
+                             sliding_window=attn.sliding_window, precision=attn.precision)
+        cache = append_paged(cache, k, v, lengths=lengths)
+    else:
+        cache = append_paged(cache, k, v, lengths=lengths)
+        if T > 1:
+            n = jnp.clip(lengths, 0, T)
+            o = _left_align(attend_paged(_right_align(q, n), cache, impl=impl), n)
+        else:
+            o = attend_paged(q, cache, impl=impl)
+    o = o.reshape(B, T, attn.num_heads * attn.head_dim).astype(attn.dtype or x.dtype)
+    x = x + attn.o_proj(o)
+    return x + block.mlp(block.mlp_norm(x)), cache
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@partial(jax.jit, static_argnames=("gd", "spec", "page_size", "num_pages", "fresh", "impl"),
+         donate_argnames=("kv",))
+def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, spec, page_size, num_pages, fresh, impl):
+    """Run ``tokens int32[b, T]`` of slots ``rows`` through all layers, writing their K/V.
+
+    kv: the engine's stacked cache leaves (donated). n_old: tokens each row's slot holds
+    before; n_valid: real tokens per row; table: ``int32[b, max_pages]`` page tables.
+    Returns (logits f32[b, V] at each row's last real token, kv, overflow bool[b]).
+    """
+    block_gd, embed_gd, norm_gd, head_gd = gd
+    embed = nnx.merge(embed_gd, weights["embed"])
+    b, T = tokens.shape
+    positions = n_old[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    x = embed(tokens)
+    L = jax.tree.leaves(weights["layers"])[0].shape[0]
+
+    def body(carry, xs):
+        x, kv, over = carry
+        lstate, l = xs
+        block = nnx.merge(block_gd, lstate)
+        seq = {n: kv[n][l][rows] for n in _SEQ}
+        cache = PagedKVCache(
+            **{n: kv[n] for n in _POOL}, **seq,
+            page_table=jnp.where(table >= 0, table + l * num_pages, -1),
+            lengths=n_old, overflow=jnp.zeros((b,), bool), spec=spec, page_size=page_size,
+            head_dim=kv["res_k"].shape[-1])
+        x, cache = block_forward(block, x, positions, cache, fresh=fresh, lengths=n_valid, impl=impl)
+        new = {n: getattr(cache, n) for n in _POOL}
+        for n in _SEQ:
+            new[n] = kv[n] if kv[n].shape[3] == 0 else kv[n].at[l, rows].set(getattr(cache, n))
+        return (x, new, over | cache.overflow), None
+
+    (x, kv, over), _ = jax.lax.scan(body, (x, kv, jnp.zeros((b,), bool)),
+                                    (weights["layers"], jnp.arange(L, dtype=jnp.int32)))
+    h = nnx.merge(norm_gd, weights["norm"])(x)
+    last = jnp.take_along_axis(h, jnp.clip(n_valid - 1, 0, T - 1)[:, None, None], axis=1)[:, 0]
+    if head_gd is None:
+        w = embed.embedding[...]
+        logits = jnp.einsum("...d,vd->...v", last.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    else:
+        w = nnx.merge(head_gd, weights["head"]).kernel[...]
+        logits = jnp.einsum("...d,dv->...v", last.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return logits, kv, over
+
+
+@partial(jax.jit, static_argnames=("samplers",))
+def _sample(logits, base_key, rids, steps, which, *, samplers):
+    """Next ids ``int32[b]``: row i sampled by ``samplers[which[i]]`` with key (rid, step)."""
+    keys = jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(base_key, r), s))(rids, steps)
+    out = jnp.zeros(logits.shape[:1], jnp.int32)
+    for i, s in enumerate(samplers):
+        tok = jax.vmap(lambda lg, k, s=s: s(lg[None], k)[0])(logits, keys)
+        out = jnp.where(which == i, tok, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclasses.dataclass
+class _Request:
+    rid: int
+    prompt: np.ndarray
+    max_new: int
+    sampler: Sampler
+    slot: int = -1
+    pages: list = dataclasses.field(default_factory=list)
+    keys: list = dataclasses.field(default_factory=list)
+    done: int = 0  # prompt tokens in the cache
+    hit: int = 0  # prompt tokens taken from the prefix cache
+    out: list = dataclasses.field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.done < len(self.prompt)
+
+
+class Engine:
+    """Continuous-batching generation over a paged quantized KV cache.
+
+    Args:
+      model: a `kvq_jax.models.LlamaModel` (its layers' weights are stacked once here).
+      kv: the cache format of every layer: a preset name or KVSpec.
+      max_batch: decode slots (requests decoding at once).
+      page_size: tokens per page (a multiple of 16 and of the spec's token group; a
+        multiple of 64 for the Pallas kernel).
+      num_pages: pages per layer in the pool; default enough for ``max_batch``
+        sequences of ``max_len`` tokens.
+      max_len: most tokens (prompt + generated) one request may hold.
+      prefill_chunk: most prompt tokens run in one call (a multiple of page_size).
+      prefix_cache: share full prompt pages between requests with the same prefix
+        (only for specs without residual window and sinks; ignored otherwise).
+      eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
+      impl: attention over the cache in decode steps: "auto", "xla" or "pallas".
+      prefill_impl: the same for prefill chunks after the first (T up to
+        prefill_chunk query rows): "xla" by default, the kernel being made for few rows.
+      seed: base PRNG seed of sampling (request r, step i uses fold_in(fold_in(seed, r), i)).
+      share_weights: another Engine of the same model whose stacked layer weights to use
+        instead of stacking a copy (the stack costs one copy of the layer weights).
+
+    Attributes:
+      allocator: the `PageAllocator` of the pool.
+      stats: counters: ``prefill_tokens`` (prompt tokens computed), ``prefix_hit_tokens``
+        (prompt tokens taken from the prefix cache), ``prefill_calls``, ``decode_steps``.
+    """
+
+    def __init__(self, model, kv="int8", max_batch: int = 8, page_size: int = 64, num_pages: int | None = None,
+                 *, max_len: int = 4096, prefill_chunk: int = 512, prefix_cache: bool = True, eos_id=None,
+                 impl: str = "auto", prefill_impl: str = "xla", seed: int = 0, share_weights: "Engine | None" = None):
+        if not isinstance(kv, (str, KVSpec)):
+            raise ValueError(f"kv: expected a preset name or KVSpec (one format for all layers), got {type(kv).__name__}")
+        spec = KVSpec.parse(kv)
+        for name, val in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(val, (int, np.integer)) or val <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        page_size = check_page_size(spec, page_size)
+        if prefill_chunk % page_size:
+            raise ValueError(f"prefill_chunk: {prefill_chunk} is not a multiple of page_size={page_size}")
+        for name, val in (("impl", impl), ("prefill_impl", prefill_impl)):
+            if val not in ("auto", "xla", "pallas"):
+                raise ValueError(f"{name}: expected 'auto', 'xla' or 'pallas', got {val!r}")
+        self.prefill_impl = prefill_impl
+        self.spec, self.page_size, self.max_len = spec, page_size, int(max_len)
+        self.max_batch, self.prefill_chunk, self.impl = int(max_batch), int(prefill_chunk), impl
+        L, H, D = model.num_layers, model.num_kv_heads, model.head_dim
+        self.num_layers, self.vocab_size = L, model.config.vocab_size
+        self.max_pages = max(pages_needed(spec, self.max_len, page_size), 1)
+        if num_pages is None:
+            num_pages = self.max_batch * self.max_pages
+        if not isinstance(num_pages, (int, np.integer)) or num_pages <= 0:
+            raise ValueError(f"num_pages: expected a positive int or None, got {num_pages!r}")
+        self.num_pages = int(num_pages)
+        self.prefix_cache = bool(prefix_cache) and residual_capacity(spec) == 0 and spec.sinks == 0
+        self._salt = f"{spec}|{page_size}|{id(model)}".encode()
+        if eos_id is None:
+            eos_id = tuple(getattr(model, "eos_token_ids", ()) or ())
+        self.eos_ids = frozenset([int(eos_id)] if isinstance(eos_id, (int, np.integer)) else map(int, eos_id))
+
+        # weights: layer states stacked once (the scan's xs), the rest as they are
+        block_gd = nnx.split(model.layers[0])[0]
+        if share_weights is not None:
+            if share_weights._model_id != id(model):
+                raise ValueError("share_weights: an Engine of a different model")
+            weights = {"layers": share_weights._weights["layers"]}
+        else:
+            weights = {"layers": _stack([nnx.split(b)[1] for b in model.layers])}
+        self._model_id = id(model)
+        embed_gd, weights["embed"] = nnx.split(model.embed)
+        norm_gd, weights["norm"] = nnx.split(model.norm)
+        head_gd = None
+        if model.lm_head is not None:
+            head_gd, weights["head"] = nnx.split(model.lm_head)
+        self._gd = (block_gd, embed_gd, norm_gd, head_gd)
+        self._weights = weights
+
+        # the cache: pool leaves of all layers stacked, per-slot windows [L, max_batch, ...]
+        kvs = {}
+        for name, s in pool_shapes(spec, L * self.num_pages, page_size, H, D).items():
+            kvs[name] = None if s is None else jnp.zeros(*s)
+        R = residual_capacity(spec)
+        for name, n in (("res_k", R), ("res_v", R), ("sink_k", spec.sinks), ("sink_v", spec.sinks)):
+            kvs[name] = jnp.zeros((L, self.max_batch, H, n, D), jnp.bfloat16)
+        self._kv = kvs
+        self.allocator = PageAllocator(self.num_pages)
+        self._table = np.full((self.max_batch, self.max_pages), -1, np.int32)
+        self._lengths = np.zeros((self.max_batch,), np.int32)
+        self._slots: list[_Request | None] = [None] * self.max_batch
+        self._queue: OrderedDict[int, _Request] = OrderedDict()
+        self._next_id = 0
+        self._key = jax.random.key(int(seed))
+        self.stats = dict(prefill_tokens=0, prefix_hit_tokens=0, prefill_calls=0, decode_steps=0)
+
+    # -- public API -------------------------------------------------------------
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the whole cache (pool of all layers, per-slot bf16 windows)."""
+        return int(sum(x.nbytes for x in jax.tree.leaves(self._kv)))
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
+
+    def pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Pages per layer a request of this size reserves at admission."""
+        return pages_needed(self.spec, prompt_len + max_new_tokens - 1, self.page_size)
+
+    def submit(self, token_ids, max_new_tokens: int, sampler: Sampler | None = None) -> int:
+        """Queue a request; returns its id.
+
+        Args:
+          token_ids: ``int[T]`` prompt ids (T >= 1).
+          max_new_tokens: N >= 1 tokens to generate (fewer when an EOS comes first).
+          sampler: a `kvq_jax.Sampler`; None is greedy.
+
+        Raises:
+          ValueError: a bad argument, or a request that can never fit (max_len, pool).
+        """
+        toks = np.asarray(token_ids)
+        if toks.ndim != 1 or toks.size == 0 or not np.issubdtype(toks.dtype, np.integer):
+            raise ValueError(f"token_ids: expected a non-empty int[T], got {toks.dtype}{list(toks.shape)}")
+        if toks.min() < 0 or toks.max() >= self.vocab_size:
+            raise ValueError(f"token_ids: ids must lie in [0, {self.vocab_size})")
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise ValueError(f"sampler: expected a kvq_jax.Sampler or None, got {type(sampler).__name__}")
+        total = toks.size + int(max_new_tokens) - 1
+        if total > self.max_len:
+            raise ValueError(f"max_new_tokens: a {toks.size}-token prompt and {max_new_tokens} new tokens "
+                             f"need {total} tokens, more than max_len={self.max_len}")
+        if self.pages_for(toks.size, int(max_new_tokens)) > self.num_pages:
+            raise ValueError(f"token_ids: the request needs {self.pages_for(toks.size, int(max_new_tokens))} "
+                             f"pages, the pool has {self.num_pages}")
+        rid = self._next_id
+        self._next_id += 1
+        self._queue[rid] = _Request(rid, toks.astype(np.int32), int(max_new_tokens),
+                                    GREEDY if sampler is None else sampler)
+        return rid
+
+    def cancel(self, rid: int) -> list[int]:
+        """Drop a queued or running request; its pages are released. Returns the tokens it had generated."""
+        if rid in self._queue:
+            return self._queue.pop(rid).out
+        for r in self._slots:
+            if r is not None and r.rid == rid:
+                self._retire(r)
+                return r.out
+        raise ValueError(f"rid: no queued or running request {rid!r}")
+
+    def prefill(self, token_ids) -> np.ndarray:
+        """Next-token logits ``f32[V]`` after a prompt, computed as a request's prefill (in
+        chunks, through a free slot and fresh pages, prefix cache not used or filled); the
+        slot and pages are released afterwards. For scoring and for checking chunked prefill."""
+        rid = self.submit(token_ids, 1)
+        r = self._queue.pop(rid)
+        if None not in self._slots:
+            raise RuntimeError("prefill: every slot is busy")
+        pages = self.allocator.alloc(self.pages_for(len(r.prompt), 1))
+        slot = self._slots.index(None)
+        r.slot, r.pages = slot, pages
+        self._slots[slot] = r
+        self._table[slot, :len(pages)] = pages
+        try:
+            while r.prefilling:
+                start = r.done
+                n = min(self.prefill_chunk - start % self.prefill_chunk, len(r.prompt) - start)
+                logits = self._run_chunk(r, start, n)
+        finally:
+            self._retire(r)
+        return np.asarray(logits[0])
+
+    def run(self, max_steps: int | None = None) -> dict[int, list[int]]:
+        """Run until every submitted request is done (or ``max_steps`` engine iterations).
+
+        Returns:
+          ``{request id: generated ids}`` of the requests that finished in this call
+          (an EOS that ended a request is included, as in `kvq.generate`).
+        """
+        finished: dict[int, list[int]] = {}
+        it = 0
+        while (self._queue or self.num_active) and (max_steps is None or it < max_steps):
+            self.step(finished)
+            it += 1
+        return finished
+
+    def step(self, finished: dict | None = None) -> dict[int, list[int]]:
+        """One engine iteration: admit, one prefill chunk per prefilling request, one decode step.
+
+        Returns (and adds to ``finished``) the requests that finished in it.
+        """
+        finished = {} if finished is None else finished
+        self._admit()
+        if not self.num_active:
+            if self._queue:
+                raise RuntimeError("no request could be admitted (pool too small for the next one)")
+            return finished
+        for r in list(self._slots):
+            if r is not None and r.prefilling:
+                self._prefill_chunk(r, finished)
+        decoding = [r for r in self._slots if r is not None and not r.prefilling]
+        if decoding:
+            self._decode(decoding, finished)
+        return finished
+
+    # -- internals ------------------------------------------------------------------
+    def _admit(self):
+        for rid in list(self._queue):
+            if None not in self._slots:
+                return
+            r = self._queue[rid]
+            need = self.pages_for(len(r.prompt), r.max_new)
+            hit_pages = []
+            if self.prefix_cache:
+                n_full = len(r.prompt) // self.page_size
+                r.keys = prefix_keys(r.prompt, self.page_size, n_full, salt=self._salt)
+                usable = (len(r.prompt) - 1) // self.prefill_chunk * self.prefill_chunk // self.page_size
+                hit_pages = self.allocator.lookup(r.keys[:usable])
+                keep = len(hit_pages) * self.page_size // self.prefill_chunk * self.prefill_chunk // self.page_size
+                self.allocator.release(hit_pages[keep:])
+                hit_pages = hit_pages[:keep]
+            try:
+                fresh = self.allocator.alloc(need - len(hit_pages))
+            except OutOfPages:
+                self.allocator.release(hit_pages)
+                return  # first come, first served: wait for pages
+            del self._queue[rid]
+            slot = self._slots.index(None)
+            r.slot, r.pages = slot, hit_pages + fresh
+            r.hit = r.done = len(hit_pages) * self.page_size
+            self.stats["prefix_hit_tokens"] += r.hit
+            self._slots[slot] = r
+            self._table[slot] = -1
+            self._table[slot, :len(r.pages)] = r.pages
+            self._lengths[slot] = r.done
+
+    def _call(self, tokens, rows, n_valid, fresh, impl=None):
+        rows = np.asarray(rows, np.int32)
+        logits, self._kv, over = _forward(
+            self._weights, self._kv, jnp.asarray(tokens, jnp.int32), jnp.asarray(rows),
+            jnp.asarray(self._lengths[rows]), jnp.asarray(n_valid, jnp.int32), jnp.asarray(self._table[rows]),
+            gd=self._gd, spec=self.spec, page_size=self.page_size, num_pages=self.num_pages, fresh=fresh,
+            impl=impl or self.impl)
+        if bool(np.any(np.asarray(over))):  # pages are reserved at admission: this is a bug, never silent
+            raise RuntimeError(f"page overflow in slots {rows[np.asarray(over)].tolist()}")
+        return logits
+
+    def _sample(self, logits, reqs):
+        samplers = tuple(dict.fromkeys(r.sampler for r in reqs))
+        toks = _sample(logits, self._key, jnp.asarray([r.rid for r in reqs], jnp.int32),
+                       jnp.asarray([len(r.out) for r in reqs], jnp.int32),
+                       jnp.asarray([samplers.index(r.sampler) for r in reqs], jnp.int32), samplers=samplers)
+        return np.asarray(toks).tolist()
+
+    def _run_chunk(self, r: _Request, start: int, n: int):
+        Tb = min(bucket_length(n), self.prefill_chunk)
+        toks = np.zeros((1, Tb), np.int32)
+        toks[0, :n] = r.prompt[start:start + n]
+        logits = self._call(toks, [r.slot], [n], fresh=start == 0, impl=self.prefill_impl)
+        r.done += n
+        self._lengths[r.slot] += n
+        self.stats["prefill_tokens"] += n
+        self.stats["prefill_calls"] += 1
+        return logits
+
+    def _prefill_chunk(self, r: _Request, finished):
+        start = r.done
+        n = min(self.prefill_chunk - start % self.prefill_chunk, len(r.prompt) - start)
+        logits = self._run_chunk(r, start, n)
+        if self.prefix_cache:
+            for p in range(start // self.page_size, r.done // self.page_size):
+                self.allocator.register(r.keys[p], r.pages[p])
+        if not r.prefilling:
+            self._push(r, self._sample(logits, [r])[0], finished)
+
+    def _decode(self, reqs, finished):
+        B = self.max_batch
+        toks = np.zeros((B, 1), np.int32)
+        n_valid = np.zeros((B,), np.int32)
+        for r in reqs:
+            toks[r.slot, 0] = r.out[-1]
+            n_valid[r.slot] = 1
+        logits = self._call(toks, np.arange(B), n_valid, fresh=False)
+        self.stats["decode_steps"] += 1
+        slots = [r.slot for r in reqs]
+        nxt = self._sample(logits[np.asarray(slots)], reqs)
+        for r, t in zip(reqs, nxt):
+            self._lengths[r.slot] += 1
+            self._push(r, t, finished)
+
+    def _push(self, r: _Request, tok: int, finished):
+        r.out.append(int(tok))
+        if len(r.out) >= r.max_new or int(tok) in self.eos_ids:
+            finished[r.rid] = r.out
+            self._retire(r)
+
+    def _retire(self, r: _Request):
+        self.allocator.release(r.pages)
+        r.pages = []
+        self._slots[r.slot] = None
+        self._table[r.slot] = -1
+        self._lengths[r.slot] = 0
+        r.slot = -1
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+
+
+@partial(jax.jit, static_argnames=("graphdef", "fresh", "impl"))
+def _model_call(graphdef, state, caches, tokens, positions, lengths, *, fresh, impl):
+    model = nnx.merge(graphdef, state)
+    logits, caches = model(tokens, positions, caches, prefill=fresh, lengths=lengths, impl=impl)
+    return logits, caches
+
+
+def _rollback(caches, n):
+    return tuple(dataclasses.replace(c, lengths=jnp.full_like(c.lengths, n)) for c in caches)
+
+
+def speculative_generate(target, draft, tokens, k: int = 4, max_new_tokens: int = 32, *, kv="int8",
+                         draft_kv=None, max_len: int | None = None, eos_id=None, impl: str = "auto"):
+    """Greedy speculative decoding: ``draft`` proposes k tokens, ``target`` checks them in one step.
+
+    Each round the draft model decodes k tokens greedily; the target then appends the
+    last accepted token and the k drafts to its quantized cache and attends over it
+    with T = k + 1 queries (one call, causal per row: the kernel's T > 1 path). The
+    longest prefix of drafts equal to the target's own greedy choices is accepted,
+    plus the target's next token; rejected tokens are rolled back from both caches.
+    The result is the target's plain greedy decode (`kvq.generate` with the same
+    ``kv``), token for token, up to floating-point ties.
+
+    Args:
+      target, draft: `kvq_jax.models.LlamaModel` s with the same vocabulary.
+      tokens: ``int[T]`` one prompt.
+      k: draft tokens per round (>= 1).
+      max_new_tokens: tokens to generate (fewer when an EOS comes first).
+      kv, draft_kv: cache formats of the target and draft (draft default: kv).
+      max_len: cache capacity (default: bucketed prompt + max_new_tokens + k + 1).
+      eos_id: id or ids that stop; None uses ``target.eos_token_ids``.
+      impl: attention implementation over the caches.
+
+    Returns:
+      ``(ids list[int], stats dict)`` with stats ``rounds``, ``proposed``, ``accepted``.
+    """
+    toks = np.asarray(tokens)
+    if toks.ndim != 1 or toks.size == 0 or not np.issubdtype(toks.dtype, np.integer):
+        raise ValueError(f"tokens: expected one non-empty prompt int[T], got {toks.dtype}{list(toks.shape)}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft: vocabulary {draft.config.vocab_size} differs from the target's "
+                         f"{target.config.vocab_size}")
+    P = toks.size
+    Tb = bucket_length(P)
+    max_len = Tb + max_new_tokens + k + 1 if max_len is None else int(max_len)
+    if P + max_new_tokens + k > max_len:
+        raise ValueError(f"max_len: {max_len} cannot hold the prompt, {max_new_tokens} tokens and {k} drafts")
+    eos = tuple(getattr(target, "eos_token_ids", ()) or ()) if eos_id is None else (
+        (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(e) for e in eos_id))
+    models = {}
+    for name, m, spec in (("t", target, kv), ("d", draft, kv if draft_kv is None else draft_kv)):
+        gd, st = nnx.split(m)
+        models[name] = [gd, st, m.init_caches(spec, 1, max_len)]
+
+    def call(name, x, pos, n, fresh=False):
+        gd, st, caches = models[name]
+        logits, caches = _model_call(gd, st, caches, jnp.asarray(x, jnp.int32)[None], jnp.asarray(pos, jnp.int32)[None],
+                                     jnp.asarray([n], jnp.int32), fresh=fresh, impl=impl)
+        models[name][2] = caches
+        return np.asarray(logits[0])
+
+    padded = np.zeros((Tb,), np.int32)
+    padded[:P] = toks
+    pos = np.arange(Tb)
+    last = int(np.argmax(call("t", padded, pos, P, fresh=True)[P - 1]))
+    call("d", padded, pos, P, fresh=True)
+    out = [last]
+    n = P  # tokens both caches hold (every token but `last`)
+    stats = dict(rounds=0, proposed=0, accepted=0)
+    while len(out) < max_new_tokens and last not in eos:
+        saved = {name: models[name][2] for name in models}  # caches at the round's start (not donated)
+        drafts, x = [], last
+        for i in range(k + 1):  # the last call only stores d_k in the draft's cache
+            lg = call("d", [x], [n + i], 1)
+            if i < k:
+                x = int(np.argmax(lg[0]))
+                drafts.append(x)
+        inputs = [last] + drafts
+        g = np.argmax(call("t", inputs, n + np.arange(k + 1), k + 1), axis=-1)
+        a = 0
+        while a < k and drafts[a] == int(g[a]):
+            a += 1
+        stats["rounds"] += 1
+        stats["proposed"] += k
+        stats["accepted"] += a
+        new = drafts[:a] + [int(g[a])]
+        if a < k:
+            for name in ("t", "d"):
+                _roll(models[name], saved[name], inputs, n, a, lambda *args, name=name: call(name, *args))
+        n += a + 1
+        for t in new:
+            if len(out) < max_new_tokens and last not in eos:
+                out.append(t)
+                last = t
+    return out, stats
+
+
+def _roll(entry, saved, inputs, n, a, call):
+    """Keep only the first ``a + 1`` of the ``k + 1`` tokens a round appended to a model's caches.
+
+    Without a bf16 residual window the stored tokens never move: cutting the lengths
+    back is exact. With one, tokens may have moved from the window into the body:
+    restore the caches of the round's start and append the kept tokens again (the same
+    K/V: same tokens, same positions, same cache before them).
+    """
+    caches = entry[2]
+    if all(residual_capacity(c.spec) == 0 for c in caches):
+        entry[2] = _rollback(caches, n + a + 1)
+        return
+    entry[2] = saved
+    x = np.zeros((len(inputs),), np.int32)
+    x[:a + 1] = inputs[:a + 1]
+    call(x, n + np.arange(len(inputs)), a + 1)
+
+
+__all__ = ["Engine", "block_forward", "speculative_generate"]
