@@ -1,0 +1,185 @@
+"""Serving capacity and decode speed of the paged engine per cache preset.
+
+Llama-3-8B-shaped model with random bf16 weights (32 layers, Hq 32, Hkv 8, D 128,
+d 4096, ffn 14336) on one GPU:
+
+* sessions: the most concurrent ``--context``-token sessions whose pages can be
+  allocated next to the weights, found by allocating: an `Engine` with ``max_batch=n``
+  and exactly the pages n sessions need is built (its pools allocated and zeroed) for
+  growing n until the device runs out of memory;
+* decode: tokens/s of the engine's jitted decode step (all layers, append through the
+  page tables, attention over the paged cache, logits) at ``--batch`` sequences of
+  ``--decode-context`` tokens each. Pages are assigned and lengths set directly (the
+  stored values do not change the work), so no prefill is needed.
+
+    python benchmarks/serve.py --out serve.json           # on the H200
+    python benchmarks/serve.py --small                    # CPU smoke run
+
+Prints a table; writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import kvq_jax as kvq  # noqa: E402
+from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
+from kvq_jax.serve import engine as engine_mod  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    def tqdm(x, **_):
+        return x
+
+LLAMA3_8B = dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                 ffn_dim=14336, rope_theta=500000.0)
+SMALL = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=256,
+             rope_theta=500000.0)
+
+
+def is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def sessions_that_fit(model, preset, context, page_size, limit, shared):
+    """Largest n for which an engine holding n sessions of ``context`` tokens can be allocated."""
+    def fits(n):
+        try:
+            eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context,
+                                   share_weights=shared)
+            jax.block_until_ready(eng._kv)
+            nbytes = eng.kv_bytes
+            del eng
+            return nbytes
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                return None
+            raise
+        finally:
+            gc.collect()
+
+    lo, lo_bytes, hi = 0, 0, None
+    n = 1
+    while hi is None:  # doubling, then bisection
+        b = fits(n)
+        if b is None:
+            hi = n
+        else:
+            lo, lo_bytes = n, b
+            if n >= limit:
+                return lo, lo_bytes
+            n = min(2 * n, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        b = fits(mid)
+        if b is None:
+            hi = mid
+        else:
+            lo, lo_bytes = mid, b
+    return lo, lo_bytes
+
+
+def decode_speed(model, preset, batch, context, page_size, steps, impl, shared):
+    eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1,
+                           impl=impl, share_weights=shared)
+    per = eng.max_pages
+    table = np.arange(batch * per, dtype=np.int32).reshape(batch, per)
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, 1)), jnp.int32)
+    n_valid = jnp.ones((batch,), jnp.int32)
+    kw = dict(gd=eng._gd, spec=eng.spec, page_size=eng.page_size, num_pages=eng.num_pages, fresh=False,
+              impl=impl)
+    kv, weights = eng._kv, eng._weights
+    eng._kv = None
+    lengths = np.full((batch,), context, np.int32)
+
+    def step(kv, i):
+        logits, kv, _ = engine_mod._forward(weights, kv, tokens, rows, jnp.asarray(lengths + i), n_valid,
+                                            jnp.asarray(table), **kw)
+        return logits, kv
+
+    t0 = time.perf_counter()
+    logits, kv = step(kv, 0)
+    jax.block_until_ready(logits)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for rep in range(3):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            logits, kv = step(kv, 1 + rep * steps + i)
+        jax.block_until_ready(logits)
+        times.append((time.perf_counter() - t0) / steps)
+    del kv, eng
+    gc.collect()
+    step_s = float(np.median(times))
+    return dict(step_ms=step_s * 1e3, tokens_per_s=batch / step_s, compile_s=compile_s)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="a small model and contexts (CPU smoke run)")
+    ap.add_argument("--presets", default="bf16,int8,int4")
+    ap.add_argument("--context", type=int, default=None, help="tokens per session (default 131072)")
+    ap.add_argument("--batch", type=int, default=16, help="decode batch")
+    ap.add_argument("--decode-context", type=int, default=None, help="tokens per decoding sequence (default 32768)")
+    ap.add_argument("--page-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=None, help="timed decode steps per batch (default 20)")
+    ap.add_argument("--max-sessions", type=int, default=256)
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: sessions, decode")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    a = ap.parse_args(argv)
+    shape = SMALL if a.small else LLAMA3_8B
+    context = a.context or (2048 if a.small else 131072)
+    dctx = a.decode_context or (512 if a.small else 32768)
+    batch = 4 if a.small and a.batch == 16 else a.batch
+    steps = a.steps or (3 if a.small else 20)
+    max_sessions = 8 if a.small else a.max_sessions
+    config = LlamaConfig(**shape, rope_style="half", tie_embeddings=False, eos_token_ids=())
+    model = LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}, jax {jax.__version__}, weights {weights / 2**30:.2f} GiB (+ one stacked copy of the layers), model {shape}")
+    res = dict(device=dev.device_kind, jax=jax.__version__, python=platform.python_version(), shape=shape,
+               context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size, presets={})
+    skip = set(a.skip.split(",")) - {""}
+    # one stacked copy of the layer weights, shared by every engine built below
+    shared = kvq.serve.Engine(model, kv="bf16", max_batch=1, page_size=a.page_size, max_len=a.page_size)
+    shared._kv = None
+    res["weights_bytes"] = weights
+    for preset in tqdm(a.presets.split(","), desc="presets"):
+        r = res["presets"].setdefault(preset, {})
+        if "sessions" not in skip:
+            n, nbytes = sessions_that_fit(model, preset, context, a.page_size, max_sessions, shared)
+            r.update(sessions=n, kv_bytes=nbytes)
+        if "decode" not in skip:
+            r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, shared))
+        print(preset, r, flush=True)
+    base = res["presets"].get("bf16")
+    print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")
+    for p, r in res["presets"].items():
+        s_ratio = r["sessions"] / base["sessions"] if base and "sessions" in r and base.get("sessions") else float("nan")
+        d_ratio = (r["tokens_per_s"] / base["tokens_per_s"]) if base and "tokens_per_s" in r else float("nan")
+        print(f"{p:<8} {r.get('sessions', '-'):>9} {s_ratio:>8.2f} {r.get('tokens_per_s', float('nan')):>13.1f} "
+              f"{d_ratio:>8.2f} {r.get('step_ms', float('nan')):>8.2f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
