@@ -144,6 +144,8 @@ def attend(
                                                 precise=precise, config=config, **paged)
     if spec.rotate:
         o_body = quant.rotate(o_body, inverse=True)
+    if st is not None:
+        o_body, lse_body = unscale_body(qg, o_body, lse_body, st, scale)
     parts.append((o_body, lse_body))
 
     # residual: absolute positions sinks + q_len + [0, r_len)
@@ -151,8 +153,6 @@ def attend(
         j = jnp.arange(cache.residual_capacity, dtype=jnp.int32)[None, None, :]
         kpos = spec.sinks + q_len[:, None, None] + j
         mask = (j < r_len[:, None, None]) & (kpos <= qpos[:, :, None])
-    if st is not None:
-        o_body, lse_body = unscale_body(qg, o_body, lse_body, st, scale)
         parts.append(reference.masked_attention(qg, cache.res_k, cache.res_v, mask, scale))
 
     o, _ = merge(parts) if len(parts) > 1 else parts[0]
