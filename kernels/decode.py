@@ -315,7 +315,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
-                   page_size: int | None, token_group: int):
+                   page_size: int | None, token_group: int, v_dequant: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Mp, D] f32: columns in kl.perm order, softmax scale folded in
@@ -451,6 +451,12 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                     vs_ref if key == "s" else vz_ref, at, g, sc, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
                     v_zero)
                 acc = acc + _dot(p, vt, precise, trans_b=False)
+            elif v_dequant and v_scaled and not precise:  # scale (and shift) the tile: p is shared by all dots
+                grp = pc.segs[0][0]
+                x = vt.astype(jnp.float32) * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[:, None]
+                if v_zero:
+                    x = x + col_scale(vz_ref, at, grp, sc, "vz")[:, None]
+                acc = acc + _dot(p, x.astype(vt.dtype), precise, trans_b=False)
             else:
                 grp = pc.segs[0][0]
                 if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
@@ -502,6 +508,7 @@ class Config:
     num_stages: int = 2
     v_fp16: bool = False
     unpack: str = "auto"
+    v_dequant: bool = False  # default mode: scale value tiles in registers instead of p per group
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -614,7 +621,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     kernel = functools.partial(
         _decode_kernel, kl=kl, vl=vl, k_mode=k_mode, k_zero=cache.k_zero is not None,
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
-        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, token_group=spec.token_group)
+        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, token_group=spec.token_group,
+        v_dequant=cfg.v_dequant)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns),

@@ -94,12 +94,30 @@ def test_kernel_matches_reference(name, shape):
     if shape != SHAPES[1]:  # the default (fast) mode is checked on one shape per format
         return
     o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=False)
-    eps = 2.0**-8
-    qk = jnp.einsum("bthgd,bhsd->bthgs", jnp.abs(qg), jnp.abs(k_hat), precision="highest")
-    delta = 2 * eps * scale * float(jnp.max(qk))
-    bound = (math.expm1(2 * delta) + 2 * eps) * vmax
+    bound = _fast_bound(qg, k_hat, scale, vmax)
     err = float(jnp.max(jnp.abs(o_fast - o_ref)))
     assert err <= bound, f"{name}: fast-mode error {err:.3e} above its bound {bound:.3e}"
+
+
+def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8):
+    """The default mode's error bound (module docstring): logits move by <= delta, values by eps."""
+    qk = jnp.einsum("bthgd,bhsd->bthgs", jnp.abs(qg), jnp.abs(k_hat), precision="highest")
+    delta = 2 * eps * scale * float(jnp.max(qk))
+    return (math.expm1(2 * delta) + 2 * eps) * vmax
+
+
+@pytest.mark.parametrize("name", ["int4", "k8v4", "int2-kivi", "fp8"])
+def test_value_tiles_dequantized_in_registers_stay_within_the_bound(name):
+    """Config.v_dequant: value tiles scaled in registers (rounded to 16 bits once more)."""
+    spec, cache, q = _case(name, FORMATS[name], 4, 128, 1, seed=zlib.crc32(f"vd{name}".encode()))
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    o_ref, _ = reference.body_attention(qg, cache, qpos, scale)
+    k_hat, v_hat = reference.dequantize_body(cache)
+    base = decode.choose_config(cache, 16)
+    cfg = decode.Config(base.block_k, base.num_splits, v_dequant=True)
+    o, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
+    err = float(jnp.max(jnp.abs(o - o_ref)))
+    assert 0 < err <= _fast_bound(qg, k_hat, scale, float(jnp.max(jnp.abs(v_hat))))
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-kivi", "k8v4"])
