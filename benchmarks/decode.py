@@ -284,7 +284,7 @@ def stream_floor(B, S, H, words, key, block_k=128, splits=8, num_warps=4, num_st
 
 # -- main --------------------------------------------------------------------
 
-def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=("auto",), v_dequant=(False,)):
+def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=("auto",), v_dequant=(None,)):
     rows = []
     bf16_bytes = B * S * H * D * 2 * 2
     t_torch = None
@@ -314,7 +314,7 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=(
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         nbytes = cache_bytes_read(spec, B, S, H, D)
         base = decode.choose_config(cache, 16)
-        configs = [None if (u, vd) == ("auto", False) else dataclasses.replace(base, unpack=u, v_dequant=vd)
+        configs = [None if (u, vd) == ("auto", None) else dataclasses.replace(base, unpack=u, v_dequant=vd)
                    for u in unpacks for vd in v_dequant]
         if sweep and name != "bf16":
             configs += [dataclasses.replace(base, block_k=bk, num_splits=ns, num_warps=nw,
@@ -352,7 +352,8 @@ def main(argv=None):
     ap.add_argument("--main-presets", default="k8v4,int4-kivi,int2-kivi", help="also timed at B=8 S=32K")
     ap.add_argument("--unpack", default="auto",
                     help="comma-separated Config.unpack variants timed per preset (auto = choose_config's)")
-    ap.add_argument("--v-dequant", default="0", help="comma-separated Config.v_dequant values (0/1) timed per preset")
+    ap.add_argument("--v-dequant", default="auto",
+                    help="comma-separated Config.v_dequant values timed per preset: auto (None), 0, 1")
     ap.add_argument("--paged", type=int, default=0,
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
@@ -372,7 +373,7 @@ def main(argv=None):
         main = (B, S) == (8, 32768)
         presets = a.presets.split(",") + (a.main_presets.split(",") if main and a.main_presets else [])
         rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main,
-                            unpacks=a.unpack.split(","), v_dequant=[bool(int(x)) for x in a.v_dequant.split(",")])
+                            unpacks=a.unpack.split(","), v_dequant=[None if x == "auto" else bool(int(x)) for x in a.v_dequant.split(",")])
         with open(os.path.join(a.out, "decode.json"), "w") as f:
             json.dump(dict(result, rows=rows), f, indent=1)
     if a.paged:

@@ -508,7 +508,8 @@ class Config:
     num_stages: int = 2
     v_fp16: bool = False
     unpack: str = "auto"
-    v_dequant: bool = False  # default mode: scale value tiles in registers instead of p per group
+    v_dequant: bool | None = None  # default mode: scale value tiles in registers instead of p per
+    # group; None = for sub-byte value formats (faster there, slower for int8: BENCHMARKS.md run E)
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -521,9 +522,8 @@ def choose_config(cache: KVCache, rows: int) -> Config:
 
 
 def _choose(spec, programs: int, S: int) -> Config:
-    block_k = 64
-    if spec.channel_keys and 64 % spec.token_group:
-        block_k = spec.token_group
+    # per-channel keys: one token group per block (several per block measured slower, run E)
+    block_k = spec.token_group if spec.channel_keys else 64
     block_k = min(block_k, _next_pow2(S))
     nblk = -(-S // block_k)
     splits = 1
@@ -622,7 +622,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         _decode_kernel, kl=kl, vl=vl, k_mode=k_mode, k_zero=cache.k_zero is not None,
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, token_group=spec.token_group,
-        v_dequant=cfg.v_dequant)
+        v_dequant=cfg.v_dequant if cfg.v_dequant is not None else spec.v.quantized and spec.v.bits < 8)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns),
