@@ -29,6 +29,7 @@ from kvq_jax.generate import GenerateOutput, Sampler, generate, teacher_force  #
 from kvq_jax.nn import QuantizedAttention, init_caches, resolve_policy  # noqa: E402
 from kvq_jax import models  # noqa: E402
 from kvq_jax import calibrate  # noqa: E402  (calibrated / learned scales, sensitivity, policies)
+from kvq_jax import sharding  # noqa: E402  (meshes, shard_cache, shard_params, shard_attend)
 from kvq_jax import serve  # noqa: E402  (paged cache, allocator, continuous-batching Engine)
 
 __version__ = "0.1.0"
@@ -38,6 +39,6 @@ __all__ = [
     "StaticScales", "TensorSpec", "append", "attend", "bytes_per_token", "calibrate", "dequantize", "generate",
     "hadamard",
     "init_cache", "init_caches", "merge", "models", "nn", "pack_int2", "pack_int4", "plan_capacity",
-    "quantize", "reset", "resolve_policy", "segment_lengths", "serve", "session_bytes", "teacher_force",
+    "quantize", "reset", "resolve_policy", "segment_lengths", "serve", "session_bytes", "sharding", "teacher_force",
     "unpack_int2", "unpack_int4",
 ]

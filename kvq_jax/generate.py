@@ -16,6 +16,10 @@ Flow of one call (one jit, caches donated):
    cache), samples the next, and stops a sequence at EOS; the loop ends when every
    sequence is done or ``max_new_tokens`` are out.
 
+With ``mesh=`` (`kvq_jax.sharding`) the same jit runs on a device mesh: weights split
+Megatron style, caches split by sequence over "data" and by KV head over "model",
+attention through the caches run per shard (``shard_map``), results kept sharded.
+
 Note: ``kvq_jax.generate`` (attribute of the package) is this function; import helpers
 with ``from kvq_jax.generate import ...``.
 """
@@ -32,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from kvq_jax import sharding as _sharding
 from kvq_jax.cache import KVCache
 from kvq_jax.nn import init_caches, resolve_policy
 
@@ -143,7 +149,24 @@ def trace_count(name: str = "generate") -> int:
     return _TRACES[name]
 
 
-_STREAMS: dict[int, Callable] = {}
+class _Stream:
+    """A user's stream callback, fed in step order: on several devices the loop's callbacks are
+    unordered (jax supports ordered effects on one device only), so early steps wait here."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.next, self.pending, self.lock = fn, 0, {}, threading.Lock()
+
+    def __call__(self, step: int, tokens: np.ndarray, active: np.ndarray) -> None:
+        with self.lock:
+            if step >= self.next:
+                self.pending.setdefault(step, (tokens, active))
+            while self.next in self.pending:
+                t, a = self.pending.pop(self.next)
+                self.fn(self.next, t, a)
+                self.next += 1
+
+
+_STREAMS: dict[int, _Stream] = {}
 _STREAM_IDS = itertools.count(1)
 _STREAM_LOCK = threading.Lock()
 
@@ -179,11 +202,33 @@ def _runner(graphdef, state, caches, scan_layers):
     return model, caches, lambda c: c
 
 
+def _keep(mesh, x, spec):
+    """Inside a jit: ``x`` constrained to ``spec`` on ``mesh`` (unchanged without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def _keep_caches(mesh, caches):
+    return caches if mesh is None else _sharding.constrain_caches(caches, mesh)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "eos_ids", "fresh", "impl",
-                                   "streaming", "scan_layers"), donate_argnames=("caches",))
+                                   "streaming", "scan_layers", "mesh"), donate_argnames=("caches",))
 def _generate_jit(graphdef, state, caches, tokens, prompt_lengths, key, stream_id, *, max_new_tokens,
-                  sampler, eos_ids, fresh, impl, streaming, scan_layers):
+                  sampler, eos_ids, fresh, impl, streaming, scan_layers, mesh):
     _TRACES["generate"] += 1
+    with _sharding.use_mesh(mesh):  # attention through the caches runs per shard while tracing
+        out, n_gen, caches, steps = _generate_loop(
+            graphdef, state, caches, tokens, prompt_lengths, key, stream_id, max_new_tokens=max_new_tokens,
+            sampler=sampler, eos_ids=eos_ids, fresh=fresh, impl=impl, streaming=streaming,
+            scan_layers=scan_layers, mesh=mesh)
+    return (_keep(mesh, out, P(_sharding.DATA, None)), _keep(mesh, n_gen, P(_sharding.DATA)),
+            _keep_caches(mesh, caches), _keep(mesh, steps, P()))
+
+
+def _generate_loop(graphdef, state, caches, tokens, prompt_lengths, key, stream_id, *, max_new_tokens,
+                   sampler, eos_ids, fresh, impl, streaming, scan_layers, mesh):
     start = caches[0].lengths
     model, caches, unstack = _runner(graphdef, state, caches, scan_layers)
     B = tokens.shape[0]
@@ -191,12 +236,13 @@ def _generate_jit(graphdef, state, caches, tokens, prompt_lengths, key, stream_i
     pad = eos_ids[0] if eos_ids else 0
 
     logits, caches = _prefill(model, caches, start, tokens, prompt_lengths, fresh, impl)
+    caches = _keep_caches(mesh, caches)
     tok = sampler(logits, jax.random.fold_in(key, 0))
     done = jnp.isin(tok, eos) if eos_ids else jnp.zeros((B,), bool)
     out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
     n_gen = jnp.ones((B,), jnp.int32)
     if streaming:
-        jax.debug.callback(_emit, stream_id, 0, tok, jnp.ones((B,), bool), ordered=True)
+        jax.debug.callback(_emit, stream_id, 0, _keep(mesh, tok, P()), jnp.ones((B,), bool), ordered=mesh is None)
     pos0 = start + prompt_lengths  # position of generated token 0
 
     def cond(carry):
@@ -214,11 +260,12 @@ def _generate_jit(graphdef, state, caches, tokens, prompt_lengths, key, stream_i
         nxt = jnp.where(done, pad, nxt)
         out = jax.lax.dynamic_update_index_in_dim(out, nxt[:, None], i, axis=1)
         if streaming:
-            jax.debug.callback(_emit, stream_id, i, nxt, ~done, ordered=True)
+            jax.debug.callback(_emit, stream_id, i, _keep(mesh, nxt, P()), _keep(mesh, ~done, P()),
+                               ordered=mesh is None)
         n_gen = n_gen + (~done).astype(jnp.int32)
         if eos_ids:
             done = done | jnp.isin(nxt, eos)
-        return i + 1, out, done, n_gen, caches
+        return i + 1, out, done, n_gen, _keep_caches(mesh, caches)
 
     i, out, done, n_gen, caches = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, n_gen, caches))
     return out, n_gen, unstack(caches), i - 1
@@ -285,6 +332,7 @@ def generate(
     caches: tuple[KVCache, ...] | None = None,
     bucket: int | None = None,
     scan_layers: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` per sequence with quantized KV caches.
 
@@ -313,10 +361,20 @@ def generate(
       scan_layers: run the blocks under ``lax.scan`` (`LlamaModel.scanned`): compiles
         several times faster; costs one copy of the layer weights and of the caches per
         call (not per step). False unrolls the layers: no copies, longer compiles.
+      mesh: run on a device mesh with axes ("data", "model") (`kvq_jax.sharding.make_mesh`):
+        the weights are placed Megatron style (`kvq_jax.sharding.shard_params`; already
+        placed weights are not moved), new caches are created split over the mesh
+        (`kvq_jax.sharding.shard_cache`: sequences over "data", KV heads over "model",
+        replicated when Hkv is not a multiple of its size), given ``caches`` are placed
+        so, and attention through them runs per shard. B must be a multiple of the
+        "data" axis size. Same tokens as without a mesh, up to floating-point
+        reduction order; the decode loop transfers nothing to or from the host (unless
+        ``stream`` is given).
 
     Returns:
       `GenerateOutput` with ``.tokens int32[B, N]``, ``.lengths int32[B]``, ``.caches``,
-      ``.prompt_lengths``, ``.steps``.
+      ``.prompt_lengths``, ``.steps``. With a mesh, tokens, lengths and prompt_lengths
+      are split over "data" and the caches keep the shardings of `shard_cache`.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
@@ -325,6 +383,9 @@ def generate(
     padded = _pad_to_bucket(prompts, lens, bucket)
     B, Tb = padded.shape
     L, Hkv, D = _model_dims(model)
+    if mesh is not None:
+        _sharding.check_mesh(mesh, "mesh")
+        _sharding.check_batch(B, mesh, "tokens")
     fresh = caches is None
     if fresh:
         max_len = Tb + max_new_tokens if max_len is None else int(max_len)
@@ -332,50 +393,69 @@ def generate(
         if need > max_len:
             raise ValueError(f"max_len: {max_len} tokens cannot hold a {int(lens.max())}-token prompt "
                              f"and {max_new_tokens} new tokens (need {need})")
-        caches = init_caches(resolve_policy(kv, L), B, max_len, Hkv, D)
+        if mesh is None:
+            caches = init_caches(resolve_policy(kv, L), B, max_len, Hkv, D)
+        else:
+            caches = _sharding.init_caches(resolve_policy(kv, L), B, max_len, Hkv, D, mesh=mesh)
     else:
         caches = tuple(caches)
         if len(caches) != L or caches[0].batch != B:
             raise ValueError(f"caches: expected {L} caches of batch {B}")
+        if mesh is not None:
+            caches = _sharding.shard_cache(caches, mesh)
         # read a copy: a host view of the buffer itself would keep it from being donated
-        held = np.asarray(jnp.copy(caches[0].lengths))
+        held = _sharding.to_host(caches[0].lengths)
         need = held + lens + max_new_tokens - 1
         if (need > caches[0].max_len).any():
             raise ValueError(f"caches: max_len {caches[0].max_len} cannot hold this turn "
                              f"(needs {int(need.max())} tokens)")
     sampler = GREEDY if sampler is None else sampler
-    if rng is None:
-        rng = jax.random.key(0)
-    elif isinstance(rng, (int, np.integer)):
-        rng = jax.random.key(int(rng))
+    if rng is None or isinstance(rng, (int, np.integer)):
+        with jax.transfer_guard_host_to_device("allow"):  # the seed is a host input, sent on purpose
+            rng = jax.random.key(0 if rng is None else int(rng))
     eos_ids = _resolve_eos(model, eos_id)
     graphdef, state = nnx.split(model)
     stream_id = 0
     if stream is not None:
         with _STREAM_LOCK:
             stream_id = next(_STREAM_IDS)
-            _STREAMS[stream_id] = stream
+            _STREAMS[stream_id] = _Stream(stream)
+    if mesh is None:
+        args = (jnp.asarray(padded), jnp.asarray(lens), rng, jnp.int32(stream_id))
+    else:  # explicit placement of every input: nothing moves implicitly
+        state = _sharding.shard_state(model, mesh)
+        args = (_sharding.global_array(padded, mesh, P(_sharding.DATA, None)),
+                _sharding.global_array(lens, mesh, P(_sharding.DATA)),
+                _sharding.global_array(rng, mesh, P()),
+                _sharding.global_array(np.int32(stream_id), mesh, P()))
     try:
         out, n_gen, caches, steps = _generate_jit(
-            graphdef, state, caches, jnp.asarray(padded), jnp.asarray(lens), rng, jnp.int32(stream_id),
+            graphdef, state, caches, *args,
             max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids, fresh=fresh, impl=impl,
-            streaming=stream is not None, scan_layers=bool(scan_layers))
+            streaming=stream is not None, scan_layers=bool(scan_layers), mesh=mesh)
         out.block_until_ready()
         if stream is not None:
             jax.effects_barrier()
     finally:
         if stream is not None:
             _STREAMS.pop(stream_id, None)
-    return GenerateOutput(tokens=out, lengths=n_gen, caches=caches, prompt_lengths=jnp.asarray(lens),
-                          steps=int(steps))
+    return GenerateOutput(tokens=out, lengths=n_gen, caches=caches, prompt_lengths=args[1],
+                          steps=int(jax.device_get(steps)))
 
 
 # ----------------------------------------------------------------------------- teacher forcing
 
 
-@partial(jax.jit, static_argnames=("graphdef", "impl", "scan_layers"), donate_argnames=("caches",))
-def _teacher_force_jit(graphdef, state, caches, tokens, prompt_lengths, targets, *, impl, scan_layers):
+@partial(jax.jit, static_argnames=("graphdef", "impl", "scan_layers", "mesh"), donate_argnames=("caches",))
+def _teacher_force_jit(graphdef, state, caches, tokens, prompt_lengths, targets, *, impl, scan_layers, mesh):
     _TRACES["teacher_force"] += 1
+    with _sharding.use_mesh(mesh):
+        logits, caches = _teacher_force_steps(graphdef, state, caches, tokens, prompt_lengths, targets,
+                                              impl=impl, scan_layers=scan_layers)
+    return _keep(mesh, logits, P(_sharding.DATA, None, None)), _keep_caches(mesh, caches)
+
+
+def _teacher_force_steps(graphdef, state, caches, tokens, prompt_lengths, targets, *, impl, scan_layers):
     start = caches[0].lengths
     model, caches, unstack = _runner(graphdef, state, caches, scan_layers)
     logits0, caches = _prefill(model, caches, start, tokens, prompt_lengths, True, impl)
@@ -392,7 +472,8 @@ def _teacher_force_jit(graphdef, state, caches, tokens, prompt_lengths, targets,
 
 
 def teacher_force(model, tokens, targets, kv="bf16", prompt_lengths=None, max_len: int | None = None,
-                  impl: str = "auto", bucket: int | None = None, scan_layers: bool = True):
+                  impl: str = "auto", bucket: int | None = None, scan_layers: bool = True,
+                  mesh: jax.sharding.Mesh | None = None):
     """Next-token logits along a given continuation, decoding it step by step through the caches.
 
     The prompt is prefilled exactly as in `generate` (full-precision K/V, then
@@ -406,9 +487,12 @@ def teacher_force(model, tokens, targets, kv="bf16", prompt_lengths=None, max_le
       targets: ``int[B, N]`` the continuation.
       kv: cache policy (preset, KVSpec or per-layer).
       max_len: cache capacity (default bucket + N).
+      mesh: run on a device mesh as `generate` does (weights, caches and attention
+        split over ("data", "model")); B must be a multiple of the "data" axis size.
 
     Returns:
-      ``(logits f32[B, N, V], caches)``.
+      ``(logits f32[B, N, V], caches)``; with a mesh, logits split over "data" and the
+      caches placed as `kvq_jax.sharding.shard_cache` places them.
     """
     prompts, lens = _as_prompts(tokens, prompt_lengths)
     padded = _pad_to_bucket(prompts, lens, bucket)
@@ -421,10 +505,20 @@ def teacher_force(model, tokens, targets, kv="bf16", prompt_lengths=None, max_le
         raise ValueError(f"targets: expected int[{B}, N >= 1], got {list(targets.shape)}")
     L, Hkv, D = _model_dims(model)
     max_len = Tb + N if max_len is None else int(max_len)
-    caches = init_caches(resolve_policy(kv, L), B, max_len, Hkv, D)
     graphdef, state = nnx.split(model)
-    return _teacher_force_jit(graphdef, state, caches, jnp.asarray(padded), jnp.asarray(lens),
-                              jnp.asarray(targets), impl=impl, scan_layers=bool(scan_layers))
+    if mesh is None:
+        caches = init_caches(resolve_policy(kv, L), B, max_len, Hkv, D)
+        args = (jnp.asarray(padded), jnp.asarray(lens), jnp.asarray(targets))
+    else:
+        _sharding.check_mesh(mesh, "mesh")
+        _sharding.check_batch(B, mesh, "tokens")
+        caches = _sharding.init_caches(resolve_policy(kv, L), B, max_len, Hkv, D, mesh=mesh)
+        state = _sharding.shard_state(model, mesh)
+        args = (_sharding.global_array(padded, mesh, P(_sharding.DATA, None)),
+                _sharding.global_array(lens, mesh, P(_sharding.DATA)),
+                _sharding.global_array(targets, mesh, P(_sharding.DATA, None)))
+    return _teacher_force_jit(graphdef, state, caches, *args, impl=impl, scan_layers=bool(scan_layers),
+                              mesh=mesh)
 
 
 __all__ = ["GREEDY", "GenerateOutput", "Sampler", "bucket_length", "generate", "teacher_force", "trace_count"]

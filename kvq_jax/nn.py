@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kvq_jax.attention import attend
-from kvq_jax.cache import KVCache, append, init_cache
+from kvq_jax.cache import KVCache, init_cache
+from kvq_jax.sharding import shard_append, shard_attend
 from kvq_jax.spec import KVSpec
 
 ROPE_STYLES = ("half", "interleaved")
@@ -429,16 +429,16 @@ class QuantizedAttention(nnx.Module):
             o = causal_attention(q, k, v, positions, positions, key_lengths=lengths,
                                  sliding_window=self.sliding_window, precision=self.precision)
             if cache is not None:
-                cache = append(cache, k, v, lengths=lengths)
+                cache = shard_append(cache, k, v, lengths=lengths)
         else:
-            cache = append(cache, k, v, lengths=lengths)
+            cache = shard_append(cache, k, v, lengths=lengths)
             if lengths is not None and T > 1:
                 # attend() puts the T queries at the last T positions of each sequence;
                 # with ragged lengths, move each sequence's real queries to the end.
                 n = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
-                o = _left_align(attend(_right_align(q, n), cache, impl=impl or self.impl), n)
+                o = _left_align(shard_attend(_right_align(q, n), cache, impl=impl or self.impl), n)
             else:
-                o = attend(q, cache, impl=impl or self.impl)
+                o = shard_attend(q, cache, impl=impl or self.impl)
         o = o.reshape(B, T, self.num_heads * self.head_dim)
         if self.dtype is not None:
             o = o.astype(self.dtype)
