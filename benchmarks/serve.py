@@ -54,12 +54,11 @@ def is_oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def sessions_that_fit(model, preset, context, page_size, limit, shared):
+def sessions_that_fit(model, preset, context, page_size, limit):
     """Largest n for which an engine holding n sessions of ``context`` tokens can be allocated."""
     def fits(n):
         try:
-            eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context,
-                                   share_weights=shared)
+            eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context)
             jax.block_until_ready(eng._kv)
             nbytes = eng.kv_bytes
             del eng
@@ -92,9 +91,9 @@ def sessions_that_fit(model, preset, context, page_size, limit, shared):
     return lo, lo_bytes
 
 
-def decode_speed(model, preset, batch, context, page_size, steps, impl, shared):
+def decode_speed(model, preset, batch, context, page_size, steps, impl):
     eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1,
-                           impl=impl, share_weights=shared)
+                           impl=impl)
     per = eng.max_pages
     table = np.arange(batch * per, dtype=np.int32).reshape(batch, per)
     rows = jnp.arange(batch, dtype=jnp.int32)
@@ -152,21 +151,18 @@ def main(argv=None):
     model = LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     dev = jax.devices()[0]
-    print(f"device {dev.device_kind}, jax {jax.__version__}, weights {weights / 2**30:.2f} GiB (+ one stacked copy of the layers), model {shape}")
+    print(f"device {dev.device_kind}, jax {jax.__version__}, weights {weights / 2**30:.2f} GiB, model {shape}")
     res = dict(device=dev.device_kind, jax=jax.__version__, python=platform.python_version(), shape=shape,
                context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size, presets={})
     skip = set(a.skip.split(",")) - {""}
-    # one stacked copy of the layer weights, shared by every engine built below
-    shared = kvq.serve.Engine(model, kv="bf16", max_batch=1, page_size=a.page_size, max_len=a.page_size)
-    shared._kv = None
     res["weights_bytes"] = weights
     for preset in tqdm(a.presets.split(","), desc="presets"):
         r = res["presets"].setdefault(preset, {})
         if "sessions" not in skip:
-            n, nbytes = sessions_that_fit(model, preset, context, a.page_size, max_sessions, shared)
+            n, nbytes = sessions_that_fit(model, preset, context, a.page_size, max_sessions)
             r.update(sessions=n, kv_bytes=nbytes)
         if "decode" not in skip:
-            r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, shared))
+            r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl))
         print(preset, r, flush=True)
     base = res["presets"].get("bf16")
     print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")
