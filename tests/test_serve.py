@@ -79,7 +79,6 @@ def test_paged_equals_contiguous(fmt):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not paged.kernel_supports_pages(), reason="the Pallas kernel does not read page tables yet")
 @pytest.mark.parametrize("fmt", ["int4-kivi"])
 def test_paged_pallas_equals_xla(fmt):
     spec = kvq.KVSpec.parse(fmt)

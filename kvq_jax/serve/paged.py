@@ -431,22 +431,6 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
 
 # ----------------------------------------------------------------------------- read
 
-_PAGED_KERNEL = None
-
-
-def kernel_supports_pages() -> bool:
-    """True when the Pallas decode kernel takes a ``page_table`` argument."""
-    global _PAGED_KERNEL
-    if _PAGED_KERNEL is None:
-        try:
-            from kvq_jax.kernels import decode
-
-            _PAGED_KERNEL = "page_table" in inspect.signature(decode.body_attention).parameters
-        except ImportError:  # pragma: no cover
-            _PAGED_KERNEL = False
-    return _PAGED_KERNEL
-
-
 def attend_paged(
     q: jax.Array,
     cache: PagedKVCache,
@@ -465,8 +449,7 @@ def attend_paged(
       cache: the layer's PagedKVCache.
       impl: "xla" (gather each sequence's pages into a contiguous view, then the plain
         jnp reference), "pallas" (the fused-dequant kernel reading through the page
-        table; needs a page_size multiple of 64), "auto" (pallas on GPU when the kernel
-        reads page tables, xla otherwise).
+        table; needs a page_size multiple of 64), "auto" (pallas on GPU, xla elsewhere).
       interpret, precise, config: for impl="pallas", as in `kvq.attend`.
       scale: softmax scale; default 1/sqrt(D).
 
@@ -476,11 +459,9 @@ def attend_paged(
     if impl not in attention.IMPLS:
         raise ValueError(f"impl: expected one of {attention.IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "pallas" if (attention.default_impl() == "pallas" and kernel_supports_pages()) else "xla"
+        impl = attention.default_impl()
     if impl == "xla":
         return attention.attend(q, contiguous_view(cache), impl="xla", scale=scale)
-    if not kernel_supports_pages():
-        raise ValueError("impl: the Pallas decode kernel of this build does not read page tables; use impl='xla'")
     if cache.page_size % 64:
         raise ValueError(f"page_size: the Pallas kernel needs a multiple of 64, the cache has {cache.page_size}")
     return attention.attend(q, cache, impl="pallas", interpret=interpret, scale=scale, precise=precise,
