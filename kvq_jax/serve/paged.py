@@ -30,7 +30,6 @@ Pages are handed out by `kvq_jax.serve.allocator.PageAllocator` on the host.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from functools import partial
 
 import jax
