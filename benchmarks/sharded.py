@@ -1,0 +1,226 @@
+"""Decode throughput and long-context capacity on 1..N GPUs with `kvq.sharding`.
+
+For each model shape and each mesh size N in ``--gpus``: random bf16 weights created
+directly split over the mesh (Megatron: column-parallel q/k/v and gate/up, row-parallel
+o and down), caches created split (sequences over "data" = 1, KV heads over "model" = N):
+
+* sessions: the most ``--context``-token sessions whose caches (all layers) can be
+  allocated beside the weights, found by allocating (doubling, then bisection);
+* decode: tokens/s of one jitted decode step (all layers, append + attention through
+  the caches with the Pallas kernel per shard, logits) at ``--batch`` sequences of
+  ``--decode-context`` tokens. Lengths are set directly (the stored values do not
+  change the work), so no prefill is needed.
+
+Per-GPU throughput at N GPUs is reported against N = 1 (the target is >= 85 %).
+
+    python benchmarks/sharded.py --models 8b,70b --gpus 1,2 --out sharded.json   # GPUs
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharded.py --small
+
+A shape whose weights do not fit on N devices is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import kvq_jax as kvq  # noqa: E402
+from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
+
+SHAPES = {
+    "8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+               ffn_dim=14336, rope_theta=500000.0),
+    "70b": dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+                ffn_dim=28672, rope_theta=500000.0),
+    "small": dict(vocab_size=512, d_model=128, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=64, ffn_dim=256,
+                  rope_theta=500000.0),
+}
+
+
+def is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def sharded_model(config: LlamaConfig, mesh):
+    """A LlamaModel with random bf16 weights created already split over ``mesh``."""
+    def build():
+        return LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+    abstract = nnx.eval_shape(build)
+    graphdef = nnx.graphdef(abstract)
+    shardings = kvq.sharding.param_sharding(abstract, mesh)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def make_caches(model, preset, batch, max_len, mesh, lengths=0):
+    caches = kvq.sharding.init_caches(preset, batch, max_len, model.num_kv_heads, model.head_dim, mesh=mesh,
+                                      num_layers=model.num_layers)
+    if lengths:  # one buffer per layer (the caches are donated)
+        caches = tuple(dataclasses.replace(c, lengths=kvq.sharding.global_array(
+            np.full((batch,), lengths, np.int32), mesh, P(kvq.sharding.DATA))) for c in caches)
+    return caches
+
+
+def sessions_that_fit(model, preset, context, mesh, limit):
+    """Largest n whose n x ``context``-token caches can be allocated next to the weights."""
+    def fits(n):
+        try:
+            caches = make_caches(model, preset, n, context, mesh)
+            jax.block_until_ready(caches)
+            nbytes = sum(x.nbytes for x in jax.tree.leaves(caches))
+            del caches
+            return nbytes
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                return None
+            raise
+        finally:
+            gc.collect()
+
+    lo, lo_bytes, hi, n = 0, 0, None, 1
+    while hi is None:
+        b = fits(n)
+        if b is None:
+            hi = n
+        else:
+            lo, lo_bytes = n, b
+            if n >= limit:
+                return lo, lo_bytes
+            n = min(2 * n, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        b = fits(mid)
+        if b is None:
+            hi = mid
+        else:
+            lo, lo_bytes = mid, b
+    return lo, lo_bytes
+
+
+def decode_speed(model, preset, batch, context, mesh, steps, impl):
+    """Seconds per decode step (median of 3 runs of ``steps`` chained steps) and compile time."""
+    graphdef, state = nnx.split(model)
+    caches = make_caches(model, preset, batch, context + 3 * steps + 8, mesh, lengths=context)
+    tokens = kvq.sharding.global_array(np.ones((batch, 1), np.int32), mesh, P(kvq.sharding.DATA, None))
+
+    def one_step(state, caches, tokens):  # greedy: the next token feeds the next step
+        m = nnx.merge(graphdef, state)
+        with kvq.sharding.use_mesh(mesh):  # attention per shard while tracing
+            logits, caches = m(tokens, caches=caches, impl=impl)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        return nxt, kvq.sharding.constrain_caches(caches, mesh)
+
+    step = jax.jit(one_step, donate_argnums=(1,))
+    t0 = time.perf_counter()
+    tokens, caches = step(state, caches, tokens)
+    jax.block_until_ready(tokens)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tokens, caches = step(state, caches, tokens)
+        jax.block_until_ready(tokens)
+        times.append((time.perf_counter() - t0) / steps)
+    del caches
+    gc.collect()
+    return float(np.median(times)), compile_s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="a small model and contexts (CPU smoke run)")
+    ap.add_argument("--models", default="8b,70b")
+    ap.add_argument("--gpus", default="1,2", help="mesh sizes of the 'model' axis")
+    ap.add_argument("--presets", default="bf16,int8,int4")
+    ap.add_argument("--context", type=int, default=None, help="tokens per session (default 131072)")
+    ap.add_argument("--batch", type=int, default=16, help="decode batch")
+    ap.add_argument("--decode-context", type=int, default=None, help="tokens per decoding sequence (default 32768)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--max-sessions", type=int, default=512)
+    ap.add_argument("--skip", default="", help="comma-separated: sessions, decode")
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    models = ["small"] if a.small else a.models.split(",")
+    context = a.context or (1024 if a.small else 131072)
+    dctx = a.decode_context or (256 if a.small else 32768)
+    batch = 2 if a.small else a.batch
+    skip = set(a.skip.split(",")) - {""}
+    devices = jax.devices()
+    print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}", flush=True)
+    res = dict(device=devices[0].device_kind, jax=jax.__version__, context=context, decode_batch=batch,
+               decode_context=dctx, runs=[])
+    for name in models:
+        config = LlamaConfig(**SHAPES[name], rope_style="half", tie_embeddings=False, eos_token_ids=())
+        for n in (int(x) for x in a.gpus.split(",")):
+            if n > len(devices):
+                print(f"{name}: {n} devices requested, {len(devices)} present; skipped", flush=True)
+                continue
+            mesh = kvq.sharding.make_mesh(data=1, model=n, devices=devices[:n])
+            try:
+                model = sharded_model(config, mesh)
+            except Exception as e:  # noqa: BLE001
+                if not is_oom(e):
+                    raise
+                print(f"{name} on {n} device(s): the weights do not fit", flush=True)
+                res["runs"].append(dict(model=name, gpus=n, weights_fit=False))
+                gc.collect()
+                continue
+            wbytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+            for preset in a.presets.split(","):
+                r = dict(model=name, gpus=n, preset=preset, weights_fit=True, weights_bytes=wbytes)
+                if "sessions" not in skip:
+                    r["sessions"], r["kv_bytes"] = sessions_that_fit(model, preset, context, mesh, a.max_sessions)
+                if "decode" not in skip:
+                    try:
+                        t, c = decode_speed(model, preset, batch, dctx, mesh, a.steps, a.impl)
+                        r.update(step_ms=t * 1e3, tokens_per_s=batch / t, per_gpu_tokens_per_s=batch / t / n,
+                                 compile_s=c)
+                    except Exception as e:  # noqa: BLE001
+                        if not is_oom(e):
+                            raise
+                        r["decode"] = "out of memory"
+                print(name, n, preset, {k: v for k, v in r.items() if k not in ("model", "gpus", "preset")},
+                      flush=True)
+                res["runs"].append(r)
+                if a.out:
+                    with open(a.out, "w") as f:
+                        json.dump(res, f, indent=1)
+            del model
+            gc.collect()
+
+    print(f"\n{'model':6s} {'GPUs':>4s} {'preset':7s} {'sessions':>8s} {'tok/s':>8s} {'per GPU':>8s} "
+          f"{'vs 1 GPU':>8s} {'step ms':>8s}")
+    base = {(r["model"], r["preset"]): r.get("per_gpu_tokens_per_s") for r in res["runs"] if r.get("gpus") == 1}
+    for r in res["runs"]:
+        if not r.get("weights_fit"):
+            print(f"{r['model']:6s} {r['gpus']:4d} weights do not fit")
+            continue
+        pg = r.get("per_gpu_tokens_per_s")
+        b = base.get((r["model"], r["preset"]))
+        rel = f"{pg / b:8.2f}" if (pg and b) else f"{'':8s}"
+        print(f"{r['model']:6s} {r['gpus']:4d} {r['preset']:7s} {r.get('sessions', ''):>8} "
+              f"{r.get('tokens_per_s', 0):8.1f} {pg or 0:8.1f} {rel} {r.get('step_ms', 0):8.2f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
