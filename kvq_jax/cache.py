@@ -258,8 +258,10 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
         lengths = jnp.asarray(lengths)
         if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths: expected int[{B}], got {lengths.dtype}{list(lengths.shape)}")
-        if _is_concrete(lengths) and bool(jnp.any((lengths < 0) | (lengths > T))):
-            raise ValueError(f"lengths: expected values in [0, {T}], got {np.asarray(lengths).tolist()}")
+        if _is_concrete(lengths):  # checked in numpy: a concrete array closed over by a jit stays concrete
+            lv = np.asarray(lengths)
+            if ((lv < 0) | (lv > T)).any():
+                raise ValueError(f"lengths: expected values in [0, {T}], got {lv.tolist()}")
         t_valid = jnp.clip(lengths.astype(jnp.int32), 0, T)  # under jit: clipped into [0, T]
 
     n_old = cache.lengths

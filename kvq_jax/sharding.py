@@ -24,6 +24,12 @@ are replicated over):
   cache's logical shape ``[B, Hkv, ...]`` so the same caches work with and without a mesh.
   Caches whose spec carries per-head calibrated constants (``spec.static``) always
   keep all KV heads per device: the constants are indexed by global head.
+* A paged cache (`kvq_jax.serve.PagedKVCache`): pool leaves ``[num_pages, Hkv, page, X]``
+  are ``P("data", "model", None, None)``: each "data" shard owns ``num_pages / data``
+  contiguous pages, and the page tables (``P("data", None)``) of its sequences hold page
+  numbers *local* to that range (0 .. num_pages / data - 1), so a shard reads and writes
+  only its own pages. Windows ``[B, Hkv, R, D]`` and ``lengths`` as for KVCache.
+  `shard_append` / `shard_attend` run `append_paged` / `attend_paged` per shard.
 * Weights (`param_partition_specs`), Megatron style: q/k/v and gate/up projections
   column-parallel (output features over "model"), o and down projections
   row-parallel (input features over "model"), the embedding split over its
@@ -176,55 +182,68 @@ def _head_mode(num_heads: int, cache, mesh: Mesh) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
+class CacheLayout:
     """Where batch and KV heads live in the leaves of one cache type.
 
     ``specs(cache, heads, lead)`` returns the cache's pytree with a PartitionSpec per
     leaf, given the head axis entry (``"model"`` or None) and ``lead`` leading stacked
     axes (layers under ``lax.scan``); ``batch(cache)`` / ``num_kv_heads(cache)`` read
     sizes; ``lead(cache)`` counts stacked axes. Leaves holding KV heads carry them on
-    axis ``lead + 1`` (`_select_head` relies on that). A paged cache (leaves
-    ``[num_pages, Hkv, page, ...]``, page tables ``[B, pages]``) registers its own
-    layout in `_LAYOUTS`: pages by KV head over "model", page tables by sequence.
+    axis ``lead + 1`` (`_select_head` relies on that).
     """
 
     specs: object
     batch: object
     num_kv_heads: object
     lead: object
+    attend: object = None  # attend(q, cache, **kw) of this cache type (default kvq.attend)
+    append: object = None  # append(cache, k, v, lengths=) (default kvq.append)
+    check: object = None  # check(cache, mesh, name): extra argument errors
+
+
+def register_layout(cache_type: type, layout: CacheLayout) -> None:
+    """Teach `shard_cache`, `shard_append` and `shard_attend` another cache pytree type."""
+    _LAYOUTS[cache_type] = layout
 
 
 def _kv_lead(c: KVCache) -> int:
     return c.lengths.ndim - 1
 
 
-def _kv_specs(c: KVCache, heads, lead: int):
+def leaf_specs(c, heads, lead: int):
+    """PartitionSpec per leaf by rank: ``[.., X, Hkv, S, Y]`` leaves ``(data, heads)``,
+    ``[.., B, N]`` ``(data, None)``, ``[.., B]`` ``(data)``; ``lead`` stacked axes in front."""
     pre = (None,) * lead
 
     def spec(x):
         if x.ndim == lead + 4:
             return P(*pre, DATA, heads, None, None)
+        if x.ndim == lead + 2:  # a paged cache's page table [B, max_pages]
+            return P(*pre, DATA, None)
         if x.ndim == lead + 1:
             return P(*pre, DATA)
-        raise ValueError(f"cache: unexpected leaf of shape {x.shape} in a KVCache")
+        raise ValueError(f"cache: unexpected leaf of shape {x.shape} in a {type(c).__name__}")
 
     return jax.tree.map(spec, c)
 
 
-_LAYOUTS: dict[type, _Layout] = {
-    KVCache: _Layout(
-        specs=_kv_specs,
+
+
+_LAYOUTS: dict[type, CacheLayout] = {
+    KVCache: CacheLayout(
+        specs=leaf_specs,
         batch=lambda c: int(c.lengths.shape[-1]),
         num_kv_heads=lambda c: int(c.k.shape[_kv_lead(c) + 1]),
         lead=_kv_lead,
     ),
-}
+}  # kvq_jax.serve.paged registers PagedKVCache
 
 
-def _layout(cache, name: str) -> _Layout:
+def _layout(cache, name: str) -> CacheLayout:
     lay = _LAYOUTS.get(type(cache))
     if lay is None:
-        raise TypeError(f"{name}: expected a KVCache or a tuple/list of them, got {type(cache).__name__}")
+        known = ", ".join(t.__name__ for t in _LAYOUTS)
+        raise TypeError(f"{name}: expected a cache ({known}) or a tuple/list of them, got {type(cache).__name__}")
     return lay
 
 
@@ -256,6 +275,8 @@ def cache_partition_specs(cache, mesh: Mesh):
     def one(c, name):
         lay = _layout(c, name)
         check_batch(lay.batch(c), mesh, name)
+        if lay.check is not None:
+            lay.check(c, mesh, name)
         heads = MODEL if _split_heads(c, mesh) else None
         return lay.specs(c, heads, lay.lead(c))
 
@@ -504,8 +525,7 @@ def _attend_sharded(q, cache, *, mesh, mode, impl, interpret, scale, precise, co
     def local(q, c):
         if mode == "select":  # this device's query heads all read KV head axis_index // reps
             c = _select_head(c, jax.lax.axis_index(MODEL) // reps)
-        return _attention.attend(q, c, impl=impl, interpret=interpret, scale=scale, precise=precise,
-                                 config=config)
+        return _attend_fn(c)(q, c, impl=impl, interpret=interpret, scale=scale, precise=precise, config=config)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(qspec, cspec), out_specs=qspec, check_vma=False)(q, cache)
 
@@ -517,10 +537,20 @@ def _append_sharded(cache, k, v, lengths, *, mesh, mode):
     lspec = None if lengths is None else P(DATA)
 
     def local(c, k, v, n):
-        return _cache.append(c, k, v, lengths=n)
+        return _append_fn(c)(c, k, v, lengths=n)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(cspec, kvspec, kvspec, lspec), out_specs=cspec,
                          check_vma=False)(cache, k, v, lengths)
+
+
+def _attend_fn(cache):
+    lay = _LAYOUTS.get(type(cache))
+    return lay.attend if lay is not None and lay.attend is not None else _attention.attend
+
+
+def _append_fn(cache):
+    lay = _LAYOUTS.get(type(cache))
+    return lay.append if lay is not None and lay.append is not None else _cache.append
 
 
 def _resolve(mesh):
@@ -571,8 +601,11 @@ def shard_append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array 
     """
     mesh = _resolve(mesh)
     if mesh is None:
-        return _cache.append(cache, k, v, lengths=lengths)
-    _precheck_append(cache, k, v, lengths)
+        return _append_fn(cache)(cache, k, v, lengths=lengths)
+    if isinstance(cache, KVCache):
+        _precheck_append(cache, k, v, lengths)
+    else:  # other cache types check the rest per shard (overflow flags under jit)
+        _cache._check_kv(cache, k, v)
     cache_partition_specs(cache, mesh)  # argument errors name "cache"
     mode = "sharded" if _split_heads(cache, mesh) else "replicated"
     if lengths is not None:
@@ -599,7 +632,7 @@ def shard_attend(q: jax.Array, cache: KVCache, *, mesh: Mesh | None = None, impl
     """
     mesh = _resolve(mesh)
     if mesh is None:
-        return _attention.attend(q, cache, impl=impl, interpret=interpret, scale=scale, precise=precise,
+        return _attend_fn(cache)(q, cache, impl=impl, interpret=interpret, scale=scale, precise=precise,
                                  config=config)
     if impl not in _attention.IMPLS:
         raise ValueError(f"impl: expected one of {_attention.IMPLS}, got {impl!r}")

@@ -10,6 +10,7 @@ and the exit status is 1 when any check failed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -269,6 +270,63 @@ def check_append_attend_heads_replicated():
     _append_attend_case("int8", 2, 8, ks.make_mesh(2, 4), ("xla", "pallas"), False, P("data", None, "model"), 5)
     # Hq 2 not a multiple of 4: every device computes every head
     _append_attend_case("int8", 1, 2, ks.make_mesh(2, 4), ("xla",), False, P("data"), 7)
+
+
+def _paged_case(spec, hkv, hq, mesh, impls, seed):
+    """A paged cache on a mesh: pages split over "data" (local page indices), KV heads over
+    "model"; append + attend per shard equal `append_paged` / `attend_paged` on one device
+    with the same pages in global numbering, bit for bit in storage."""
+    from kvq_jax.serve import append_paged, attend_paged, init_paged_cache
+
+    rng = np.random.default_rng(seed)
+    d = mesh.shape["data"]
+    ps, npg, per = 64, 8, 2  # page size, pool pages, table entries per sequence
+    per_shard = B // d  # sequences per data shard; each takes `per` distinct pages of its shard's range
+    local = np.concatenate([rng.permutation(npg // d)[: per_shard * per].reshape(per_shard, per)
+                            for _ in range(d)]).astype(np.int32)
+    offset = (np.arange(B) // (B // d) * (npg // d))[:, None]
+    T = 40
+    k1, v1 = _rand(rng, (B, T, hkv, D)), _rand(rng, (B, T, hkv, D))
+    n1 = jnp.asarray([40, 5, 33, 1], jnp.int32)
+    k2, v2 = _rand(rng, (B, 2, hkv, D)), _rand(rng, (B, 2, hkv, D))
+    q = _rand(rng, (B, 2, hq, D))
+
+    @functools.partial(jax.jit, static_argnames=("sharded",))
+    def run(c, sharded):
+        if sharded:
+            c = ks.shard_append(ks.shard_append(c, k1, v1, n1, mesh=mesh), k2, v2, mesh=mesh)
+            return c, [ks.shard_attend(q, c, mesh=mesh, impl=i) for i in impls]
+        c = append_paged(append_paged(c, k1, v1, n1), k2, v2)
+        return c, [attend_paged(q, c, impl=i) for i in impls]
+
+    ref, want = run(init_paged_cache(spec, B, npg, ps, per, hkv, D, page_table=local + offset), False)
+    # local page numbers repeat across shards, which a one-device table forbids: set the table directly
+    empty = init_paged_cache(spec, B, npg, ps, per, hkv, D)
+    placed = ks.shard_cache(dataclasses.replace(empty, page_table=jnp.asarray(local)), mesh)
+    c, got = run(placed, True)
+    what = f"paged {spec} mesh={dict(mesh.shape)}"
+    _assert_sharded_as(c.k, P("data", "model", None, None), what + " pool")
+    _assert_sharded_as(c.page_table, P("data", None), what + " page table")
+    if {s.data.shape for s in c.k.addressable_shards} != {(npg // d, hkv // mesh.shape["model"], ps, c.k.shape[3])}:
+        _fail(f"{what}: pool shard shapes {[s.data.shape for s in c.k.addressable_shards]}")
+    pools = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero", "res_k", "res_v", "lengths", "overflow")
+    _assert_trees_equal([getattr(ref, n) for n in pools], [getattr(c, n) for n in pools], what + " append")
+    for impl, g, w in zip(impls, got, want):
+        err = float(np.max(np.abs(np.asarray(g) - np.asarray(w))))
+        if not err <= 2e-6 * max(1.0, float(np.max(np.abs(np.asarray(w))))):
+            _fail(f"{what} {impl}: sharded attend differs from one device by {err}")
+    try:
+        ks.shard_cache(init_paged_cache(spec, B, 7, ps, per, hkv, D), mesh)
+    except ValueError as e:
+        if "7 pages" not in str(e):
+            _fail(f"{what}: indivisible pool error {e}")
+    else:
+        _fail(f"{what}: a pool of 7 pages on data={d} did not raise")
+
+
+def check_paged_cache_sharded():
+    _paged_case("int8", 2, 4, ks.make_mesh(2, 2), ("xla", "pallas"), 11)
+    _paged_case("int4-kivi", 4, 8, ks.make_mesh(2, 4), ("xla",), 12)
 
 
 def check_shard_append_errors_as_append():

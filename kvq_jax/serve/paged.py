@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvq_jax import attention, quant
+from kvq_jax import sharding as _sharding
 from kvq_jax.cache import (
     KVCache,
     _check_kv,
@@ -322,8 +323,10 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
         lengths = jnp.asarray(lengths)
         if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths: expected int[{B}], got {lengths.dtype}{list(lengths.shape)}")
-        if _is_concrete(lengths) and bool(jnp.any((lengths < 0) | (lengths > T))):
-            raise ValueError(f"lengths: expected values in [0, {T}], got {np.asarray(lengths).tolist()}")
+        if _is_concrete(lengths):  # checked in numpy: a concrete array closed over by a jit stays concrete
+            lv = np.asarray(lengths)
+            if ((lv < 0) | (lv > T)).any():
+                raise ValueError(f"lengths: expected values in [0, {T}], got {lv.tolist()}")
         t_valid = jnp.clip(lengths.astype(jnp.int32), 0, T)
 
     n_old = cache.lengths
@@ -473,3 +476,27 @@ def reset_paged(cache: PagedKVCache, mask=None) -> PagedKVCache:
     return dataclasses.replace(
         cache, lengths=jnp.where(m, 0, cache.lengths), overflow=jnp.where(m, False, cache.overflow),
         page_table=jnp.where(m[:, None], -1, cache.page_table))
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _check_pages_split(cache: PagedKVCache, mesh, name: str) -> None:
+    d = mesh.shape["data"]
+    if cache.num_pages % d:
+        raise ValueError(f"{name}: {cache.num_pages} pages are not divisible by the mesh's 'data' axis of size {d}")
+
+
+# On a mesh (`kvq_jax.sharding`): pool leaves [num_pages, Hkv, page, X] split over "data"
+# (each data shard owns num_pages / data contiguous pages, and the page tables of its
+# sequences hold indices local to that range) and KV heads over "model"; the windows
+# [B, Hkv, R, D], page tables and lengths by sequence over "data".
+_sharding.register_layout(PagedKVCache, _sharding.CacheLayout(
+    specs=_sharding.leaf_specs,
+    batch=lambda c: int(c.lengths.shape[-1]),
+    num_kv_heads=lambda c: int(c.k.shape[1]),
+    lead=lambda c: 0,
+    attend=attend_paged,
+    append=append_paged,
+    check=_check_pages_split,
+))
