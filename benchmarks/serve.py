@@ -127,6 +127,42 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl):
     return dict(step_ms=step_s * 1e3, tokens_per_s=batch / step_s, compile_s=compile_s)
 
 
+def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, new_tokens=4):
+    """A second request sharing a ``prompt_len``-token system prompt, with and without the prefix cache.
+
+    Each engine first serves request A (system prompt + question a), then request B
+    (same system prompt + question b); B's prompt tokens computed and wall time are
+    compared. Same tokens either way (checked).
+    """
+    rng = np.random.default_rng(1)
+    system = rng.integers(0, model.config.vocab_size, prompt_len).tolist()
+    qa, qb = (rng.integers(0, model.config.vocab_size, question_len).tolist() for _ in range(2))
+    out = {}
+    for cached in (False, True):
+        eng = kvq.serve.Engine(model, kv=preset, max_batch=1, page_size=page_size, prefix_cache=cached, impl=impl,
+                               max_len=prompt_len + question_len + new_tokens, prefill_chunk=page_size * 2)
+        eng.submit(system + qa, new_tokens)
+        eng.run()  # request A (also compiles)
+        eng.submit(system + qb, new_tokens)
+        eng.run()  # request B once, to compile B's shapes
+        before = dict(eng.stats)
+        t0 = time.perf_counter()
+        rid = eng.submit(system + qb, new_tokens)
+        toks = eng.run()[rid]
+        dt = time.perf_counter() - t0
+        out["cached" if cached else "uncached"] = dict(
+            seconds=dt, prefill_tokens=eng.stats["prefill_tokens"] - before["prefill_tokens"],
+            prefix_hit_tokens=eng.stats["prefix_hit_tokens"] - before["prefix_hit_tokens"], tokens=toks)
+        del eng
+        gc.collect()
+    if out["cached"]["tokens"] != out["uncached"]["tokens"]:
+        raise AssertionError("prefix cache changed the generated tokens")
+    for v in out.values():
+        del v["tokens"]
+    out["speedup"] = out["uncached"]["seconds"] / out["cached"]["seconds"]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="a small model and contexts (CPU smoke run)")
@@ -138,7 +174,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per batch (default 20)")
     ap.add_argument("--max-sessions", type=int, default=256)
     ap.add_argument("--impl", default="auto")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: sessions, decode")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: sessions, decode, prefix")
+    ap.add_argument("--prefix-len", type=int, default=2048, help="system prompt tokens of the prefix-cache measurement")
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
     shape = SMALL if a.small else LLAMA3_8B
@@ -163,6 +200,8 @@ def main(argv=None):
             r.update(sessions=n, kv_bytes=nbytes)
         if "decode" not in skip:
             r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl))
+        if "prefix" not in skip and kvq.KVSpec.parse(preset).residual == 0:
+            r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl)
         print(preset, r, flush=True)
     base = res["presets"].get("bf16")
     print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")
@@ -171,6 +210,12 @@ def main(argv=None):
         d_ratio = (r["tokens_per_s"] / base["tokens_per_s"]) if base and "tokens_per_s" in r else float("nan")
         print(f"{p:<8} {r.get('sessions', '-'):>9} {s_ratio:>8.2f} {r.get('tokens_per_s', float('nan')):>13.1f} "
               f"{d_ratio:>8.2f} {r.get('step_ms', float('nan')):>8.2f}")
+    for p, r in res["presets"].items():
+        if "prefix" in r:
+            c, u = r["prefix"]["cached"], r["prefix"]["uncached"]
+            print(f"{p:<8} prefix cache, 2nd request with a {a.prefix_len}-token system prompt: "
+                  f"{u['prefill_tokens']} -> {c['prefill_tokens']} prompt tokens computed, "
+                  f"{u['seconds']:.3f} -> {c['seconds']:.3f} s ({r['prefix']['speedup']:.2f}x)")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)

@@ -172,7 +172,7 @@ class Engine:
     """Continuous-batching generation over a paged quantized KV cache.
 
     Args:
-      model: a `kvq_jax.models.LlamaModel` (its layers' weights are stacked once here).
+      model: a `kvq_jax.models.LlamaModel` (its weights are used in place, not copied).
       kv: the cache format of every layer: a preset name or KVSpec.
       max_batch: decode slots (requests decoding at once).
       page_size: tokens per page (a multiple of 16 and of the spec's token group; a
