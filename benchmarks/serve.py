@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
+from _fit import most_that_fit  # noqa: E402  (benchmarks/_fit.py)
 from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
 from kvq_jax.serve import engine as engine_mod  # noqa: E402
 
@@ -50,45 +51,16 @@ SMALL = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, h
              rope_theta=500000.0)
 
 
-def is_oom(e: Exception) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-
-
 def sessions_that_fit(model, preset, context, page_size, limit):
     """Largest n for which an engine holding n sessions of ``context`` tokens can be allocated."""
-    def fits(n):
-        try:
-            eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context)
-            jax.block_until_ready(eng._kv)
-            nbytes = eng.kv_bytes
-            del eng
-            return nbytes
-        except Exception as e:  # noqa: BLE001
-            if is_oom(e):
-                return None
-            raise
-        finally:
-            gc.collect()
+    def allocate(n):
+        eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context)
+        jax.block_until_ready(eng._kv)
+        nbytes = eng.kv_bytes
+        del eng
+        return nbytes
 
-    lo, lo_bytes, hi = 0, 0, None
-    n = 1
-    while hi is None:  # doubling, then bisection
-        b = fits(n)
-        if b is None:
-            hi = n
-        else:
-            lo, lo_bytes = n, b
-            if n >= limit:
-                return lo, lo_bytes
-            n = min(2 * n, limit)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        b = fits(mid)
-        if b is None:
-            hi = mid
-        else:
-            lo, lo_bytes = mid, b
-    return lo, lo_bytes
+    return most_that_fit(allocate, limit)
 
 
 def decode_speed(model, preset, batch, context, page_size, steps, impl):

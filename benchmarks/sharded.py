@@ -37,6 +37,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
+from _fit import is_oom, most_that_fit  # noqa: E402  (benchmarks/_fit.py)
 from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
 
 SHAPES = {
@@ -47,10 +48,6 @@ SHAPES = {
     "small": dict(vocab_size=512, d_model=128, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=64, ffn_dim=256,
                   rope_theta=500000.0),
 }
-
-
-def is_oom(e: Exception) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
 def sharded_model(config: LlamaConfig, mesh):
@@ -76,38 +73,14 @@ def make_caches(model, preset, batch, max_len, mesh, lengths=0):
 
 def sessions_that_fit(model, preset, context, mesh, limit):
     """Largest n whose n x ``context``-token caches can be allocated next to the weights."""
-    def fits(n):
-        try:
-            caches = make_caches(model, preset, n, context, mesh)
-            jax.block_until_ready(caches)
-            nbytes = sum(x.nbytes for x in jax.tree.leaves(caches))
-            del caches
-            return nbytes
-        except Exception as e:  # noqa: BLE001
-            if is_oom(e):
-                return None
-            raise
-        finally:
-            gc.collect()
+    def allocate(n):
+        caches = make_caches(model, preset, n, context, mesh)
+        jax.block_until_ready(caches)
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(caches))
+        del caches
+        return nbytes
 
-    lo, lo_bytes, hi, n = 0, 0, None, 1
-    while hi is None:
-        b = fits(n)
-        if b is None:
-            hi = n
-        else:
-            lo, lo_bytes = n, b
-            if n >= limit:
-                return lo, lo_bytes
-            n = min(2 * n, limit)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        b = fits(mid)
-        if b is None:
-            hi = mid
-        else:
-            lo, lo_bytes = mid, b
-    return lo, lo_bytes
+    return most_that_fit(allocate, limit)
 
 
 def decode_speed(model, preset, batch, context, mesh, steps, impl):

@@ -1,0 +1,47 @@
+"""Capacity by allocation, shared by the benchmarks: the most sessions whose memory can be allocated."""
+
+from __future__ import annotations
+
+import gc
+
+
+def is_oom(e: Exception) -> bool:
+    """True for a device out-of-memory error."""
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def most_that_fit(allocate, limit: int) -> tuple[int, int]:
+    """Largest n in [0, limit] for which ``allocate(n)`` succeeds (doubling, then bisection).
+
+    ``allocate(n)`` allocates n sessions, returns their bytes and frees them; an
+    out-of-memory error means n does not fit (other errors propagate).
+    Returns ``(n, bytes of n sessions)``.
+    """
+    def fits(n):
+        try:
+            return allocate(n)
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                return None
+            raise
+        finally:
+            gc.collect()
+
+    lo, lo_bytes, hi, n = 0, 0, None, 1
+    while hi is None:
+        b = fits(n)
+        if b is None:
+            hi = n
+        else:
+            lo, lo_bytes = n, b
+            if n >= limit:
+                return lo, lo_bytes
+            n = min(2 * n, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        b = fits(mid)
+        if b is None:
+            hi = mid
+        else:
+            lo, lo_bytes = mid, b
+    return lo, lo_bytes
