@@ -30,6 +30,8 @@ CHECKS = re.findall(r"^def (check_\w+)\(", SCRIPT.read_text(), re.M)
 GROUPS = ([c for c in CHECKS if not c.startswith("check_generate")],
           [c for c in CHECKS if c.startswith("check_generate")])
 TIMEOUT_S = 600
+# under pytest-xdist all of this module runs in one worker, so the subprocess checks run once
+pytestmark = pytest.mark.xdist_group("sharding")
 
 
 @pytest.fixture(scope="module")
