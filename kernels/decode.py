@@ -58,7 +58,7 @@ from kvq_jax.spec import TensorSpec
 NEG_INF = -1e30  # finite "minus infinity": masked logits, initial running max
 NUM_SMS = 132  # H200
 NATURAL = -2  # Piece.i of a natural-order chunk
-UNPACKS = ("auto", "join", "bcast", "split")  # Config.unpack: how packed words become tiles
+UNPACKS = ("auto", "join", "split")  # Config.unpack: how packed words become tiles
 MAX_CHUNK = 128  # widest natural chunk (columns)
 
 
@@ -106,7 +106,7 @@ class Layout:
     words: int  # uint32 words per token (0 for bf16)
     pieces: tuple
     perm: tuple  # kernel column -> natural head_dim index
-    unpack: str = "join"  # natural chunks: "join" (interleave by joins) or "bcast" (broadcast + shift)
+    unpack: str = "join"  # "join": natural chunks interleaved by joins; "split": byte-shift pieces
 
     @property
     def packed(self) -> bool:
@@ -142,7 +142,7 @@ def auto_unpack(t: TensorSpec) -> str:
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     """The kernel's tiling of a tensor stored as ``t`` with vectors of ``head_dim``.
 
-    ``unpack`` "join" or "bcast": natural chunks (head_dim order, no permutation of q
+    ``unpack`` "join": natural chunks (head_dim order, no permutation of q
     or o), each as wide as the largest power of two <= MAX_CHUNK that divides both the
     scale group and the packed row, so a chunk never straddles a scale group.
     "split": one tile per byte shift (``Piece``), columns permuted. "auto": `auto_unpack`.
@@ -241,19 +241,15 @@ def _unpack(words, pc: Piece, lay: Layout, dtype):
     Natural chunks interleave the four bytes of every word back into head_dim order:
     "join" converts the four shifted tiles and interleaves them with two rounds of
     joins (``jnp.stack(..., -1)``, Triton's ``join``: the new minor axis stays in
-    each thread's registers, so the reshape moves no data); "bcast" shifts a
-    ``[BK, wr, 4]`` broadcast of the words.
+    each thread's registers). A broadcast-and-shift of ``[BK, wr, 4]`` words measured
+    slower on the H200 (BENCHMARKS.md, run D) and was dropped.
     """
     bk = words.shape[0]
     shift0 = lay.bits * pc.c
-    if pc.natural and lay.unpack == "join":
+    if pc.natural:
         b = [_to_float(words >> jnp.uint32(8 * i + shift0), lay, dtype) for i in range(4)]
         x = jnp.stack([jnp.stack([b[0], b[2]], axis=-1), jnp.stack([b[1], b[3]], axis=-1)], axis=-1)
         return x.reshape(bk, pc.width)  # [BK, wr, a, b] holds byte 2a + b
-    if pc.natural:
-        w3 = jnp.broadcast_to(words[:, :, None], (bk, pc.wr, 4))
-        x = w3 >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 8 + jnp.uint32(shift0))
-        return _to_float(x, lay, dtype).reshape(bk, pc.width)
     if pc.i >= 0:
         return _to_float(words >> jnp.uint32(8 * pc.i + shift0), lay, dtype)
     w3 = jnp.broadcast_to(words[:, None, :], (bk, 4, pc.wr))

@@ -139,11 +139,11 @@ def test_split_count_does_not_change_the_result():
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("unpack", ["join", "bcast", "split"])
+@pytest.mark.parametrize("unpack", ["join", "split"])
 @pytest.mark.parametrize("name,shape", [("int4", (4, 128, 1)), ("int8", (3, 64, 4)), ("int4-kivi", (1, 128, 4)),
                                         ("int2", (8, 64, 1)), ("int8-g32-asym", (4, 128, 1))])
 def test_every_unpacking_matches_reference(name, shape, unpack):
-    """Natural chunks (join / bcast) and byte-shift pieces (split) read the same data."""
+    """Natural chunks (join) and byte-shift pieces (split) read the same data."""
     G, D, T = shape
     spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"{name}{unpack}".encode()))
     qg, qpos, scale = _body_inputs(spec, cache, q)
