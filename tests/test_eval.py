@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 
+import kvq_jax as kvq
 from kvq_jax.eval import needle
 from kvq_jax.eval import perplexity as pp
 from kvq_jax.models import LlamaConfig, LlamaModel, init_random_params
@@ -37,7 +38,8 @@ def text():
 def results(tiny, text):
     tokens = pp.byte_tokens(text, CONFIG.vocab_size)
     # int4-kivi keeps 128 recent tokens in bf16: a 64-token window never leaves the residual.
-    return pp.evaluate(tiny, tokens, None, ["bf16", "int8", "int2", "int4-kivi"], context=CONTEXT,
+    mixed = kvq.calibrate.Policy(["int8", "int2"], name="mixed-8-2")  # one spec per layer
+    return pp.evaluate(tiny, tokens, None, ["bf16", "int8", "int2", "int4-kivi", mixed], context=CONTEXT,
                        windows=WINDOWS, progress=False)
 
 
@@ -57,7 +59,7 @@ def test_make_windows_spread_and_errors():
 
 
 def test_evaluate_returns_every_metric(results):
-    assert list(results) == ["bf16", "int8", "int2", "int4-kivi"]
+    assert list(results) == ["bf16", "int8", "int2", "int4-kivi", "mixed-8-2"]
     for r in results.values():
         assert set(pp.METRIC_KEYS) <= set(r)
         assert r["windows"] == WINDOWS and r["tokens"] == WINDOWS * (CONTEXT - CONTEXT // 2)
@@ -65,6 +67,9 @@ def test_evaluate_returns_every_metric(results):
         assert 0.0 <= r["top1"] <= 1.0
     assert results["bf16"]["bits_per_element"] == 16.0
     assert results["int8"]["bits_per_element"] == pytest.approx(8.5)  # 64 int8 + one bf16 scale per 32 x 2
+    # a per-layer policy reports the mean over its layers
+    assert results["mixed-8-2"]["bits_per_element"] == pytest.approx(
+        (results["int8"]["bits_per_element"] + results["int2"]["bits_per_element"]) / 2)
 
 
 def test_bf16_against_itself_is_exact(results):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -204,8 +203,8 @@ def evaluate(model, tokenizer_or_tokens, text: str | None = None, presets: Seque
       ppl = exp(mean NLL of the scored tokens); delta_ppl_pct = 100 (ppl / ppl_bf16 - 1);
       kl_mean, kl_p99: mean and 99th percentile over scored tokens of
       KL(p_bf16 || p_preset) in nats; top1: fraction of scored tokens whose argmax equals
-      the bf16 cache's; bits_per_element: `KVSpec.bits_per_element(head_dim)` (None for
-      a per-layer policy); tokens: scored tokens; seconds: wall time of this preset.
+      the bf16 cache's; bits_per_element: `KVSpec.bits_per_element(head_dim)` (the mean
+      over layers for a per-layer policy); tokens: scored tokens; seconds: wall time of this preset.
     """
     tokens = tokenize(tokenizer_or_tokens, text)
     wins = make_windows(tokens, context, windows)
@@ -256,10 +255,8 @@ def evaluate(model, tokenizer_or_tokens, text: str | None = None, presets: Seque
         nll = np.concatenate(a["nll"], axis=1)  # [N, W]
         kl = np.concatenate(a["kl"], axis=1)
         agree = np.concatenate(a["agree"], axis=1)
-        try:
-            bpe = float(KVSpec.parse(p).bits_per_element(model.head_dim))
-        except (TypeError, ValueError):
-            bpe = None
+        specs = resolve_policy(p, model.num_layers)  # a preset, a KVSpec or one spec per layer
+        bpe = float(np.mean([s.bits_per_element(model.head_dim) for s in specs]))
         return {"ppl": float(np.exp(nll.mean(dtype=np.float64))), "kl_mean": float(kl.mean(dtype=np.float64)),
                 "kl_p99": float(np.percentile(kl, 99)), "top1": float(agree.mean()), "bits_per_element": bpe,
                 "windows": int(W), "tokens": int(nll.size),
