@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _fit import most_that_fit  # noqa: E402  (benchmarks/_fit.py)
+from _common import most_that_fit, time_steps  # noqa: E402  (benchmarks/_common.py)
 from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
 from kvq_jax.serve import engine as engine_mod  # noqa: E402
 
@@ -77,25 +77,15 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl):
     eng._kv = None
     lengths = np.full((batch,), context, np.int32)
 
-    def step(kv, i):
+    def advance(i):
+        nonlocal kv
         logits, kv, _ = engine_mod._forward(weights, kv, tokens, rows, jnp.asarray(lengths + i), n_valid,
                                             jnp.asarray(table), **kw)
-        return logits, kv
+        return logits
 
-    t0 = time.perf_counter()
-    logits, kv = step(kv, 0)
-    jax.block_until_ready(logits)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for rep in range(3):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            logits, kv = step(kv, 1 + rep * steps + i)
-        jax.block_until_ready(logits)
-        times.append((time.perf_counter() - t0) / steps)
+    step_s, compile_s = time_steps(advance, steps)
     del kv, eng
     gc.collect()
-    step_s = float(np.median(times))
     return dict(step_ms=step_s * 1e3, tokens_per_s=batch / step_s, compile_s=compile_s)
 
 

@@ -26,7 +26,6 @@ import dataclasses
 import gc
 import json
 import os
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
 
@@ -37,7 +36,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _fit import is_oom, most_that_fit  # noqa: E402  (benchmarks/_fit.py)
+from _common import is_oom, most_that_fit, time_steps  # noqa: E402  (benchmarks/_common.py)
 from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
 
 SHAPES = {
@@ -97,20 +96,16 @@ def decode_speed(model, preset, batch, context, mesh, steps, impl):
         return nxt, kvq.sharding.constrain_caches(caches, mesh)
 
     step = jax.jit(one_step, donate_argnums=(1,))
-    t0 = time.perf_counter()
-    tokens, caches = step(state, caches, tokens)
-    jax.block_until_ready(tokens)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            tokens, caches = step(state, caches, tokens)
-        jax.block_until_ready(tokens)
-        times.append((time.perf_counter() - t0) / steps)
+
+    def advance(i):
+        nonlocal tokens, caches
+        tokens, caches = step(state, caches, tokens)
+        return tokens
+
+    step_s, compile_s = time_steps(advance, steps)
     del caches
     gc.collect()
-    return float(np.median(times)), compile_s
+    return step_s, compile_s
 
 
 def main(argv=None):

@@ -1,8 +1,12 @@
-"""Capacity by allocation, shared by the benchmarks: the most sessions whose memory can be allocated."""
+"""Shared by the benchmarks: capacity by allocation, and timing of chained jitted steps."""
 
 from __future__ import annotations
 
 import gc
+import statistics
+import time
+
+import jax
 
 
 def is_oom(e: Exception) -> bool:
@@ -45,3 +49,23 @@ def most_that_fit(allocate, limit: int) -> tuple[int, int]:
         else:
             lo, lo_bytes = mid, b
     return lo, lo_bytes
+
+
+def time_steps(advance, steps: int, reps: int = 3) -> tuple[float, float]:
+    """Seconds per step of ``advance`` and the seconds of its first (compiling) call.
+
+    ``advance(i)`` runs step i (each step consuming the previous one's output) and returns
+    an array to wait on. Call 0 compiles; then ``reps`` batches of ``steps`` chained calls,
+    one sync per batch; the median batch gives the time per step.
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(advance(0))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            out = advance(1 + rep * steps + i)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times), compile_s
