@@ -41,6 +41,17 @@ def _fail(msg):
     raise AssertionError(msg)
 
 
+def _expect_value_error(fn, prefix: str):
+    """``fn()`` raises ValueError whose message starts with ``prefix`` (the argument's name)."""
+    try:
+        fn()
+    except ValueError as e:
+        if not str(e).startswith(prefix):
+            _fail(f"error {e!r} does not start with {prefix!r}")
+    else:
+        _fail(f"no ValueError (expected {prefix!r})")
+
+
 def _rand(rng, shape):
     return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
@@ -152,13 +163,7 @@ def check_bad_mesh_and_batch_errors():
                                    mesh=ks.make_mesh(2, 4)), "tokens: batch 3"),
     ]
     for fn, prefix in cases:
-        try:
-            fn()
-        except ValueError as e:
-            if not str(e).startswith(prefix):
-                _fail(f"error {e!r} does not start with {prefix!r}")
-        else:
-            _fail(f"no ValueError (expected {prefix!r})")
+        _expect_value_error(fn, prefix)
     try:
         ks.shard_cache({"k": cache}, ks.make_mesh(2, 4))
     except TypeError as e:
@@ -340,13 +345,7 @@ def check_shard_append_errors_as_append():
                                         mesh=mesh), "k: appending"),
                        (lambda: ks.shard_append(c, k[:, :1, :2], k[:, :1, :2], mesh=mesh), "k: 2 KV heads"),
                        (lambda: ks.shard_attend(jnp.ones((B, 1, 8, D)), c, mesh=mesh, impl="nope"), "impl:")):
-        try:
-            fn()
-        except ValueError as e:
-            if not str(e).startswith(prefix):
-                _fail(f"{e!r} does not start with {prefix!r}")
-        else:
-            _fail(f"no ValueError (expected {prefix!r})")
+        _expect_value_error(fn, prefix)
     # under jit an overflow is flagged, not raised, and attend gives NaN rows for it
     f = jax.jit(lambda c, k: ks.shard_append(c, k, k, mesh=mesh))
     c2 = f(f(c, k[:, :10]), k[:, :10])
