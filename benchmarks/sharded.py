@@ -5,7 +5,8 @@ directly split over the mesh (Megatron: column-parallel q/k/v and gate/up, row-p
 o and down), caches created split (sequences over "data" = 1, KV heads over "model" = N):
 
 * sessions: the most ``--context``-token sessions whose caches (all layers) can be
-  allocated beside the weights, found by allocating (doubling, then bisection);
+  allocated beside the weights, found by allocating them one after another until the
+  device memory is full;
 * decode: tokens/s of one jitted decode step (all layers, append + attention through
   the caches with the Pallas kernel per shard, logits) at ``--batch`` sequences of
   ``--decode-context`` tokens. Lengths are set directly (the stored values do not
@@ -36,7 +37,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _common import is_oom, most_that_fit, time_steps  # noqa: E402  (benchmarks/_common.py)
+from _common import is_oom, time_steps  # noqa: E402  (benchmarks/_common.py)
 from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
 
 SHAPES = {
@@ -71,15 +72,30 @@ def make_caches(model, preset, batch, max_len, mesh, lengths=0):
 
 
 def sessions_that_fit(model, preset, context, mesh, limit):
-    """Largest n whose n x ``context``-token caches can be allocated next to the weights."""
-    def allocate(n):
-        caches = make_caches(model, preset, n, context, mesh)
-        jax.block_until_ready(caches)
-        nbytes = sum(x.nbytes for x in jax.tree.leaves(caches))
-        del caches
-        return nbytes
+    """Most ``context``-token sessions whose caches (all layers) can be held next to the weights.
 
-    return most_that_fit(allocate, limit)
+    Sessions are added a few at a time (``data``-axis size per allocation, each one a
+    separate set of caches, as a server adds them) until an allocation fails: the first
+    out-of-memory error ends the search. (Searching by bisection over whole batches instead
+    repeats failed allocations, and on 2 GPUs with jax 0.11.2 the memory of a failed
+    multi-device allocation was not returned: every later attempt failed.)
+    Returns ``(sessions, bytes of their caches)``.
+    """
+    step = mesh.shape[kvq.sharding.DATA]
+    held, nbytes = [], 0
+    try:
+        while len(held) * step < limit:
+            caches = make_caches(model, preset, step, context, mesh)
+            jax.block_until_ready(caches)
+            held.append(caches)
+            nbytes += sum(x.nbytes for x in jax.tree.leaves(caches))
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+    n = len(held) * step
+    del held
+    gc.collect()
+    return n, nbytes
 
 
 def decode_speed(model, preset, batch, context, mesh, steps, impl):

@@ -515,32 +515,72 @@ def _qkv_spec(mode: str) -> P:
     return P(DATA, None, MODEL, None) if mode != "replicated" else P(DATA, None, None, None)
 
 
+def _local_shape(shape, spec: P, mesh: Mesh) -> tuple[int, ...]:
+    """The per-device shape of a global ``shape`` split by ``spec`` on ``mesh``."""
+    out = list(shape)
+    for i, axes in enumerate(tuple(spec)):
+        for a in (axes,) if isinstance(axes, str) else (axes or ()):
+            out[i] //= _size(mesh, a)
+    return tuple(out)
+
+
+def _split_empty(cache, cspec, mesh: Mesh):
+    """Keep a cache's zero-size leaves out of a ``shard_map``.
+
+    Specs without sinks or a bf16 window hold ``[B, Hkv, 0, D]`` leaves. Passing such
+    leaves through a manual computation crashed XLA's compiler (a segmentation fault in
+    the Shardy import of jax 0.11.2 on 2 GPUs); they hold no data, so they never need to
+    cross it. Returns ``(live, live_specs, local, merge, live_of)``: the non-empty leaves
+    and their specs; ``local(live_shards)`` rebuilds a per-device cache inside the map
+    (fresh empty leaves of the local shape); ``merge(live_out)`` rebuilds the global cache
+    around the original empty leaves; ``live_of(cache)`` picks a cache's non-empty leaves.
+    """
+    leaves, treedef = jax.tree.flatten(cache)
+    specs = jax.tree.leaves(cspec, is_leaf=lambda x: isinstance(x, P))
+    keep = [x.size > 0 for x in leaves]
+
+    def fill(live, empty):
+        it = iter(live)
+        return treedef.unflatten([next(it) if k else e for k, e in zip(keep, empty)])
+
+    def local(live):
+        return fill(live, [jnp.zeros(_local_shape(x.shape, s, mesh), x.dtype) for x, s in zip(leaves, specs)])
+
+    def live_of(c):
+        return [x for x, k in zip(jax.tree.leaves(c), keep) if k]
+
+    return (live_of(cache), [s for s, k in zip(specs, keep) if k], local,
+            lambda live: fill(live, leaves), live_of)
+
+
 @partial(jax.jit, static_argnames=("mesh", "mode", "impl", "interpret", "scale", "precise", "config"))
 def _attend_sharded(q, cache, *, mesh, mode, impl, interpret, scale, precise, config):
     qspec = _qkv_spec(mode)
-    cspec = cache_partition_specs(cache, mesh)
+    live, live_specs, local_cache, _, _ = _split_empty(cache, cache_partition_specs(cache, mesh), mesh)
     kvh = cache.num_kv_heads
     reps = _size(mesh, MODEL) // kvh if mode == "select" else 1
 
-    def local(q, c):
+    def local(q, live):
+        c = local_cache(live)
         if mode == "select":  # this device's query heads all read KV head axis_index // reps
             c = _select_head(c, jax.lax.axis_index(MODEL) // reps)
         return _attend_fn(c)(q, c, impl=impl, interpret=interpret, scale=scale, precise=precise, config=config)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(qspec, cspec), out_specs=qspec, check_vma=False)(q, cache)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qspec, live_specs), out_specs=qspec, check_vma=False)(q, live)
 
 
 @partial(jax.jit, static_argnames=("mesh", "mode"))
 def _append_sharded(cache, k, v, lengths, *, mesh, mode):
     kvspec = _qkv_spec(mode)
-    cspec = cache_partition_specs(cache, mesh)
+    live, live_specs, local_cache, merge, live_of = _split_empty(cache, cache_partition_specs(cache, mesh), mesh)
     lspec = None if lengths is None else P(DATA)
 
-    def local(c, k, v, n):
-        return _append_fn(c)(c, k, v, lengths=n)
+    def local(live, k, v, n):
+        return live_of(_append_fn(cache)(local_cache(live), k, v, lengths=n))
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(cspec, kvspec, kvspec, lspec), out_specs=cspec,
-                         check_vma=False)(cache, k, v, lengths)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(live_specs, kvspec, kvspec, lspec), out_specs=live_specs,
+                        check_vma=False)(live, k, v, lengths)
+    return merge(out)
 
 
 def _attend_fn(cache):

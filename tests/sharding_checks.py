@@ -353,6 +353,43 @@ def check_shard_append_errors_as_append():
         _fail(f"overflow under jit: {c2.overflow}, {c2.lengths}")
 
 
+def _shard_maps(jaxpr):
+    """Every shard_map equation in a jaxpr, nested jaxprs (jit, scan, ...) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _shard_maps(inner)
+
+
+def check_no_empty_leaf_crosses_shard_map():
+    # a zero-size operand of a shard_map crashed XLA's GPU compiler (jax 0.11.2, 2 GPUs):
+    # shard_append / shard_attend keep a cache's empty leaves (no sinks, no bf16 window) outside
+    from kvq_jax.serve import init_paged_cache
+
+    mesh = ks.make_mesh(2, 4)
+    k = jnp.ones((B, 3, 4, D))
+    q = jnp.ones((B, 1, 8, D))
+    for c in (kvq.init_cache("int8", B, 16, 4, D), kvq.init_cache("int4-kivi", B, 64, 4, D),
+              init_paged_cache("int8", B, 8, 16, 2, 4, D)):
+        what = f"{type(c).__name__} {c.spec}"
+        if c.spec.residual == 0 and not any(x.size == 0 for x in jax.tree.leaves(c)):
+            _fail(f"{what}: expected zero-size leaves (the case this check covers)")
+        c = ks.shard_cache(c, mesh)
+        for name, fn in (("append", lambda c: ks.shard_append(c, k, k, mesh=mesh)),
+                         ("attend", lambda c: ks.shard_attend(q, c, mesh=mesh, impl="xla"))):
+            maps = list(_shard_maps(jax.make_jaxpr(fn)(c).jaxpr))
+            if not maps:
+                _fail(f"{what} {name}: no shard_map found")
+            for eqn in maps:
+                sizes = [int(np.prod(v.aval.shape)) for v in (*eqn.invars, *eqn.outvars)]
+                if 0 in sizes:
+                    _fail(f"{what} {name}: a zero-size operand crosses shard_map: {sizes}")
+
+
 # ----------------------------------------------------------------------------- weights
 
 
