@@ -16,28 +16,13 @@ import numpy as np
 
 from kvq_jax import quant, reference
 from kvq_jax.cache import KVCache, is_traced, segment_lengths
+from kvq_jax.reference import merge  # noqa: F401  (kvq_jax.attention.merge)
 
 IMPLS = ("auto", "xla", "pallas")
 
 
-def merge(parts):
-    """Merge segment partials ``[(o, lse), ...]`` by log-sum-exp.
-
-    ``o: f32[..., D]`` normalized per segment, ``lse: f32[...]`` (-inf for an empty
-    segment). Returns ``(o, lse)`` of the union; rows empty everywhere get o = 0.
-    """
-    lses = jnp.stack([lse for _, lse in parts])
-    m = jnp.max(lses, axis=0)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lses - m_safe)  # exp(-inf) = 0 for empty segments
-    tot = jnp.sum(w, axis=0)
-    o = sum(wi[..., None] * oi for wi, (oi, _) in zip(w, parts))
-    o = o / jnp.where(tot > 0, tot, 1.0)[..., None]
-    lse = jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
-    return o, lse
-
-
-def _check_q(q, cache: KVCache):
+def _check_q(q, cache: KVCache, *, appended: bool = True):
+    """Argument errors of q against the cache; ``appended``: q's tokens are the cache's last T."""
     if not hasattr(q, "shape") or q.ndim != 4:
         raise ValueError(f"q: expected shape [B, T, Hq, D], got {getattr(q, 'shape', type(q))}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
@@ -51,7 +36,7 @@ def _check_q(q, cache: KVCache):
         raise ValueError(f"q: {Hq} query heads is not a multiple of the cache's {cache.num_kv_heads} KV heads")
     if T > cache.max_len:
         raise ValueError(f"q: {T} query tokens exceed the cache's max_len {cache.max_len}")
-    if not is_traced(cache.lengths):
+    if appended and not is_traced(cache.lengths):
         short = np.nonzero(np.asarray(cache.lengths) < T)[0]
         if short.size:
             raise ValueError(
@@ -110,13 +95,21 @@ def attend(
     if page_table is not None and impl != "pallas":
         raise ValueError(f"page_table: only impl='pallas' reads through a page table, got impl={impl!r}")
     B, T, Hq, D = q.shape
-    H = cache.num_kv_heads
-    G = Hq // H
-    spec = cache.spec
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-
-    qg = q.astype(jnp.float32).reshape(B, T, H, G, D)
+    qg = q.astype(jnp.float32).reshape(B, T, cache.num_kv_heads, Hq // cache.num_kv_heads, D)
     qpos = cache.lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    parts = _cache_parts(qg, cache, qpos, scale, impl=impl, interpret=interpret, precise=precise, config=config,
+                         page_table=page_table)
+    o, _ = merge(parts) if len(parts) > 1 else parts[0]
+    o = jnp.where(cache.overflow[:, None, None, None, None], jnp.nan, o)
+    return o.reshape(B, T, Hq, D).astype(q.dtype)
+
+
+def _cache_parts(qg, cache: KVCache, qpos, scale, *, impl, interpret=None, precise=False, config=None,
+                 page_table=None, block=None):
+    """``[(o, lse), ...]`` of grouped queries ``qg`` at absolute positions ``qpos`` over
+    the cache's segments (sinks, quantized body, residual window), causal by ``qpos``."""
+    spec = cache.spec
     n_sink, q_len, r_len = segment_lengths(spec, cache.lengths)
     parts = []
 
@@ -133,7 +126,7 @@ def attend(
         q_body = q_body * jnp.asarray(st.array("k_scale"))[None, None, :, None, :]
     q_body = quant.rotate(q_body) if spec.rotate else q_body
     if impl == "xla":
-        o_body, lse_body = reference.body_attention(q_body, cache, qpos, scale)
+        o_body, lse_body = reference.body_attention(q_body, cache, qpos, scale, block=block)
     else:
         from kvq_jax.kernels import decode  # the Pallas kernel
 
@@ -154,8 +147,49 @@ def attend(
         kpos = spec.sinks + q_len[:, None, None] + j
         mask = (j < r_len[:, None, None]) & (kpos <= qpos[:, :, None])
         parts.append(reference.masked_attention(qg, cache.res_k, cache.res_v, mask, scale))
+    return parts
 
-    o, _ = merge(parts) if len(parts) > 1 else parts[0]
+
+def attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, *, lengths=None,
+                 scale: float | None = None, block: int | None = 2048) -> jax.Array:
+    """Attention of a chunk of new tokens over the cache that precedes them and over themselves
+    (chunked prefill): bounded memory for long contexts.
+
+    The T tokens follow the ``cache.lengths[b]`` tokens the cache holds: every query sees
+    the whole cache (the quantized past, sinks and bf16 window included) and, causally,
+    the chunk's own full-precision ``k``, ``v`` — what a one-shot prefill sees, except
+    that the past is quantized. Call it *before* appending the chunk. The quantized body
+    is read in blocks of about ``block`` tokens (dequantized per block, merged by
+    log-sum-exp under ``lax.scan``), so memory is ``T x block`` scores rather than
+    ``T x context``; plain XLA (no kernel), on every backend.
+
+    Args:
+      q: ``Float[Array, "B T Hq D"]`` queries of the chunk (positions ``lengths[b] + t``).
+      k, v: ``Float[Array, "B T Hkv D"]`` the chunk's keys and values.
+      cache: the layer's KVCache *before* this chunk (``kvq.serve`` passes a contiguous
+        view of its pages).
+      lengths: optional ``int[B]``: real tokens of each row of the chunk (right padding);
+        keys past it are not seen. Default T.
+      scale: softmax scale; default 1/sqrt(D).
+      block: body tokens per block (`reference.body_block_size`); None: the whole body at once.
+
+    Returns:
+      ``[B, T, Hq, D]`` in q's dtype; NaN rows for sequences whose ``overflow`` is set.
+    """
+    _check_q(q, cache, appended=False)
+    B, T, Hq, D = q.shape
+    if k.shape != (B, T, cache.num_kv_heads, D) or v.shape != k.shape:
+        raise ValueError(f"k, v: expected shape {(B, T, cache.num_kv_heads, D)}, got {k.shape} and {v.shape}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    H = cache.num_kv_heads
+    qg = q.astype(jnp.float32).reshape(B, T, H, Hq // H, D)
+    t = jnp.arange(T, dtype=jnp.int32)
+    qpos = cache.lengths[:, None] + t[None, :]  # after everything in the cache: all of it visible
+    parts = _cache_parts(qg, cache, qpos, scale, impl="xla", block=block)
+    n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    mask = (t[None, None, :] <= t[None, :, None]) & (t[None, None, :] < n[:, None, None])  # [B, T, T]
+    parts.append(reference.masked_attention(qg, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale))
+    o, _ = merge(parts)
     o = jnp.where(cache.overflow[:, None, None, None, None], jnp.nan, o)
     return o.reshape(B, T, Hq, D).astype(q.dtype)
 

@@ -9,6 +9,9 @@ logits of each query row, both f32, so that segments merge exactly
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +19,24 @@ from kvq_jax import quant
 from kvq_jax.cache import KVCache, segment_lengths
 
 HIGHEST = jax.lax.Precision.HIGHEST
+BODY = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")  # the body's leaves (token axis 2)
+
+
+def merge(parts):
+    """Merge segment partials ``[(o, lse), ...]`` by log-sum-exp.
+
+    ``o: f32[..., D]`` normalized per segment, ``lse: f32[...]`` (-inf for an empty
+    segment). Returns ``(o, lse)`` of the union; rows empty everywhere get o = 0.
+    """
+    lses = jnp.stack([lse for _, lse in parts])
+    m = jnp.max(lses, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lses - m_safe)  # exp(-inf) = 0 for empty segments
+    tot = jnp.sum(w, axis=0)
+    o = sum(wi[..., None] * oi for wi, (oi, _) in zip(w, parts))
+    o = o / jnp.where(tot > 0, tot, 1.0)[..., None]
+    lse = jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
+    return o, lse
 
 
 def masked_attention(qg, k, v, mask, scale):
@@ -58,7 +79,22 @@ def dequantize_body(cache: KVCache, dtype=jnp.float32):
     return k, v
 
 
-def body_attention(qg, cache: KVCache, qpos, scale):
+def body_block_size(cache: KVCache, block: int | None) -> int:
+    """Body tokens per block of `body_attention`: the largest divisor of the body capacity
+    S that is at most ``block`` and a multiple of every leaf's tokens per row (the token
+    group of per-channel key scales); S itself when ``block`` is None or none exists."""
+    S = int(cache.k.shape[2])
+    if block is None or block >= S:
+        return S
+    rows = [S // int(x.shape[2]) for x in (getattr(cache, n) for n in BODY) if x is not None and x.shape[2]]
+    g = math.lcm(*rows) if rows else 1
+    for b in range(int(block) // g * g, 0, -g):
+        if S % b == 0:
+            return b
+    return S
+
+
+def body_attention(qg, cache: KVCache, qpos, scale, block: int | None = None):
     """Attention over the quantized body (reference: dequantize in f32, then attend).
 
     Args:
@@ -66,13 +102,38 @@ def body_attention(qg, cache: KVCache, qpos, scale):
       cache: the KVCache.
       qpos: ``int32[B, T]`` absolute position of each query token (causal limit).
       scale: softmax scale.
+      block: None dequantizes the whole body at once (memory ``T x S`` scores). An int
+        runs over blocks of about that many body tokens (`body_block_size`) with an
+        online log-sum-exp merge under ``lax.scan``: memory ``T x block``, for many
+        query rows over a long cache (chunked prefill). Same result up to f32 rounding.
 
     Returns:
       ``(o, lse)`` as ``masked_attention``; o is in the rotated basis when the spec rotates.
     """
-    k, v = dequantize_body(cache)
     _, q_len, _ = segment_lengths(cache.spec, cache.lengths)
-    S = k.shape[2]
-    j = jnp.arange(S, dtype=jnp.int32)[None, None, :]
-    mask = (j < q_len[:, None, None]) & (cache.spec.sinks + j <= qpos[:, :, None])
-    return masked_attention(qg, k, v, mask, scale)
+    S = int(cache.k.shape[2])
+    blk = body_block_size(cache, block)
+
+    def piece(c, start):
+        k, v = dequantize_body(c)
+        j = start + jnp.arange(k.shape[2], dtype=jnp.int32)[None, None, :]
+        mask = (j < q_len[:, None, None]) & (cache.spec.sinks + j <= qpos[:, :, None])
+        return masked_attention(qg, k, v, mask, scale)
+
+    if blk == S:
+        return piece(cache, 0)
+
+    def step(acc, i):
+        start = i * blk
+        leaves = {}
+        for n in BODY:
+            x = getattr(cache, n)
+            if x is not None:
+                r = S // x.shape[2]  # tokens per row of this leaf
+                leaves[n] = jax.lax.dynamic_slice_in_dim(x, start // r, blk // r, axis=2)
+        return merge([acc, piece(dataclasses.replace(cache, **leaves), start)]), None
+
+    B, T, H, G, D = qg.shape
+    init = (jnp.zeros((B, T, H, G, D), jnp.float32), jnp.full((B, T, H, G), -jnp.inf, jnp.float32))
+    (o, lse), _ = jax.lax.scan(step, init, jnp.arange(S // blk, dtype=jnp.int32))
+    return o, lse

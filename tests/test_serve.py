@@ -263,6 +263,15 @@ def test_chunked_prefill_equals_one_shot_within_quantization_error(model, kv):
     assert err > 0  # the chunks did read the stored (rounded) past
 
 
+def test_chunks_read_the_past_in_blocks_with_the_same_result(model):
+    # 230 tokens in chunks of 64 over a 256-token body: prefill_block 32 reads it in 8 blocks
+    prompt = _prompts((230,), seed=11)[0]
+    kw = dict(kv="int4-kivi", max_batch=1, page_size=32, max_len=256, prefill_chunk=64)
+    whole = Engine(model, prefill_block=None, **kw).prefill(prompt)
+    blocked = Engine(model, prefill_block=32, **kw).prefill(prompt)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5 * np.max(np.abs(whole)))
+
+
 @pytest.mark.parametrize("kv", ["int8", "int4-kivi"])
 def test_speculative_greedy_equals_plain_greedy(model, kv):
     draft = LlamaModel.from_params(DRAFT, init_random_params(DRAFT, seed=3))
@@ -283,6 +292,8 @@ def test_engine_bad_arguments_name_themselves(model):
         Engine(model, page_size=32, prefill_chunk=48)
     with pytest.raises(ValueError, match="^max_batch"):
         Engine(model, max_batch=0)
+    with pytest.raises(ValueError, match="^prefill_block"):
+        Engine(model, prefill_block=0)
     eng = Engine(model, kv="int8", max_batch=1, page_size=16, max_len=64, num_pages=2)
     with pytest.raises(ValueError, match="^token_ids"):
         eng.submit([[1, 2]], 4)

@@ -11,6 +11,7 @@ from kvq_jax.serve.engine import Engine, block_forward, speculative_generate
 from kvq_jax.serve.paged import (
     PagedKVCache,
     append_paged,
+    attend_chunk_paged,
     attend_paged,
     contiguous_view,
     init_paged_cache,
@@ -21,6 +22,6 @@ from kvq_jax.serve.paged import (
 )
 
 __all__ = [
-    "Engine", "OutOfPages", "PageAllocator", "PagedKVCache", "block_forward", "prefix_keys", "speculative_generate", "append_paged", "attend_paged", "contiguous_view", "init_paged_cache", "page_bytes",
+    "Engine", "OutOfPages", "PageAllocator", "PagedKVCache", "block_forward", "prefix_keys", "speculative_generate", "append_paged", "attend_chunk_paged", "attend_paged", "contiguous_view", "init_paged_cache", "page_bytes",
     "pages_needed", "reset_paged", "set_page_table",
 ]

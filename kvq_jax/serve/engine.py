@@ -14,8 +14,10 @@ How a request runs:
 2. Prefill in chunks of at most ``prefill_chunk`` tokens, one chunk per engine
    iteration, so decoding requests keep stepping while a long prompt enters. A chunk
    starting at position 0 attends to its own full-precision K/V (as `kvq.generate`'s
-   prefill does), then is quantize-appended; later chunks are appended first and then
-   attend through the quantized cache (past and themselves), causal per row.
+   prefill does), then is quantize-appended; a later chunk attends to the quantized
+   past (read in blocks of ``prefill_block`` tokens, so memory stays ``chunk x block``
+   at any context) and causally to its own full-precision K/V
+   (`kvq.attention.attend_chunk`), then is appended.
 3. Decode: one jitted step feeds the last token of every decoding slot (T = 1),
    appends it through the page tables and samples the next one. A request retires
    after ``max_new_tokens`` tokens or an EOS; its pages go back to the allocator.
@@ -51,11 +53,12 @@ from flax import nnx
 
 from kvq_jax.cache import residual_capacity
 from kvq_jax.generate import GREEDY, Sampler, bucket_length
-from kvq_jax.nn import _left_align, _right_align, causal_attention
+from kvq_jax.nn import causal_attention
 from kvq_jax.serve.allocator import OutOfPages, PageAllocator, prefix_keys
 from kvq_jax.serve.paged import (
     PagedKVCache,
     append_paged,
+    attend_chunk_paged,
     attend_paged,
     check_page_size,
     pages_needed,
@@ -70,13 +73,16 @@ _SEQ = ("res_k", "res_v", "sink_k", "sink_v")
 # ----------------------------------------------------------------------------- one block over a paged cache
 
 
-def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, lengths, impl: str):
+def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, lengths, impl: str,
+                  prefill_block: int | None = 2048):
     """One `LlamaBlock` over a paged cache: x ``[B, T, d]`` -> (x ``[B, T, d]``, cache).
 
     ``fresh``: the T tokens are the first of their sequences: attend on their own
     full-precision K/V, then append (as ``prefill=True`` of `QuantizedAttention`).
-    Otherwise append first, then attend through the cache. ``lengths: int[B]``: real
-    tokens of each row (right padding).
+    Otherwise, for T > 1 (a prefill chunk after the first): attend to the cache and
+    causally to their own K/V (`attend_chunk_paged`, body blocks of ``prefill_block``
+    tokens), then append; for T = 1 (decode): append, then attend through the cache
+    with ``impl``. ``lengths: int[B]``: real tokens of each row (right padding).
     """
     attn = block.attn
     B, T, _ = x.shape
@@ -85,21 +91,21 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
         o = causal_attention(q, k, v, positions, positions, key_lengths=lengths,
                              sliding_window=attn.sliding_window, precision=attn.precision)
         cache = append_paged(cache, k, v, lengths=lengths)
+    elif T > 1:
+        o = attend_chunk_paged(q, k, v, cache, lengths=lengths, block=prefill_block)
+        cache = append_paged(cache, k, v, lengths=lengths)
     else:
         cache = append_paged(cache, k, v, lengths=lengths)
-        if T > 1:
-            n = jnp.clip(lengths, 0, T)
-            o = _left_align(attend_paged(_right_align(q, n), cache, impl=impl), n)
-        else:
-            o = attend_paged(q, cache, impl=impl)
+        o = attend_paged(q, cache, impl=impl)
     o = o.reshape(B, T, attn.num_heads * attn.head_dim).astype(attn.dtype or x.dtype)
     x = x + attn.o_proj(o)
     return x + block.mlp(block.mlp_norm(x)), cache
 
 
-@partial(jax.jit, static_argnames=("gd", "spec", "page_size", "num_pages", "fresh", "impl"),
+@partial(jax.jit, static_argnames=("gd", "spec", "page_size", "num_pages", "fresh", "impl", "prefill_block"),
          donate_argnames=("kv",))
-def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, spec, page_size, num_pages, fresh, impl):
+def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, spec, page_size, num_pages, fresh, impl,
+             prefill_block):
     """Run ``tokens int32[b, T]`` of slots ``rows`` through all layers, writing their K/V.
 
     kv: the engine's stacked cache leaves (donated). n_old: tokens each row's slot holds
@@ -120,7 +126,8 @@ def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, spec, page
             page_table=jnp.where(table >= 0, table + l * num_pages, -1),
             lengths=n_old, overflow=jnp.zeros((b,), bool), spec=spec, page_size=page_size,
             head_dim=kv["res_k"].shape[-1])
-        x, cache = block_forward(block, x, positions, cache, fresh=fresh, lengths=n_valid, impl=impl)
+        x, cache = block_forward(block, x, positions, cache, fresh=fresh, lengths=n_valid, impl=impl,
+                                 prefill_block=prefill_block)
         new = {n: getattr(cache, n) for n in _POOL}
         for n in _SEQ:
             new[n] = kv[n] if kv[n].shape[3] == 0 else kv[n].at[l, rows].set(getattr(cache, n))
@@ -185,8 +192,9 @@ class Engine:
         (only for specs without residual window and sinks; ignored otherwise).
       eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
       impl: attention over the cache in decode steps: "auto", "xla" or "pallas".
-      prefill_impl: the same for prefill chunks after the first (T up to
-        prefill_chunk query rows): "xla" by default, the kernel being made for few rows.
+      prefill_block: cached tokens per block when a prefill chunk after the first reads
+        the quantized past (`kvq.attention.attend_chunk`; plain XLA, memory
+        ``prefill_chunk x prefill_block`` scores per layer); None reads it at once.
       seed: base PRNG seed of sampling (request r, step i uses fold_in(fold_in(seed, r), i)).
 
     Attributes:
@@ -197,7 +205,7 @@ class Engine:
 
     def __init__(self, model, kv="int8", max_batch: int = 8, page_size: int = 64, num_pages: int | None = None,
                  *, max_len: int = 4096, prefill_chunk: int = 512, prefix_cache: bool = True, eos_id=None,
-                 impl: str = "auto", prefill_impl: str = "xla", seed: int = 0):
+                 impl: str = "auto", prefill_block: int | None = 2048, seed: int = 0):
         if not isinstance(kv, (str, KVSpec)):
             raise ValueError(f"kv: expected a preset name or KVSpec (one format for all layers), got {type(kv).__name__}")
         spec = KVSpec.parse(kv)
@@ -207,10 +215,11 @@ class Engine:
         page_size = check_page_size(spec, page_size)
         if prefill_chunk % page_size:
             raise ValueError(f"prefill_chunk: {prefill_chunk} is not a multiple of page_size={page_size}")
-        for name, val in (("impl", impl), ("prefill_impl", prefill_impl)):
-            if val not in ("auto", "xla", "pallas"):
-                raise ValueError(f"{name}: expected 'auto', 'xla' or 'pallas', got {val!r}")
-        self.prefill_impl = prefill_impl
+        if impl not in ("auto", "xla", "pallas"):
+            raise ValueError(f"impl: expected 'auto', 'xla' or 'pallas', got {impl!r}")
+        if prefill_block is not None and (not isinstance(prefill_block, (int, np.integer)) or prefill_block <= 0):
+            raise ValueError(f"prefill_block: expected a positive int or None, got {prefill_block!r}")
+        self.prefill_block = None if prefill_block is None else int(prefill_block)
         self.spec, self.page_size, self.max_len = spec, page_size, int(max_len)
         self.max_batch, self.prefill_chunk, self.impl = int(max_batch), int(prefill_chunk), impl
         L, H, D = model.num_layers, model.num_kv_heads, model.head_dim
@@ -402,13 +411,13 @@ class Engine:
             self._table[slot, :len(r.pages)] = r.pages
             self._lengths[slot] = r.done
 
-    def _call(self, tokens, rows, n_valid, fresh, impl=None):
+    def _call(self, tokens, rows, n_valid, fresh):
         rows = np.asarray(rows, np.int32)
         logits, self._kv, over = _forward(
             self._weights, self._kv, jnp.asarray(tokens, jnp.int32), jnp.asarray(rows),
             jnp.asarray(self._lengths[rows]), jnp.asarray(n_valid, jnp.int32), jnp.asarray(self._table[rows]),
             gd=self._gd, spec=self.spec, page_size=self.page_size, num_pages=self.num_pages, fresh=fresh,
-            impl=impl or self.impl)
+            impl=self.impl, prefill_block=self.prefill_block)
         if bool(np.any(np.asarray(over))):  # pages are reserved at admission: this is a bug, never silent
             raise RuntimeError(f"page overflow in slots {rows[np.asarray(over)].tolist()}")
         return logits
@@ -424,7 +433,7 @@ class Engine:
         Tb = min(bucket_length(n), self.prefill_chunk)
         toks = np.zeros((1, Tb), np.int32)
         toks[0, :n] = r.prompt[start:start + n]
-        logits = self._call(toks, [r.slot], [n], fresh=start == 0, impl=self.prefill_impl)
+        logits = self._call(toks, [r.slot], [n], fresh=start == 0)
         r.done += n
         self._lengths[r.slot] += n
         self.stats["prefill_tokens"] += n

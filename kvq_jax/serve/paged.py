@@ -470,6 +470,15 @@ def attend_paged(
                             config=config, page_table=cache.page_table)
 
 
+def attend_chunk_paged(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache, *, lengths=None,
+                       scale: float | None = None, block: int | None = 2048) -> jax.Array:
+    """`kvq.attention.attend_chunk` over a paged cache: a prefill chunk's queries over the
+    cache before it (read through a gathered contiguous view of each sequence's pages, in
+    body blocks of ``block`` tokens) and causally over the chunk's own ``k``, ``v``.
+    Call it before `append_paged` of the chunk. Returns ``[B, T, Hq, D]`` in q's dtype."""
+    return attention.attend_chunk(q, k, v, contiguous_view(cache), lengths=lengths, scale=scale, block=block)
+
+
 def reset_paged(cache: PagedKVCache, mask=None) -> PagedKVCache:
     """Empty the sequences where ``mask[b]`` (all when None): lengths 0, overflow cleared, table rows -1."""
     m = jnp.ones_like(cache.overflow) if mask is None else jnp.asarray(mask, bool)
