@@ -71,8 +71,7 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl):
     rows = jnp.arange(batch, dtype=jnp.int32)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, 1)), jnp.int32)
     n_valid = jnp.ones((batch,), jnp.int32)
-    kw = dict(gd=eng._gd, spec=eng.spec, page_size=eng.page_size, num_pages=eng.num_pages, fresh=False,
-              impl=impl)
+    kw = eng._static(fresh=False)
     kv, weights = eng._kv, eng._weights
     eng._kv = None
     lengths = np.full((batch,), context, np.int32)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kvq_jax as kvq
+from kvq_jax.cache import residual_capacity
 from kvq_jax.models import LlamaConfig, LlamaModel, init_random_params
 from kvq_jax.serve import allocator as alloc_mod
 from kvq_jax.serve import paged
@@ -231,6 +232,30 @@ def test_engine_greedy_equals_generate_with_requests_joining(model):
         eng.cancel(a)
 
 
+@pytest.mark.parametrize("policy", [{0: "int4-kivi", "default": "int8"}, ("int4", "k8v4")])
+def test_engine_per_layer_policy_equals_generate(model, policy):
+    eng = Engine(model, kv=policy, max_batch=2, page_size=32, max_len=160, prefill_chunk=64)
+    specs = kvq.nn.resolve_policy(policy, model.num_layers)
+    assert eng.spec is None and eng.specs == specs and len(eng._kv) == 2  # one stacked pool per format
+    # the residual window of the KIVI layer turns the prefix cache off; the other policy keeps it
+    assert eng.prefix_cache == all(s.residual == 0 and s.sinks == 0 for s in specs)
+    prompts = _prompts((90, 33), seed=12)
+    ids = [eng.submit(p, 6) for p in prompts]
+    out = eng.run()
+    toks = np.zeros((2, 90), np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, :len(p)] = p
+    want = np.asarray(kvq.generate(model, toks, 6, kv=policy, prompt_lengths=[90, 33]).tokens)
+    for i, rid in enumerate(ids):
+        assert out[rid] == want[i].tolist(), (policy, i)
+    H, D = model.num_kv_heads, model.head_dim
+    want_bytes = sum(paged.page_bytes(s, 32, H, D) * eng.num_pages  # each layer's pool
+                     + 2 * 2 * eng.max_batch * H * (residual_capacity(s) + s.sinks) * D for s in specs)  # bf16 windows
+    assert eng.kv_bytes == want_bytes
+    assert eng.allocator.num_used == 0
+    eng.allocator.check()
+
+
 def test_prefix_cache_skips_prefill_and_gives_identical_tokens(model):
     system = _prompts((64,), seed=5)[0]
     users = _prompts((9, 14), seed=6)
@@ -287,7 +312,9 @@ def test_speculative_greedy_equals_plain_greedy(model, kv):
 
 def test_engine_bad_arguments_name_themselves(model):
     with pytest.raises(ValueError, match="^kv"):
-        Engine(model, kv={"default": "int8"})
+        Engine(model, kv={0: "int8"})  # a per-layer mapping that leaves layer 1 without a spec
+    with pytest.raises(ValueError, match="^kv"):
+        Engine(model, kv=["int8"] * 3)
     with pytest.raises(ValueError, match="^prefill_chunk"):
         Engine(model, page_size=32, prefill_chunk=48)
     with pytest.raises(ValueError, match="^max_batch"):

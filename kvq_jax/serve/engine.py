@@ -22,9 +22,11 @@ How a request runs:
    appends it through the page tables and samples the next one. A request retires
    after ``max_new_tokens`` tokens or an EOS; its pages go back to the allocator.
 
-Cache layout inside the engine: the pool leaves of all layers are stacked into one
-array per leaf, ``[num_layers * num_pages, Hkv, page_size, ...]``; layer ``l`` reads and
-writes its pages through ``page_table + l * num_pages``. The jitted step runs the
+Cache layout inside the engine: the pool leaves of all layers of one format are
+stacked into one array per leaf, ``[layers * num_pages, Hkv, page_size, ...]`` (one such
+set per distinct format of a per-layer policy); the i-th layer of a format reads and
+writes its pages through ``page_table + i * num_pages``. Every layer uses the same page
+numbers, so a page is allocated for all layers at once. The jitted step runs the
 layers as an unrolled loop over the model's own per-layer weights (no stacked copy: a
 ``lax.scan`` over stacked weights measured a fixed ~13 ms per step on the H200 for the
 8B shape, the layer slices being copied) and updates the donated pools in place: no
@@ -53,7 +55,7 @@ from flax import nnx
 
 from kvq_jax.cache import residual_capacity
 from kvq_jax.generate import GREEDY, Sampler, bucket_length
-from kvq_jax.nn import causal_attention
+from kvq_jax.nn import causal_attention, resolve_policy
 from kvq_jax.serve.allocator import OutOfPages, PageAllocator, prefix_keys
 from kvq_jax.serve.paged import (
     PagedKVCache,
@@ -102,15 +104,17 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     return x + block.mlp(block.mlp_norm(x)), cache
 
 
-@partial(jax.jit, static_argnames=("gd", "spec", "page_size", "num_pages", "fresh", "impl", "prefill_block"),
-         donate_argnames=("kv",))
-def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, spec, page_size, num_pages, fresh, impl,
-             prefill_block):
+@partial(jax.jit, static_argnames=("gd", "groups", "layer_map", "page_size", "num_pages", "fresh", "impl",
+                                   "prefill_block"), donate_argnames=("kv",))
+def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, groups, layer_map, page_size, num_pages, fresh,
+             impl, prefill_block):
     """Run ``tokens int32[b, T]`` of slots ``rows`` through all layers, writing their K/V.
 
-    kv: the engine's stacked cache leaves (donated). n_old: tokens each row's slot holds
-    before; n_valid: real tokens per row; table: ``int32[b, max_pages]`` page tables.
-    Returns (logits f32[b, V] at each row's last real token, kv, overflow bool[b]).
+    kv: the engine's cache (donated): one dict of stacked leaves per format in ``groups``;
+    layer l is entry ``layer_map[l] = (group, index in group)``. n_old: tokens each row's
+    slot holds before; n_valid: real tokens per row; table: ``int32[b, max_pages]`` page
+    tables (the same pages in every layer). Returns (logits f32[b, V] at each row's last
+    real token, kv, overflow bool[b]).
     """
     block_gd, embed_gd, norm_gd, head_gd = gd
     embed = nnx.merge(embed_gd, weights["embed"])
@@ -118,20 +122,24 @@ def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, spec, page
     positions = n_old[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     x = embed(tokens)
     over = jnp.zeros((b,), bool)
+    kv = list(kv)
     for l, lstate in enumerate(weights["layers"]):  # unrolled: weights used in place, pools updated in place
         block = nnx.merge(block_gd, lstate)
-        seq = {n: kv[n][l][rows] for n in _SEQ}
+        g, i = layer_map[l]
+        kg = kv[g]
+        seq = {n: kg[n][i][rows] for n in _SEQ}
         cache = PagedKVCache(
-            **{n: kv[n] for n in _POOL}, **seq,
-            page_table=jnp.where(table >= 0, table + l * num_pages, -1),
-            lengths=n_old, overflow=jnp.zeros((b,), bool), spec=spec, page_size=page_size,
-            head_dim=kv["res_k"].shape[-1])
+            **{n: kg[n] for n in _POOL}, **seq,
+            page_table=jnp.where(table >= 0, table + i * num_pages, -1),
+            lengths=n_old, overflow=jnp.zeros((b,), bool), spec=groups[g], page_size=page_size,
+            head_dim=kg["res_k"].shape[-1])
         x, cache = block_forward(block, x, positions, cache, fresh=fresh, lengths=n_valid, impl=impl,
                                  prefill_block=prefill_block)
         new = {n: getattr(cache, n) for n in _POOL}
         for n in _SEQ:
-            new[n] = kv[n] if kv[n].shape[3] == 0 else kv[n].at[l, rows].set(getattr(cache, n))
-        kv, over = new, over | cache.overflow
+            new[n] = kg[n] if kg[n].shape[3] == 0 else kg[n].at[i, rows].set(getattr(cache, n))
+        kv[g], over = new, over | cache.overflow
+    kv = tuple(kv)
     h = nnx.merge(norm_gd, weights["norm"])(x)
     last = jnp.take_along_axis(h, jnp.clip(n_valid - 1, 0, T - 1)[:, None, None], axis=1)[:, 0]
     if head_gd is None:
@@ -180,7 +188,9 @@ class Engine:
 
     Args:
       model: a `kvq_jax.models.LlamaModel` (its weights are used in place, not copied).
-      kv: the cache format of every layer: a preset name or KVSpec.
+      kv: the cache format: a preset name or KVSpec for every layer, or a per-layer
+        policy (a sequence or ``{layer: spec, "default": spec}`` mapping, e.g. from
+        `kvq.calibrate.policy`); layers of one format share one stacked pool.
       max_batch: decode slots (requests decoding at once).
       page_size: tokens per page (a multiple of 16 and of the spec's token group; a
         multiple of 64 for the Pallas kernel).
@@ -189,7 +199,7 @@ class Engine:
       max_len: most tokens (prompt + generated) one request may hold.
       prefill_chunk: most prompt tokens run in one call (a multiple of page_size).
       prefix_cache: share full prompt pages between requests with the same prefix
-        (only for specs without residual window and sinks; ignored otherwise).
+        (only when no layer's spec has a residual window or sinks; ignored otherwise).
       eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
       impl: attention over the cache in decode steps: "auto", "xla" or "pallas".
       prefill_block: cached tokens per block when a prefill chunk after the first reads
@@ -206,13 +216,13 @@ class Engine:
     def __init__(self, model, kv="int8", max_batch: int = 8, page_size: int = 64, num_pages: int | None = None,
                  *, max_len: int = 4096, prefill_chunk: int = 512, prefix_cache: bool = True, eos_id=None,
                  impl: str = "auto", prefill_block: int | None = 2048, seed: int = 0):
-        if not isinstance(kv, (str, KVSpec)):
-            raise ValueError(f"kv: expected a preset name or KVSpec (one format for all layers), got {type(kv).__name__}")
-        spec = KVSpec.parse(kv)
+        specs = resolve_policy(kv, model.num_layers)
+        groups = tuple(dict.fromkeys(specs))  # the distinct formats, in layer order
         for name, val in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
             if not isinstance(val, (int, np.integer)) or val <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {val!r}")
-        page_size = check_page_size(spec, page_size)
+        for s in groups:
+            page_size = check_page_size(s, page_size)
         if prefill_chunk % page_size:
             raise ValueError(f"prefill_chunk: {prefill_chunk} is not a multiple of page_size={page_size}")
         if impl not in ("auto", "xla", "pallas"):
@@ -220,18 +230,21 @@ class Engine:
         if prefill_block is not None and (not isinstance(prefill_block, (int, np.integer)) or prefill_block <= 0):
             raise ValueError(f"prefill_block: expected a positive int or None, got {prefill_block!r}")
         self.prefill_block = None if prefill_block is None else int(prefill_block)
-        self.spec, self.page_size, self.max_len = spec, page_size, int(max_len)
+        self.specs, self.page_size, self.max_len = specs, page_size, int(max_len)
+        self.spec = groups[0] if len(groups) == 1 else None  # the one format of every layer, if so
+        self._groups = groups
+        self._layer_map = tuple((groups.index(s), specs[:l].count(s)) for l, s in enumerate(specs))
         self.max_batch, self.prefill_chunk, self.impl = int(max_batch), int(prefill_chunk), impl
         L, H, D = model.num_layers, model.num_kv_heads, model.head_dim
         self.num_layers, self.vocab_size = L, model.config.vocab_size
-        self.max_pages = max(pages_needed(spec, self.max_len, page_size), 1)
+        self.max_pages = max(self.pages_for(self.max_len, 1), 1)
         if num_pages is None:
             num_pages = self.max_batch * self.max_pages
         if not isinstance(num_pages, (int, np.integer)) or num_pages <= 0:
             raise ValueError(f"num_pages: expected a positive int or None, got {num_pages!r}")
         self.num_pages = int(num_pages)
-        self.prefix_cache = bool(prefix_cache) and residual_capacity(spec) == 0 and spec.sinks == 0
-        self._salt = f"{spec}|{page_size}|{id(model)}".encode()
+        self.prefix_cache = bool(prefix_cache) and all(residual_capacity(s) == 0 and s.sinks == 0 for s in groups)
+        self._salt = f"{'/'.join(map(str, specs))}|{page_size}|{id(model)}".encode()
         if eos_id is None:
             eos_id = tuple(getattr(model, "eos_token_ids", ()) or ())
         self.eos_ids = frozenset([int(eos_id)] if isinstance(eos_id, (int, np.integer)) else map(int, eos_id))
@@ -247,14 +260,8 @@ class Engine:
         self._gd = (block_gd, embed_gd, norm_gd, head_gd)
         self._weights = weights
 
-        # the cache: pool leaves of all layers stacked, per-slot windows [L, max_batch, ...]
-        kvs = {}
-        for name, s in pool_shapes(spec, L * self.num_pages, page_size, H, D).items():
-            kvs[name] = None if s is None else jnp.zeros(*s)
-        R = residual_capacity(spec)
-        for name, n in (("res_k", R), ("res_v", R), ("sink_k", spec.sinks), ("sink_v", spec.sinks)):
-            kvs[name] = jnp.zeros((L, self.max_batch, H, n, D), jnp.bfloat16)
-        self._kv = kvs
+        # the cache, per format: pool leaves of its layers stacked, per-slot windows [L_g, max_batch, ...]
+        self._kv = tuple(self._group_cache(g, specs.count(g), H, D) for g in groups)
         self.allocator = PageAllocator(self.num_pages)
         self._table = np.full((self.max_batch, self.max_pages), -1, np.int32)
         self._lengths = np.zeros((self.max_batch,), np.int32)
@@ -279,8 +286,17 @@ class Engine:
         return len(self._queue)
 
     def pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
-        """Pages per layer a request of this size reserves at admission."""
-        return pages_needed(self.spec, prompt_len + max_new_tokens - 1, self.page_size)
+        """Pages a request of this prompt and generation length reserves (the most any layer's format needs)."""
+        return max(pages_needed(s, prompt_len + max_new_tokens - 1, self.page_size) for s in self._groups)
+
+    def _group_cache(self, spec: KVSpec, layers: int, H: int, D: int) -> dict:
+        kvs = {}
+        for name, s in pool_shapes(spec, layers * self.num_pages, self.page_size, H, D).items():
+            kvs[name] = None if s is None else jnp.zeros(*s)
+        R = residual_capacity(spec)
+        for name, n in (("res_k", R), ("res_v", R), ("sink_k", spec.sinks), ("sink_v", spec.sinks)):
+            kvs[name] = jnp.zeros((layers, self.max_batch, H, n, D), jnp.bfloat16)
+        return kvs
 
     def submit(self, token_ids, max_new_tokens: int, sampler: Sampler | None = None) -> int:
         """Queue a request; returns its id.
@@ -411,13 +427,17 @@ class Engine:
             self._table[slot, :len(r.pages)] = r.pages
             self._lengths[slot] = r.done
 
+    def _static(self, fresh: bool) -> dict:
+        """The static arguments of `_forward` for this engine (also used by benchmarks/serve.py)."""
+        return dict(gd=self._gd, groups=self._groups, layer_map=self._layer_map, page_size=self.page_size,
+                    num_pages=self.num_pages, fresh=bool(fresh), impl=self.impl, prefill_block=self.prefill_block)
+
     def _call(self, tokens, rows, n_valid, fresh):
         rows = np.asarray(rows, np.int32)
         logits, self._kv, over = _forward(
             self._weights, self._kv, jnp.asarray(tokens, jnp.int32), jnp.asarray(rows),
             jnp.asarray(self._lengths[rows]), jnp.asarray(n_valid, jnp.int32), jnp.asarray(self._table[rows]),
-            gd=self._gd, spec=self.spec, page_size=self.page_size, num_pages=self.num_pages, fresh=fresh,
-            impl=self.impl, prefill_block=self.prefill_block)
+            **self._static(fresh))
         if bool(np.any(np.asarray(over))):  # pages are reserved at admission: this is a bug, never silent
             raise RuntimeError(f"page overflow in slots {rows[np.asarray(over)].tolist()}")
         return logits
