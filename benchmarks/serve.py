@@ -167,10 +167,14 @@ def main(argv=None):
     base = res["presets"].get("bf16")
     print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")
     for p, r in res["presets"].items():
-        s_ratio = r["sessions"] / base["sessions"] if base and "sessions" in r and base.get("sessions") else float("nan")
-        d_ratio = (r["tokens_per_s"] / base["tokens_per_s"]) if base and "tokens_per_s" in r else float("nan")
-        print(f"{p:<8} {r.get('sessions', '-'):>9} {s_ratio:>8.2f} {r.get('tokens_per_s', float('nan')):>13.1f} "
-              f"{d_ratio:>8.2f} {r.get('step_ms', float('nan')):>8.2f}")
+        def ratio(key):
+            return f"{r[key] / base[key]:8.2f}" if base and base.get(key) and key in r else f"{'-':>8}"
+
+        def num(key, fmt):
+            return format(r[key], fmt) if key in r else "-"
+
+        print(f"{p:<8} {r.get('sessions', '-'):>9} {ratio('sessions')} {num('tokens_per_s', '.1f'):>13} "
+              f"{ratio('tokens_per_s')} {num('step_ms', '.2f'):>8}")
     for p, r in res["presets"].items():
         if "prefix" in r:
             c, u = r["prefix"]["cached"], r["prefix"]["uncached"]
