@@ -29,7 +29,8 @@ are replicated over):
   contiguous pages, and the page tables (``P("data", None)``) of its sequences hold page
   numbers *local* to that range (0 .. num_pages / data - 1), so a shard reads and writes
   only its own pages. Windows ``[B, Hkv, R, D]`` and ``lengths`` as for KVCache.
-  `shard_append` / `shard_attend` run `append_paged` / `attend_paged` per shard.
+  `shard_append` / `shard_attend` run `append_paged` / `attend_paged` per shard, and
+  `shard_attend_chunk` (a prefill chunk over the cache before it) `attend_chunk_paged`.
 * Weights (`param_partition_specs`), Megatron style: q/k/v and gate/up projections
   column-parallel (output features over "model"), o and down projections
   row-parallel (input features over "model"), the embedding split over its
@@ -198,6 +199,7 @@ class CacheLayout:
     lead: object
     attend: object = None  # attend(q, cache, **kw) of this cache type (default kvq.attend)
     append: object = None  # append(cache, k, v, lengths=) (default kvq.append)
+    attend_chunk: object = None  # attend_chunk(q, k, v, cache, **kw) (default kvq.attention.attend_chunk)
     check: object = None  # check(cache, mesh, name): extra argument errors
 
 
@@ -583,9 +585,27 @@ def _append_sharded(cache, k, v, lengths, *, mesh, mode):
     return merge(out)
 
 
+@partial(jax.jit, static_argnames=("mesh", "mode", "scale", "block"))
+def _attend_chunk_sharded(q, k, v, cache, lengths, *, mesh, mode, scale, block):
+    qspec = _qkv_spec(mode)
+    live, live_specs, local_cache, _, _ = _split_empty(cache, cache_partition_specs(cache, mesh), mesh)
+
+    def local(q, k, v, live, n):
+        c = local_cache(live)
+        return _attend_chunk_fn(c)(q, k, v, c, lengths=n, scale=scale, block=block)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(qspec, qspec, qspec, live_specs, P(DATA)), out_specs=qspec,
+                         check_vma=False)(q, k, v, live, lengths)
+
+
 def _attend_fn(cache):
     lay = _LAYOUTS.get(type(cache))
     return lay.attend if lay is not None and lay.attend is not None else _attention.attend
+
+
+def _attend_chunk_fn(cache):
+    lay = _LAYOUTS.get(type(cache))
+    return lay.attend_chunk if lay is not None and lay.attend_chunk is not None else _attention.attend_chunk
 
 
 def _append_fn(cache):
@@ -688,6 +708,38 @@ def shard_attend(q: jax.Array, cache: KVCache, *, mesh: Mesh | None = None, impl
                            precise=bool(precise), config=config)
 
 
+def shard_attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache, *, lengths=None, mesh: Mesh | None = None,
+                       scale: float | None = None, block: int | None = 2048) -> jax.Array:
+    """`kvq.attention.attend_chunk` (a prefill chunk over the cache before it and over
+    itself; the paged twin for a `kvq.serve.PagedKVCache`) run per shard.
+
+    Args:
+      q, k, v: ``[B, T, Hq, D]`` / ``[B, T, Hkv, D]`` the chunk's queries, keys, values.
+      cache: the cache before the chunk, placed by `shard_cache`.
+      lengths: optional ``int[B]`` real tokens of each row of the chunk (default T).
+      mesh: the mesh; default the `use_mesh` context's. Without either this is the plain function.
+      scale, block: as `kvq.attention.attend_chunk`.
+
+    Returns:
+      ``[B, T, Hq, D]``: heads split over "model" when the cache's KV heads are
+      (``P("data", None, "model", None)``), else every device computes every head.
+    """
+    mesh = _resolve(mesh)
+    fn = _attend_chunk_fn(cache)
+    if mesh is None:
+        return fn(q, k, v, cache, lengths=lengths, scale=scale, block=block)
+    _attention._check_q(q, cache, appended=False)
+    cache_partition_specs(cache, mesh)  # argument errors name "cache"
+    B, T = q.shape[:2]
+    if k.shape != (B, T, cache.num_kv_heads, q.shape[3]) or v.shape != k.shape:
+        raise ValueError(f"k, v: expected shape {(B, T, cache.num_kv_heads, q.shape[3])}, got {k.shape} and {v.shape}")
+    mode = "sharded" if _split_heads(cache, mesh) else "replicated"
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths).astype(jnp.int32)
+    return _attend_chunk_sharded(q, k, v, cache, n, mesh=mesh, mode=mode, scale=scale,
+                                 block=None if block is None else int(block))
+
+
 def to_host(x) -> np.ndarray:
     """The whole value of a (sharded, possibly multi-process) array as numpy, by an explicit transfer.
 
@@ -715,6 +767,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 __all__ = [
     "AXES", "DATA", "MODEL", "cache_partition_specs", "cache_sharding", "check_batch", "check_mesh",
     "constrain_caches", "current_mesh", "global_array", "init_caches", "kv_heads_sharded", "make_mesh",
-    "param_partition_specs", "param_sharding", "replicated", "shard_append", "shard_attend", "shard_cache",
-    "shard_params", "shard_state", "to_host", "use_mesh",
+    "param_partition_specs", "param_sharding", "replicated", "shard_append", "shard_attend", "shard_attend_chunk",
+    "shard_cache", "shard_params", "shard_state", "to_host", "use_mesh",
 ]

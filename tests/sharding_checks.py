@@ -390,6 +390,47 @@ def check_no_empty_leaf_crosses_shard_map():
                     _fail(f"{what} {name}: a zero-size operand crosses shard_map: {sizes}")
 
 
+def _engine_case(spec, n_kv_heads, model_axis, impl, page=16):
+    """Engine on a ("data" 1, "model" M) mesh against the engine on one device: the same
+    greedy tokens; prompts longer than a prefill chunk (chunk attention per shard)."""
+    from kvq_jax.serve import Engine
+
+    rng = np.random.default_rng(n_kv_heads)
+    prompts = [rng.integers(1, 320, n).astype(np.int32) for n in (4 * page + 6, 23)]
+    mesh = ks.make_mesh(1, model_axis)
+    kw = dict(kv=spec, max_batch=2, page_size=page, max_len=6 * page, prefill_chunk=2 * page, impl=impl)
+    one = Engine(_tiny_model(n_kv_heads), **kw)
+    many = Engine(_tiny_model(n_kv_heads), mesh=mesh, **kw)
+    heads = "model" if n_kv_heads % model_axis == 0 else None
+    what = f"engine {spec} Hkv={n_kv_heads} model={model_axis} {impl}"
+    for group in many._kv:
+        _assert_sharded_as(group["k"], P("data", heads), what + " pool")  # "data" has size 1
+        _assert_sharded_as(group["res_k"], P(None, "data", heads), what + " window")
+    _assert_sharded_as(many._weights["layers"][0]["attn"]["q_proj"]["kernel"][...], P(None, "model"),
+                       what + " q_proj")
+    got = [[many.submit(p, 9) for p in prompts], many.run()]
+    want = [[one.submit(p, 9) for p in prompts], one.run()]
+    for a, b in zip(got[0], want[0]):
+        if got[1][a] != want[1][b]:
+            _fail(f"{what}: tokens {got[1][a]} != one device {want[1][b]}")
+    pa, pb = many.prefill(prompts[0]), one.prefill(prompts[0])
+    if not np.allclose(pa, pb, rtol=1e-4, atol=1e-4 * np.abs(pb).max()):
+        _fail(f"{what}: prefill logits differ by {np.abs(pa - pb).max()}")
+    if many.allocator.num_used:
+        _fail(f"{what}: pages leaked")
+
+
+def check_engine_tensor_parallel():
+    _engine_case("int8", 4, 2, "xla")  # KV heads split
+    _engine_case("int4-kivi", 2, 4, "xla", page=32)  # KV heads (and bf16 windows) replicated
+
+
+def check_engine_mesh_errors():
+    from kvq_jax.serve import Engine
+
+    _expect_value_error(lambda: Engine(_tiny_model(4), kv="int8", page_size=16, mesh=ks.make_mesh(2, 2)), "mesh:")
+
+
 # ----------------------------------------------------------------------------- weights
 
 

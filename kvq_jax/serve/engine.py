@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kvq_jax.cache import residual_capacity
 from kvq_jax.generate import GREEDY, Sampler, bucket_length
@@ -59,12 +61,20 @@ from kvq_jax.nn import causal_attention, resolve_policy
 from kvq_jax.serve.allocator import OutOfPages, PageAllocator, prefix_keys
 from kvq_jax.serve.paged import (
     PagedKVCache,
-    append_paged,
-    attend_chunk_paged,
-    attend_paged,
     check_page_size,
     pages_needed,
     pool_shapes,
+)
+from kvq_jax.sharding import (
+    DATA,
+    MODEL,
+    cache_sharding,
+    check_mesh,
+    shard_append,
+    shard_attend,
+    shard_attend_chunk,
+    shard_params,
+    use_mesh,
 )
 from kvq_jax.spec import KVSpec
 
@@ -85,6 +95,9 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     causally to their own K/V (`attend_chunk_paged`, body blocks of ``prefill_block``
     tokens), then append; for T = 1 (decode): append, then attend through the cache
     with ``impl``. ``lengths: int[B]``: real tokens of each row (right padding).
+    Inside `kvq.sharding.use_mesh` these cache operations run per shard (`shard_append`,
+    `shard_attend`, `shard_attend_chunk`); without a mesh they are `append_paged`,
+    `attend_paged` and `attend_chunk_paged`.
     """
     attn = block.attn
     B, T, _ = x.shape
@@ -92,22 +105,22 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     if fresh:
         o = causal_attention(q, k, v, positions, positions, key_lengths=lengths,
                              sliding_window=attn.sliding_window, precision=attn.precision)
-        cache = append_paged(cache, k, v, lengths=lengths)
+        cache = shard_append(cache, k, v, lengths=lengths)
     elif T > 1:
-        o = attend_chunk_paged(q, k, v, cache, lengths=lengths, block=prefill_block)
-        cache = append_paged(cache, k, v, lengths=lengths)
+        o = shard_attend_chunk(q, k, v, cache, lengths=lengths, block=prefill_block)
+        cache = shard_append(cache, k, v, lengths=lengths)
     else:
-        cache = append_paged(cache, k, v, lengths=lengths)
-        o = attend_paged(q, cache, impl=impl)
+        cache = shard_append(cache, k, v, lengths=lengths)
+        o = shard_attend(q, cache, impl=impl)
     o = o.reshape(B, T, attn.num_heads * attn.head_dim).astype(attn.dtype or x.dtype)
     x = x + attn.o_proj(o)
     return x + block.mlp(block.mlp_norm(x)), cache
 
 
 @partial(jax.jit, static_argnames=("gd", "groups", "layer_map", "page_size", "num_pages", "fresh", "impl",
-                                   "prefill_block"), donate_argnames=("kv",))
+                                   "prefill_block", "mesh"), donate_argnames=("kv",))
 def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, groups, layer_map, page_size, num_pages, fresh,
-             impl, prefill_block):
+             impl, prefill_block, mesh):
     """Run ``tokens int32[b, T]`` of slots ``rows`` through all layers, writing their K/V.
 
     kv: the engine's cache (donated): one dict of stacked leaves per format in ``groups``;
@@ -133,8 +146,9 @@ def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, groups, la
             page_table=jnp.where(table >= 0, table + i * num_pages, -1),
             lengths=n_old, overflow=jnp.zeros((b,), bool), spec=groups[g], page_size=page_size,
             head_dim=kg["res_k"].shape[-1])
-        x, cache = block_forward(block, x, positions, cache, fresh=fresh, lengths=n_valid, impl=impl,
-                                 prefill_block=prefill_block)
+        with use_mesh(mesh):  # per-shard cache operations while tracing (no-op without a mesh)
+            x, cache = block_forward(block, x, positions, cache, fresh=fresh, lengths=n_valid, impl=impl,
+                                     prefill_block=prefill_block)
         new = {n: getattr(cache, n) for n in _POOL}
         for n in _SEQ:
             new[n] = kg[n] if kg[n].shape[3] == 0 else kg[n].at[i, rows].set(getattr(cache, n))
@@ -206,6 +220,12 @@ class Engine:
         the quantized past (`kvq.attention.attend_chunk`; plain XLA, memory
         ``prefill_chunk x prefill_block`` scores per layer); None reads it at once.
       seed: base PRNG seed of sampling (request r, step i uses fold_in(fold_in(seed, r), i)).
+      mesh: run tensor-parallel on a mesh with axes ("data", "model") whose "data" axis
+        has size 1 (`kvq_jax.sharding.make_mesh(data=1, model=N)`): the model's weights
+        are placed Megatron style in place (`kvq_jax.sharding.shard_params`), the pools
+        and windows are created split by KV head over "model" (replicated when Hkv is not
+        a multiple of N), and every cache operation runs per shard. Same tokens as
+        without a mesh, up to floating-point summation order.
 
     Attributes:
       allocator: the `PageAllocator` of the pool.
@@ -215,7 +235,7 @@ class Engine:
 
     def __init__(self, model, kv="int8", max_batch: int = 8, page_size: int = 64, num_pages: int | None = None,
                  *, max_len: int = 4096, prefill_chunk: int = 512, prefix_cache: bool = True, eos_id=None,
-                 impl: str = "auto", prefill_block: int | None = 2048, seed: int = 0):
+                 impl: str = "auto", prefill_block: int | None = 2048, seed: int = 0, mesh=None):
         specs = resolve_policy(kv, model.num_layers)
         groups = tuple(dict.fromkeys(specs))  # the distinct formats, in layer order
         for name, val in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
@@ -230,6 +250,13 @@ class Engine:
         if prefill_block is not None and (not isinstance(prefill_block, (int, np.integer)) or prefill_block <= 0):
             raise ValueError(f"prefill_block: expected a positive int or None, got {prefill_block!r}")
         self.prefill_block = None if prefill_block is None else int(prefill_block)
+        if mesh is not None:
+            check_mesh(mesh)
+            if mesh.shape[DATA] != 1:
+                raise ValueError(f"mesh: the engine splits KV heads over {MODEL!r} only; its {DATA!r} axis must have "
+                                 f"size 1, got {mesh.shape[DATA]}")
+            shard_params(model, mesh)
+        self.mesh = mesh
         self.specs, self.page_size, self.max_len = specs, page_size, int(max_len)
         self.spec = groups[0] if len(groups) == 1 else None  # the one format of every layer, if so
         self._groups = groups
@@ -290,13 +317,31 @@ class Engine:
         return max(pages_needed(s, prompt_len + max_new_tokens - 1, self.page_size) for s in self._groups)
 
     def _group_cache(self, spec: KVSpec, layers: int, H: int, D: int) -> dict:
-        kvs = {}
-        for name, s in pool_shapes(spec, layers * self.num_pages, self.page_size, H, D).items():
-            kvs[name] = None if s is None else jnp.zeros(*s)
+        """The zeroed pool and window leaves of the ``layers`` layers of one format
+        (created already split over the mesh, if any)."""
+        shapes = {n: s for n, s in pool_shapes(spec, layers * self.num_pages, self.page_size, H, D).items()
+                  if s is not None}
         R = residual_capacity(spec)
         for name, n in (("res_k", R), ("res_v", R), ("sink_k", spec.sinks), ("sink_v", spec.sinks)):
-            kvs[name] = jnp.zeros((layers, self.max_batch, H, n, D), jnp.bfloat16)
-        return kvs
+            shapes[name] = ((layers, self.max_batch, H, n, D), jnp.bfloat16)
+        names = (*_POOL, *_SEQ)
+
+        def make():
+            return {n: jnp.zeros(*shapes[n]) if n in shapes else None for n in names}
+
+        if self.mesh is None:
+            return make()
+        # a PagedKVCache's layout on the mesh; the windows carry the stacked layer axis in front
+        sds = {n: jax.ShapeDtypeStruct(*shapes[n]) if n in shapes else None for n in _POOL}
+        sds.update({n: jax.ShapeDtypeStruct(shapes[n][0][1:], shapes[n][1]) for n in _SEQ})
+        probe = PagedKVCache(**sds, page_table=jax.ShapeDtypeStruct((self.max_batch, 1), jnp.int32),
+                             lengths=jax.ShapeDtypeStruct((self.max_batch,), jnp.int32),
+                             overflow=jax.ShapeDtypeStruct((self.max_batch,), bool), spec=spec,
+                             page_size=self.page_size, head_dim=D)
+        sh = cache_sharding(probe, self.mesh)
+        out = {n: getattr(sh, n) if n in shapes else None for n in _POOL}
+        out.update({n: NamedSharding(self.mesh, P(None, *getattr(sh, n).spec)) for n in _SEQ})
+        return jax.jit(make, out_shardings=out)()
 
     def submit(self, token_ids, max_new_tokens: int, sampler: Sampler | None = None) -> int:
         """Queue a request; returns its id.
@@ -430,7 +475,8 @@ class Engine:
     def _static(self, fresh: bool) -> dict:
         """The static arguments of `_forward` for this engine (also used by benchmarks/serve.py)."""
         return dict(gd=self._gd, groups=self._groups, layer_map=self._layer_map, page_size=self.page_size,
-                    num_pages=self.num_pages, fresh=bool(fresh), impl=self.impl, prefill_block=self.prefill_block)
+                    num_pages=self.num_pages, fresh=bool(fresh), impl=self.impl, prefill_block=self.prefill_block,
+                    mesh=self.mesh)
 
     def _call(self, tokens, rows, n_valid, fresh):
         rows = np.asarray(rows, np.int32)

@@ -507,5 +507,6 @@ _sharding.register_layout(PagedKVCache, _sharding.CacheLayout(
     lead=lambda c: 0,
     attend=attend_paged,
     append=append_paged,
+    attend_chunk=attend_chunk_paged,
     check=_check_pages_split,
 ))
