@@ -7,6 +7,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def is_oom(e: Exception) -> bool:
@@ -69,3 +70,22 @@ def time_steps(advance, steps: int, reps: int = 3) -> tuple[float, float]:
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times), compile_s
+
+
+def random_model(config, mesh=None):
+    """A `LlamaModel` with random bf16 weights; with a mesh, created already split over it
+    (Megatron, `kvq.sharding.param_sharding`), so a model larger than one device fits."""
+    from flax import nnx
+
+    import kvq_jax as kvq
+    from kvq_jax.models import LlamaModel
+
+    def build():
+        return LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+    if mesh is None:
+        return build()
+    abstract = nnx.eval_shape(build)
+    shardings = kvq.sharding.param_sharding(abstract, mesh)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    return nnx.merge(nnx.graphdef(abstract), state)

@@ -1,7 +1,8 @@
 """Serving capacity and decode speed of the paged engine per cache preset.
 
 Llama-3-8B-shaped model with random bf16 weights (32 layers, Hq 32, Hkv 8, D 128,
-d 4096, ffn 14336) on one GPU:
+d 4096, ffn 14336) on one GPU, or with ``--gpus N`` tensor-parallel on N
+(``Engine(mesh=make_mesh(data=1, model=N))``; ``--model 70b`` for the 70B shape):
 
 * sessions: the most concurrent ``--context``-token sessions whose pages can be
   allocated next to the weights, found by allocating: an `Engine` with ``max_batch=n``
@@ -14,6 +15,7 @@ d 4096, ffn 14336) on one GPU:
 
     python benchmarks/serve.py --out serve.json           # on the H200
     python benchmarks/serve.py --small                    # CPU smoke run
+    python benchmarks/serve.py --gpus 2 --model 70b --batch 8 --skip prefix   # 2 GPUs
 
 Prints a table; writes JSON to --out.
 """
@@ -35,8 +37,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _common import most_that_fit, time_steps  # noqa: E402  (benchmarks/_common.py)
-from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
+from _common import most_that_fit, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
+from kvq_jax.models import LlamaConfig  # noqa: E402
 from kvq_jax.serve import engine as engine_mod  # noqa: E402
 
 try:
@@ -47,14 +49,16 @@ except ImportError:  # pragma: no cover
 
 LLAMA3_8B = dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                  ffn_dim=14336, rope_theta=500000.0)
+LLAMA3_70B = dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+                  ffn_dim=28672, rope_theta=500000.0)
 SMALL = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=256,
              rope_theta=500000.0)
 
 
-def sessions_that_fit(model, preset, context, page_size, limit):
+def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
     """Largest n for which an engine holding n sessions of ``context`` tokens can be allocated."""
     def allocate(n):
-        eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context)
+        eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context, mesh=mesh)
         jax.block_until_ready(eng._kv)
         nbytes = eng.kv_bytes
         del eng
@@ -63,9 +67,9 @@ def sessions_that_fit(model, preset, context, page_size, limit):
     return most_that_fit(allocate, limit)
 
 
-def decode_speed(model, preset, batch, context, page_size, steps, impl):
+def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=None):
     eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1,
-                           impl=impl)
+                           impl=impl, mesh=mesh)
     per = eng.max_pages
     table = np.arange(batch * per, dtype=np.int32).reshape(batch, per)
     rows = jnp.arange(batch, dtype=jnp.int32)
@@ -88,7 +92,7 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl):
     return dict(step_ms=step_s * 1e3, tokens_per_s=batch / step_s, compile_s=compile_s)
 
 
-def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, new_tokens=4):
+def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, new_tokens=4, mesh=None):
     """A second request sharing a ``prompt_len``-token system prompt, with and without the prefix cache.
 
     Each engine first serves request A (system prompt + question a), then request B
@@ -101,7 +105,7 @@ def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, n
     out = {}
     for cached in (False, True):
         eng = kvq.serve.Engine(model, kv=preset, max_batch=1, page_size=page_size, prefix_cache=cached, impl=impl,
-                               max_len=prompt_len + question_len + new_tokens, prefill_chunk=page_size * 2)
+                               max_len=prompt_len + question_len + new_tokens, prefill_chunk=page_size * 2, mesh=mesh)
         eng.submit(system + qa, new_tokens)
         eng.run()  # request A (also compiles)
         eng.submit(system + qb, new_tokens)
@@ -137,32 +141,35 @@ def main(argv=None):
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sessions, decode, prefix")
     ap.add_argument("--prefix-len", type=int, default=2048, help="system prompt tokens of the prefix-cache measurement")
+    ap.add_argument("--gpus", type=int, default=1, help="tensor-parallel over this many devices (Engine(mesh=))")
+    ap.add_argument("--model", default="8b", choices=("8b", "70b"))
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
-    shape = SMALL if a.small else LLAMA3_8B
+    shape = SMALL if a.small else (LLAMA3_70B if a.model == "70b" else LLAMA3_8B)
+    mesh = None if a.gpus == 1 else kvq.sharding.make_mesh(data=1, model=a.gpus, devices=jax.devices()[:a.gpus])
     context = a.context or (2048 if a.small else 131072)
     dctx = a.decode_context or (512 if a.small else 32768)
     batch = 4 if a.small and a.batch == 16 else a.batch
     steps = a.steps or (3 if a.small else 20)
     max_sessions = 8 if a.small else a.max_sessions
     config = LlamaConfig(**shape, rope_style="half", tie_embeddings=False, eos_token_ids=())
-    model = LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = random_model(config, mesh)
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     dev = jax.devices()[0]
-    print(f"device {dev.device_kind}, jax {jax.__version__}, weights {weights / 2**30:.2f} GiB, model {shape}")
-    res = dict(device=dev.device_kind, jax=jax.__version__, python=platform.python_version(), shape=shape,
+    print(f"{a.gpus} x {dev.device_kind}, jax {jax.__version__}, weights {weights / 2**30:.2f} GiB, model {shape}")
+    res = dict(device=dev.device_kind, gpus=a.gpus, jax=jax.__version__, python=platform.python_version(), shape=shape,
                context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size, presets={})
     skip = set(a.skip.split(",")) - {""}
     res["weights_bytes"] = weights
     for preset in tqdm(a.presets.split(","), desc="presets"):
         r = res["presets"].setdefault(preset, {})
         if "sessions" not in skip:
-            n, nbytes = sessions_that_fit(model, preset, context, a.page_size, max_sessions)
+            n, nbytes = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)
             r.update(sessions=n, kv_bytes=nbytes)
         if "decode" not in skip:
-            r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl))
+            r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh))
         if "prefix" not in skip and kvq.KVSpec.parse(preset).residual == 0:
-            r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl)
+            r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
         print(preset, r, flush=True)
     base = res["presets"].get("bf16")
     print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")

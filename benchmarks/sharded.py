@@ -37,8 +37,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _common import is_oom, time_steps  # noqa: E402  (benchmarks/_common.py)
-from kvq_jax.models import LlamaConfig, LlamaModel  # noqa: E402
+from _common import is_oom, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
+from kvq_jax.models import LlamaConfig  # noqa: E402
 
 SHAPES = {
     "8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -48,18 +48,6 @@ SHAPES = {
     "small": dict(vocab_size=512, d_model=128, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=64, ffn_dim=256,
                   rope_theta=500000.0),
 }
-
-
-def sharded_model(config: LlamaConfig, mesh):
-    """A LlamaModel with random bf16 weights created already split over ``mesh``."""
-    def build():
-        return LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-
-    abstract = nnx.eval_shape(build)
-    graphdef = nnx.graphdef(abstract)
-    shardings = kvq.sharding.param_sharding(abstract, mesh)
-    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
 
 
 def make_caches(model, preset, batch, max_len, mesh, lengths=0):
@@ -156,7 +144,7 @@ def main(argv=None):
                 continue
             mesh = kvq.sharding.make_mesh(data=1, model=n, devices=devices[:n])
             try:
-                model = sharded_model(config, mesh)
+                model = random_model(config, mesh)
             except Exception as e:  # noqa: BLE001
                 if not is_oom(e):
                     raise
