@@ -15,18 +15,34 @@ def is_oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def most_that_fit(allocate, limit: int) -> tuple[int, int]:
+def device_bytes_in_use() -> int:
+    """Bytes in use on all local devices (0 where the backend does not say)."""
+    return sum((d.memory_stats() or {}).get("bytes_in_use", 0) for d in jax.local_devices())
+
+
+def most_that_fit(allocate, limit: int) -> tuple[int, int, bool]:
     """Largest n in [0, limit] for which ``allocate(n)`` succeeds (doubling, then bisection).
 
     ``allocate(n)`` allocates n sessions, returns their bytes and frees them; an
-    out-of-memory error means n does not fit (other errors propagate).
-    Returns ``(n, bytes of n sessions)``.
+    out-of-memory error means n does not fit (other errors propagate). After a failed
+    attempt the device memory in use must be back where it was (with jax 0.11.2 a failed
+    multi-device allocation was seen to keep its partial outputs alive, which would make
+    every later attempt fail); if it is not, the search stops there.
+    Returns ``(n, bytes of n sessions, exact)``: ``exact`` False when the search stopped
+    early, n then being a lower bound.
     """
+    leaked = []
+
     def fits(n):
+        before = device_bytes_in_use()
         try:
             return allocate(n)
         except Exception as e:  # noqa: BLE001
             if is_oom(e):
+                del e
+                gc.collect()
+                if device_bytes_in_use() > before + (64 << 20):
+                    leaked.append(n)
                 return None
             raise
         finally:
@@ -40,16 +56,16 @@ def most_that_fit(allocate, limit: int) -> tuple[int, int]:
         else:
             lo, lo_bytes = n, b
             if n >= limit:
-                return lo, lo_bytes
+                return lo, lo_bytes, True
             n = min(2 * n, limit)
-    while hi - lo > 1:
+    while hi - lo > 1 and not leaked:
         mid = (lo + hi) // 2
         b = fits(mid)
         if b is None:
             hi = mid
         else:
             lo, lo_bytes = mid, b
-    return lo, lo_bytes
+    return lo, lo_bytes, not leaked
 
 
 def time_steps(advance, steps: int, reps: int = 3) -> tuple[float, float]:

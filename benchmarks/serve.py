@@ -164,8 +164,10 @@ def main(argv=None):
     for preset in tqdm(a.presets.split(","), desc="presets"):
         r = res["presets"].setdefault(preset, {})
         if "sessions" not in skip:
-            n, nbytes = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)
-            r.update(sessions=n, kv_bytes=nbytes)
+            n, nbytes, exact = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)
+            r.update(sessions=n, kv_bytes=nbytes, sessions_exact=exact)
+            if not exact:
+                print(f"{preset}: memory was not returned after a failed allocation; {n} sessions is a lower bound")
         if "decode" not in skip:
             r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh))
         if "prefix" not in skip and kvq.KVSpec.parse(preset).residual == 0:
