@@ -56,7 +56,8 @@ SMALL = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, h
 
 
 def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
-    """Largest n for which an engine holding n sessions of ``context`` tokens can be allocated."""
+    """Largest n for which an engine holding n sessions of ``context`` tokens can be allocated:
+    ``(n, their cache bytes, exact)`` (`most_that_fit`)."""
     def allocate(n):
         eng = kvq.serve.Engine(model, kv=preset, max_batch=n, page_size=page_size, max_len=context, mesh=mesh)
         jax.block_until_ready(eng._kv)
