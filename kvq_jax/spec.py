@@ -405,6 +405,8 @@ PRESETS: dict[str, KVSpec] = {
         rotate=True,
         **_BF,
     ),
+    # per-token int8 after a Hadamard rotation of head_dim (spreads outlier channels)
+    "int8-rot": KVSpec(k=_sym("int8"), v=_sym("int8"), rotate=True, **_BF),
     "k8v4": KVSpec(k=_sym("int8"), v=TensorSpec("int4", "token", 32, False), **_BF),
     "int2": KVSpec(k=TensorSpec("int2", "token", 32, False), v=TensorSpec("int2", "token", 32, False), **_BF),
 }
