@@ -318,7 +318,8 @@ def plot_quality(results: dict, path: str, title: str | None = None) -> str:
             p99 = np.maximum([results[n]["kl_p99"] for n in names], 1e-7)
             ax.scatter(x, p99, marker="_", s=200, color="k", label="p99", zorder=3)
             ax.legend(fontsize=7)
-        ax.set_xticks(x, labels, fontsize=7, rotation=0)
+        long = max(len(n) for n in names) > 10  # long names (policies, calibrated variants): slanted labels
+        ax.set_xticks(x, labels, fontsize=7, rotation=30 if long else 0, ha="right" if long else "center")
         ax.set_title(label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         for b, v, r in zip(bars, vals, raw):
