@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: capacity by allocation, and timing of chained jitted steps."""
+"""Shared by the benchmarks: model shapes, random models, capacity by allocation, and timing
+of chained jitted steps."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+
+# Llama-3-shaped models (random bf16 weights in the benchmarks) and a small CPU smoke shape
+SHAPES = {
+    "8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+               ffn_dim=14336, rope_theta=500000.0),
+    "70b": dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+                ffn_dim=28672, rope_theta=500000.0),
+}
 
 
 def is_oom(e: Exception) -> bool:
@@ -38,15 +48,13 @@ def most_that_fit(allocate, limit: int) -> tuple[int, int, bool]:
         try:
             return allocate(n)
         except Exception as e:  # noqa: BLE001
-            if is_oom(e):
-                del e
-                gc.collect()
-                if device_bytes_in_use() > before + (64 << 20):
-                    leaked.append(n)
-                return None
-            raise
+            if not is_oom(e):
+                raise
         finally:
             gc.collect()
+        if device_bytes_in_use() > before + (64 << 20):  # the failed attempt kept memory
+            leaked.append(n)
+        return None
 
     lo, lo_bytes, hi, n = 0, 0, None, 1
     while hi is None:

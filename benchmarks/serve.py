@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _common import most_that_fit, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
+from _common import SHAPES, most_that_fit, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
 from kvq_jax.models import LlamaConfig  # noqa: E402
 from kvq_jax.serve import engine as engine_mod  # noqa: E402
 
@@ -47,10 +47,6 @@ except ImportError:  # pragma: no cover
     def tqdm(x, **_):
         return x
 
-LLAMA3_8B = dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                 ffn_dim=14336, rope_theta=500000.0)
-LLAMA3_70B = dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
-                  ffn_dim=28672, rope_theta=500000.0)
 SMALL = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=256,
              rope_theta=500000.0)
 
@@ -143,10 +139,10 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sessions, decode, prefix")
     ap.add_argument("--prefix-len", type=int, default=2048, help="system prompt tokens of the prefix-cache measurement")
     ap.add_argument("--gpus", type=int, default=1, help="tensor-parallel over this many devices (Engine(mesh=))")
-    ap.add_argument("--model", default="8b", choices=("8b", "70b"))
+    ap.add_argument("--model", default="8b", choices=tuple(SHAPES))
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
-    shape = SMALL if a.small else (LLAMA3_70B if a.model == "70b" else LLAMA3_8B)
+    shape = SMALL if a.small else SHAPES[a.model]
     mesh = None if a.gpus == 1 else kvq.sharding.make_mesh(data=1, model=a.gpus, devices=jax.devices()[:a.gpus])
     context = a.context or (2048 if a.small else 131072)
     dctx = a.decode_context or (512 if a.small else 32768)

@@ -37,17 +37,12 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _common import is_oom, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
+from _common import SHAPES as MODEL_SHAPES  # noqa: E402  (benchmarks/_common.py)
+from _common import is_oom, random_model, time_steps  # noqa: E402
 from kvq_jax.models import LlamaConfig  # noqa: E402
 
-SHAPES = {
-    "8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-               ffn_dim=14336, rope_theta=500000.0),
-    "70b": dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
-                ffn_dim=28672, rope_theta=500000.0),
-    "small": dict(vocab_size=512, d_model=128, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=64, ffn_dim=256,
-                  rope_theta=500000.0),
-}
+SHAPES = {**MODEL_SHAPES, "small": dict(vocab_size=512, d_model=128, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=64,
+                                         ffn_dim=256, rope_theta=500000.0)}
 
 
 def make_caches(model, preset, batch, max_len, mesh, lengths=0):

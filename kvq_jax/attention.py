@@ -44,6 +44,16 @@ def _check_q(q, cache: KVCache, *, appended: bool = True):
                 f"{np.asarray(cache.lengths)[short].tolist()} tokens; append k/v for the queries first")
 
 
+def check_chunk(q, k, v, cache) -> None:
+    """Argument errors of `attend_chunk`: q as `attend`'s (its tokens follow the cache),
+    k and v ``[B, T, Hkv, D]`` matching q and the cache."""
+    _check_q(q, cache, appended=False)
+    B, T, _, D = q.shape
+    want = (B, T, cache.num_kv_heads, D)
+    if k.shape != want or v.shape != want:
+        raise ValueError(f"k, v: expected shape {want}, got {k.shape} and {v.shape}")
+
+
 def default_impl() -> str:
     """"pallas" on a GPU backend, "xla" elsewhere."""
     return "pallas" if jax.default_backend() == "gpu" else "xla"
@@ -176,10 +186,8 @@ def attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, *, le
     Returns:
       ``[B, T, Hq, D]`` in q's dtype; NaN rows for sequences whose ``overflow`` is set.
     """
-    _check_q(q, cache, appended=False)
+    check_chunk(q, k, v, cache)
     B, T, Hq, D = q.shape
-    if k.shape != (B, T, cache.num_kv_heads, D) or v.shape != k.shape:
-        raise ValueError(f"k, v: expected shape {(B, T, cache.num_kv_heads, D)}, got {k.shape} and {v.shape}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     H = cache.num_kv_heads
     qg = q.astype(jnp.float32).reshape(B, T, H, Hq // H, D)

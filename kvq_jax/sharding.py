@@ -566,7 +566,8 @@ def _attend_sharded(q, cache, *, mesh, mode, impl, interpret, scale, precise, co
         c = local_cache(live)
         if mode == "select":  # this device's query heads all read KV head axis_index // reps
             c = _select_head(c, jax.lax.axis_index(MODEL) // reps)
-        return _attend_fn(c)(q, c, impl=impl, interpret=interpret, scale=scale, precise=precise, config=config)
+        return _layout_fn(c, "attend")(q, c, impl=impl, interpret=interpret, scale=scale, precise=precise,
+                                       config=config)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(qspec, live_specs), out_specs=qspec, check_vma=False)(q, live)
 
@@ -578,7 +579,7 @@ def _append_sharded(cache, k, v, lengths, *, mesh, mode):
     lspec = None if lengths is None else P(DATA)
 
     def local(live, k, v, n):
-        return live_of(_append_fn(cache)(local_cache(live), k, v, lengths=n))
+        return live_of(_layout_fn(cache, "append")(local_cache(live), k, v, lengths=n))
 
     out = jax.shard_map(local, mesh=mesh, in_specs=(live_specs, kvspec, kvspec, lspec), out_specs=live_specs,
                         check_vma=False)(live, k, v, lengths)
@@ -592,25 +593,19 @@ def _attend_chunk_sharded(q, k, v, cache, lengths, *, mesh, mode, scale, block):
 
     def local(q, k, v, live, n):
         c = local_cache(live)
-        return _attend_chunk_fn(c)(q, k, v, c, lengths=n, scale=scale, block=block)
+        return _layout_fn(c, "attend_chunk")(q, k, v, c, lengths=n, scale=scale, block=block)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(qspec, qspec, qspec, live_specs, P(DATA)), out_specs=qspec,
                          check_vma=False)(q, k, v, live, lengths)
 
 
-def _attend_fn(cache):
-    lay = _LAYOUTS.get(type(cache))
-    return lay.attend if lay is not None and lay.attend is not None else _attention.attend
-
-
-def _attend_chunk_fn(cache):
-    lay = _LAYOUTS.get(type(cache))
-    return lay.attend_chunk if lay is not None and lay.attend_chunk is not None else _attention.attend_chunk
-
-
-def _append_fn(cache):
-    lay = _LAYOUTS.get(type(cache))
-    return lay.append if lay is not None and lay.append is not None else _cache.append
+def _layout_fn(cache, name: str):
+    """The cache type's registered ``attend`` / ``append`` / ``attend_chunk`` (`CacheLayout`),
+    else the KVCache one (`kvq.attend`, `kvq.append`, `kvq.attention.attend_chunk`)."""
+    fn = getattr(_LAYOUTS.get(type(cache)), name, None)
+    if fn is not None:
+        return fn
+    return {"attend": _attention.attend, "append": _cache.append, "attend_chunk": _attention.attend_chunk}[name]
 
 
 def _resolve(mesh):
@@ -661,7 +656,7 @@ def shard_append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array 
     """
     mesh = _resolve(mesh)
     if mesh is None:
-        return _append_fn(cache)(cache, k, v, lengths=lengths)
+        return _layout_fn(cache, "append")(cache, k, v, lengths=lengths)
     if isinstance(cache, KVCache):
         _precheck_append(cache, k, v, lengths)
     else:  # other cache types check the rest per shard (overflow flags under jit)
@@ -692,8 +687,8 @@ def shard_attend(q: jax.Array, cache: KVCache, *, mesh: Mesh | None = None, impl
     """
     mesh = _resolve(mesh)
     if mesh is None:
-        return _attend_fn(cache)(q, cache, impl=impl, interpret=interpret, scale=scale, precise=precise,
-                                 config=config)
+        return _layout_fn(cache, "attend")(q, cache, impl=impl, interpret=interpret, scale=scale, precise=precise,
+                                           config=config)
     if impl not in _attention.IMPLS:
         raise ValueError(f"impl: expected one of {_attention.IMPLS}, got {impl!r}")
     _attention._check_q(q, cache)
@@ -725,14 +720,12 @@ def shard_attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache, *, lengt
       (``P("data", None, "model", None)``), else every device computes every head.
     """
     mesh = _resolve(mesh)
-    fn = _attend_chunk_fn(cache)
+    fn = _layout_fn(cache, "attend_chunk")
     if mesh is None:
         return fn(q, k, v, cache, lengths=lengths, scale=scale, block=block)
-    _attention._check_q(q, cache, appended=False)
+    _attention.check_chunk(q, k, v, cache)
     cache_partition_specs(cache, mesh)  # argument errors name "cache"
     B, T = q.shape[:2]
-    if k.shape != (B, T, cache.num_kv_heads, q.shape[3]) or v.shape != k.shape:
-        raise ValueError(f"k, v: expected shape {(B, T, cache.num_kv_heads, q.shape[3])}, got {k.shape} and {v.shape}")
     mode = "sharded" if _split_heads(cache, mesh) else "replicated"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths).astype(jnp.int32)
