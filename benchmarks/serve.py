@@ -158,18 +158,33 @@ def main(argv=None):
                context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size, presets={})
     skip = set(a.skip.split(",")) - {""}
     res["weights_bytes"] = weights
-    for preset in tqdm(a.presets.split(","), desc="presets"):
-        r = res["presets"].setdefault(preset, {})
-        if "sessions" not in skip:
-            n, nbytes, exact = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)
-            r.update(sessions=n, kv_bytes=nbytes, sessions_exact=exact)
-            if not exact:
-                print(f"{preset}: memory was not returned after a failed allocation; {n} sessions is a lower bound")
-        if "decode" not in skip:
-            r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh))
-        if "prefix" not in skip and kvq.KVSpec.parse(preset).residual == 0:
-            r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
-        print(preset, r, flush=True)
+    presets = a.presets.split(",")
+    for preset in presets:
+        res["presets"][preset] = {}
+
+    def save():
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=2)
+
+    # decode and prefix first: after a failed allocation of the sessions search, memory
+    # may not come back (`most_that_fit`), which would starve any later measurement
+    for part in ("decode", "prefix", "sessions"):
+        if part in skip:
+            continue
+        for preset in tqdm(presets, desc=part):
+            r = res["presets"][preset]
+            if part == "decode":
+                r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh))
+            elif part == "prefix" and kvq.KVSpec.parse(preset).residual == 0:
+                r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
+            elif part == "sessions":
+                n, nbytes, exact = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)
+                r.update(sessions=n, kv_bytes=nbytes, sessions_exact=exact)
+                if not exact:
+                    print(f"{preset}: memory was not returned after a failed allocation; {n} sessions is a lower bound")
+            print(part, preset, r, flush=True)
+            save()
     base = res["presets"].get("bf16")
     print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")
     for p, r in res["presets"].items():
@@ -188,8 +203,7 @@ def main(argv=None):
                   f"{u['prefill_tokens']} -> {c['prefill_tokens']} prompt tokens computed, "
                   f"{u['seconds']:.3f} -> {c['seconds']:.3f} s ({r['prefix']['speedup']:.2f}x)")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+        save()
         print("wrote", a.out)
 
 
