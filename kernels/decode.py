@@ -3,7 +3,8 @@
 One program per (sequence b, KV head h, split j) streams its share of the body
 ``[S, Dp]`` of that head once, in packed form, and computes all ``G * T`` query
 rows of the head against it (padded to at least 16 rows for the tensor-core
-dot). Partials ``(o, m, l)`` stay f32 and are merged across splits by
+dot). Beyond ``Config.row_tile`` rows (a prefill chunk) the rows are split into
+tiles of that many, one program each, each stopping at its own causal limit. Partials ``(o, m, l)`` stay f32 and are merged across splits by
 log-sum-exp in XLA.
 
 Reading packed data: the body is viewed as uint32 words (a free bitcast of the
@@ -314,8 +315,8 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                    page_size: int | None, token_group: int, v_dequant: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
-    q_ref = next(it)  # [Mp, D] f32: columns in kl.perm order, softmax scale folded in
-    lim_ref = next(it)  # [Mp] int32: body tokens visible to each row
+    q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
+    lim_ref = next(it)  # [Rt] int32: body tokens visible to each row
     pt_ref = next(it) if page_size else None  # [max_pages] int32: page of each page_size stream slots
     k_ref = next(it)  # [S, words] uint32 | [S, D] bf16
     ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
@@ -323,7 +324,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     v_ref = next(it)  # [S, words] uint32 | [S, D] bf16
     vs_ref = next(it) if v_scaled else None  # [S, Gv]
     vz_ref = next(it) if v_zero else None
-    o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Mp, D] f32, [Mp] f32, [Mp] f32
+    o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Rt, D] f32, [Rt] f32, [Rt] f32
 
     mp = q_ref.shape[0]
     j = pl.program_id(2)
@@ -506,15 +507,29 @@ class Config:
     unpack: str = "auto"
     v_dequant: bool | None = None  # default mode: scale value tiles in registers instead of p per
     # group; None = for sub-byte value formats (faster there, slower for int8: BENCHMARKS.md run E)
+    row_tile: int = 64  # query rows (T * G) per program when there are more (chunked prefill)
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
             raise ValueError(f"unpack: expected one of {UNPACKS}, got {self.unpack!r}")
+        if self.row_tile < 16 or self.row_tile & (self.row_tile - 1):
+            raise ValueError(f"row_tile: expected a power of two >= 16, got {self.row_tile}")
 
 
 def choose_config(cache: KVCache, rows: int) -> Config:
-    """Heuristic launch config for this cache shape (B * Hkv * splits fills the SMs)."""
-    return _choose(cache.spec, cache.batch * cache.num_kv_heads, cache.body_capacity)
+    """Heuristic launch config for this cache shape and ``rows = T * G`` query rows per KV
+    head (B * Hkv * row tiles * splits fills the SMs)."""
+    return _choose(cache.spec, cache.batch * cache.num_kv_heads * _row_tiles(rows, Config.row_tile)[1],
+                   cache.body_capacity)
+
+
+def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
+    """``(rows per program, programs)`` for ``rows`` query rows: one program of
+    ``max(16, next_pow2(rows))`` rows up to ``row_tile``, else tiles of ``row_tile``."""
+    rt = max(16, _next_pow2(rows))
+    if rt <= row_tile:
+        return rt, 1
+    return row_tile, -(-rows // row_tile)
 
 
 def _choose(spec, programs: int, S: int) -> Config:
@@ -552,7 +567,6 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     spec = cache.spec
     B, T, H, G, D = qg.shape
     rows = T * G
-    mp = max(16, _next_pow2(rows))
     page_size = None
     if page_table is None:
         S = cache.body_capacity
@@ -561,7 +575,9 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         if page_table.ndim != 2 or page_table.shape[0] != B or page_table.dtype != jnp.int32:
             raise ValueError(f"page_table: expected int32[{B}, max_pages], got {page_table.dtype}{list(page_table.shape)}")
         S = page_table.shape[1] * page_size
-    cfg = config or _choose(spec, B * H, S)
+    cfg = config or _choose(spec, B * H * _row_tiles(rows, Config.row_tile)[1], S)
+    rt, nr = _row_tiles(rows, cfg.row_tile)  # rows per program, row tiles (chunked prefill: many)
+    mp = rt * nr
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
     if spec.channel_keys and cfg.block_k % spec.token_group:
         raise ValueError(f"config: block_k must be a multiple of token_group={spec.token_group} for per-channel keys")
@@ -579,23 +595,24 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     lim = jnp.pad(jnp.repeat(vis, G, axis=1), ((0, 0), (0, mp - rows))).astype(jnp.int32)  # [B, Mp]
 
     k_mode = "none" if not spec.k.quantized or spec.k.format == "bf16" else spec.k.axis
+    # grid (b, h, split j, row tile r): a row tile's programs stop at its own causal limit
     args = [q, lim]
     specs = [
-        pl.BlockSpec((None, None, mp, D), lambda b, h, j: (b, h, 0, 0)),
-        pl.BlockSpec((None, mp), lambda b, h, j: (b, 0)),
+        pl.BlockSpec((None, None, rt, D), lambda b, h, j, r: (b, h, r, 0)),
+        pl.BlockSpec((None, rt), lambda b, h, j, r: (b, r)),
     ]
     if page_size:  # padded to a power of two (Triton block shapes); padding is never read
         maxp = _next_pow2(page_table.shape[1])
         args.append(jnp.pad(page_table, ((0, 0), (0, maxp - page_table.shape[1]))))
-        specs.append(pl.BlockSpec((None, maxp), lambda b, h, j: (b, 0)))
+        specs.append(pl.BlockSpec((None, maxp), lambda b, h, j, r: (b, 0)))
 
     def add(x):
         args.append(x)
         zeros = (0,) * (x.ndim - 2)
         if page_size:  # the whole pool of head h: [P, page, ...]
-            specs.append(pl.BlockSpec((x.shape[0], None, *x.shape[2:]), lambda b, h, j: (0, h, *zeros)))
+            specs.append(pl.BlockSpec((x.shape[0], None, *x.shape[2:]), lambda b, h, j, r: (0, h, *zeros)))
         else:
-            specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j: (b, h, *zeros)))
+            specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j, r: (b, h, *zeros)))
 
     add(_as_words(cache.k))
 
@@ -621,12 +638,12 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else spec.v.quantized and spec.v.bits < 8)
     o, m, l = pl.pallas_call(
         kernel,
-        grid=(B, H, ns),
+        grid=(B, H, ns, nr),
         in_specs=specs,
         out_specs=[
-            pl.BlockSpec((None, None, None, mp, D), lambda b, h, j: (b, h, j, 0, 0)),
-            pl.BlockSpec((None, None, None, mp), lambda b, h, j: (b, h, j, 0)),
-            pl.BlockSpec((None, None, None, mp), lambda b, h, j: (b, h, j, 0)),
+            pl.BlockSpec((None, None, None, rt, D), lambda b, h, j, r: (b, h, j, r, 0)),
+            pl.BlockSpec((None, None, None, rt), lambda b, h, j, r: (b, h, j, r)),
+            pl.BlockSpec((None, None, None, rt), lambda b, h, j, r: (b, h, j, r)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, H, ns, mp, D), jnp.float32),

@@ -161,7 +161,9 @@ def _cache_parts(qg, cache: KVCache, qpos, scale, *, impl, interpret=None, preci
 
 
 def attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, *, lengths=None,
-                 scale: float | None = None, block: int | None = 2048) -> jax.Array:
+                 scale: float | None = None, block: int | None = 2048, impl: str = "auto",
+                 interpret: bool | None = None, precise: bool = False, config=None,
+                 page_table=None) -> jax.Array:
     """Attention of a chunk of new tokens over the cache that precedes them and over themselves
     (chunked prefill): bounded memory for long contexts.
 
@@ -169,31 +171,44 @@ def attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, *, le
     the whole cache (the quantized past, sinks and bf16 window included) and, causally,
     the chunk's own full-precision ``k``, ``v`` — what a one-shot prefill sees, except
     that the past is quantized. Call it *before* appending the chunk. The quantized body
-    is read in blocks of about ``block`` tokens (dequantized per block, merged by
-    log-sum-exp under ``lax.scan``), so memory is ``T x block`` scores rather than
-    ``T x context``; plain XLA (no kernel), on every backend.
+    is read by the fused-dequant kernel (``impl="pallas"``: rows in tiles of
+    ``Config.row_tile``, each program streaming the body once up to its causal limit) or
+    by plain XLA in blocks of about ``block`` tokens (``impl="xla"``: dequantized per
+    block, merged by log-sum-exp in a loop over the filled blocks), so memory is
+    ``T x block`` scores rather than ``T x context`` either way.
 
     Args:
       q: ``Float[Array, "B T Hq D"]`` queries of the chunk (positions ``lengths[b] + t``).
       k, v: ``Float[Array, "B T Hkv D"]`` the chunk's keys and values.
-      cache: the layer's KVCache *before* this chunk (``kvq.serve`` passes a contiguous
-        view of its pages).
+      cache: the layer's KVCache *before* this chunk; with ``page_table``, a paged cache
+        (`kvq_jax.serve.attend_chunk_paged`).
       lengths: optional ``int[B]``: real tokens of each row of the chunk (right padding);
         keys past it are not seen. Default T.
       scale: softmax scale; default 1/sqrt(D).
-      block: body tokens per block (`reference.body_block_size`); None: the whole body at once.
+      block: for impl="xla": body tokens per block (`reference.body_block_size`); None:
+        the whole body at once.
+      impl: "xla", "pallas" or "auto" (pallas on GPU, xla elsewhere), as in `attend`.
+      interpret, precise, config: for impl="pallas", as in `attend`.
+      page_table: for impl="pallas": the paged cache's ``int32[B, max_pages]`` table.
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype; NaN rows for sequences whose ``overflow`` is set.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     check_chunk(q, k, v, cache)
+    if impl == "auto":
+        impl = default_impl()
+    if page_table is not None and impl != "pallas":
+        raise ValueError(f"page_table: only impl='pallas' reads through a page table, got impl={impl!r}")
     B, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     H = cache.num_kv_heads
     qg = q.astype(jnp.float32).reshape(B, T, H, Hq // H, D)
     t = jnp.arange(T, dtype=jnp.int32)
     qpos = cache.lengths[:, None] + t[None, :]  # after everything in the cache: all of it visible
-    parts = _cache_parts(qg, cache, qpos, scale, impl="xla", block=block)
+    parts = _cache_parts(qg, cache, qpos, scale, impl=impl, interpret=interpret, precise=precise, config=config,
+                         page_table=page_table, block=block)
     n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     mask = (t[None, None, :] <= t[None, :, None]) & (t[None, None, :] < n[:, None, None])  # [B, T, T]
     parts.append(reference.masked_attention(qg, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale))

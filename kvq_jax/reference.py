@@ -103,8 +103,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, block: int | None = None):
       qpos: ``int32[B, T]`` absolute position of each query token (causal limit).
       scale: softmax scale.
       block: None dequantizes the whole body at once (memory ``T x S`` scores). An int
-        runs over blocks of about that many body tokens (`body_block_size`) with an
-        online log-sum-exp merge under ``lax.scan``: memory ``T x block``, for many
+        runs over the filled blocks of about that many body tokens (`body_block_size`) with
+        an online log-sum-exp merge in a loop: memory ``T x block``, for many
         query rows over a long cache (chunked prefill). Same result up to f32 rounding.
 
     Returns:
@@ -123,7 +123,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, block: int | None = None):
     if blk == S:
         return piece(cache, 0)
 
-    def step(acc, i):
+    def step(i, acc):
         start = i * blk
         leaves = {}
         for n in BODY:
@@ -131,9 +131,9 @@ def body_attention(qg, cache: KVCache, qpos, scale, block: int | None = None):
             if x is not None:
                 r = S // x.shape[2]  # tokens per row of this leaf
                 leaves[n] = jax.lax.dynamic_slice_in_dim(x, start // r, blk // r, axis=2)
-        return merge([acc, piece(dataclasses.replace(cache, **leaves), start)]), None
+        return merge([acc, piece(dataclasses.replace(cache, **leaves), start)])
 
     B, T, H, G, D = qg.shape
     init = (jnp.zeros((B, T, H, G, D), jnp.float32), jnp.full((B, T, H, G), -jnp.inf, jnp.float32))
-    (o, lse), _ = jax.lax.scan(step, init, jnp.arange(S // blk, dtype=jnp.int32))
-    return o, lse
+    filled = (jnp.max(q_len) + blk - 1) // blk  # blocks past every sequence's body are skipped
+    return jax.lax.fori_loop(0, jnp.minimum(filled, S // blk), step, init)

@@ -586,14 +586,15 @@ def _append_sharded(cache, k, v, lengths, *, mesh, mode):
     return merge(out)
 
 
-@partial(jax.jit, static_argnames=("mesh", "mode", "scale", "block"))
-def _attend_chunk_sharded(q, k, v, cache, lengths, *, mesh, mode, scale, block):
+@partial(jax.jit, static_argnames=("mesh", "mode", "scale", "block", "impl", "interpret"))
+def _attend_chunk_sharded(q, k, v, cache, lengths, *, mesh, mode, scale, block, impl, interpret):
     qspec = _qkv_spec(mode)
     live, live_specs, local_cache, _, _ = _split_empty(cache, cache_partition_specs(cache, mesh), mesh)
 
     def local(q, k, v, live, n):
         c = local_cache(live)
-        return _layout_fn(c, "attend_chunk")(q, k, v, c, lengths=n, scale=scale, block=block)
+        return _layout_fn(c, "attend_chunk")(q, k, v, c, lengths=n, scale=scale, block=block, impl=impl,
+                                             interpret=interpret)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(qspec, qspec, qspec, live_specs, P(DATA)), out_specs=qspec,
                          check_vma=False)(q, k, v, live, lengths)
@@ -704,7 +705,8 @@ def shard_attend(q: jax.Array, cache: KVCache, *, mesh: Mesh | None = None, impl
 
 
 def shard_attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache, *, lengths=None, mesh: Mesh | None = None,
-                       scale: float | None = None, block: int | None = 2048) -> jax.Array:
+                       scale: float | None = None, block: int | None = 2048, impl: str = "auto",
+                       interpret: bool | None = None) -> jax.Array:
     """`kvq.attention.attend_chunk` (a prefill chunk over the cache before it and over
     itself; the paged twin for a `kvq.serve.PagedKVCache`) run per shard.
 
@@ -713,7 +715,7 @@ def shard_attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache, *, lengt
       cache: the cache before the chunk, placed by `shard_cache`.
       lengths: optional ``int[B]`` real tokens of each row of the chunk (default T).
       mesh: the mesh; default the `use_mesh` context's. Without either this is the plain function.
-      scale, block: as `kvq.attention.attend_chunk`.
+      scale, block, impl, interpret: as `kvq.attention.attend_chunk`.
 
     Returns:
       ``[B, T, Hq, D]``: heads split over "model" when the cache's KV heads are
@@ -722,15 +724,17 @@ def shard_attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache, *, lengt
     mesh = _resolve(mesh)
     fn = _layout_fn(cache, "attend_chunk")
     if mesh is None:
-        return fn(q, k, v, cache, lengths=lengths, scale=scale, block=block)
+        return fn(q, k, v, cache, lengths=lengths, scale=scale, block=block, impl=impl, interpret=interpret)
     _attention.check_chunk(q, k, v, cache)
     cache_partition_specs(cache, mesh)  # argument errors name "cache"
     B, T = q.shape[:2]
     mode = "sharded" if _split_heads(cache, mesh) else "replicated"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths).astype(jnp.int32)
+    if impl == "auto":  # resolved outside the map (the default backend decides)
+        impl = _attention.default_impl()
     return _attend_chunk_sharded(q, k, v, cache, n, mesh=mesh, mode=mode, scale=scale,
-                                 block=None if block is None else int(block))
+                                 block=None if block is None else int(block), impl=impl, interpret=interpret)
 
 
 def to_host(x) -> np.ndarray:

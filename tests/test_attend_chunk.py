@@ -93,3 +93,75 @@ def test_paged_twin_equals_the_contiguous_one(kv):
     got = attend_chunk_paged(q, k, k, pc, block=128)
     want = attention.attend_chunk(q, k, k, cc, block=128)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+KERNEL_SPECS = ["int8", "int4", "int4-kivi", "k=int4:c:asym,v=int4:t:g32:asym,tg=32,res=16,sinks=4"]
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS)
+def test_kernel_path_equals_f64_in_row_tiles(kv, spec):
+    """impl="pallas" (interpret mode, precise): the chunk's T * G = 72 rows in tiles of 64
+    (the default) and of 16, each program stopping at its own causal limit."""
+    from kvq_jax.kernels import decode
+
+    c, q, k, v, real = _chunk_case(kv, spec, seed=40 + KERNEL_SPECS.index(spec))
+    want = _oracle(kv, c, q, k, v)
+    vmax = max(np.abs(V).max() for _, V in kv.cache_kv_f64(c))
+    tg = c.spec.token_group if c.spec.channel_keys else 64
+    for row_tile in (64, 16):
+        cfg = decode.Config(tg, 2, row_tile=row_tile)
+        got = np.asarray(jax.jit(lambda *a, cfg=cfg: attention.attend_chunk(
+            *a, lengths=real, impl="pallas", interpret=True, precise=True, config=cfg))(q, k, v, c), np.float64)
+        for b in range(B):
+            np.testing.assert_allclose(got[b, :real[b]], want[b, :real[b]], rtol=2e-5, atol=2e-5 * max(vmax, 1.0),
+                                       err_msg=f"{spec} row_tile={row_tile} row {b}")
+
+
+def test_kernel_row_tiles_and_config_errors():
+    from kvq_jax.kernels import decode
+
+    assert decode._row_tiles(4, 64) == (16, 1)
+    assert decode._row_tiles(64, 64) == (64, 1)
+    assert decode._row_tiles(65, 64) == (64, 2)
+    assert decode._row_tiles(4096, 32) == (32, 128)
+    with pytest.raises(ValueError, match="^row_tile"):
+        decode.Config(64, 1, row_tile=48)
+    c = kvq.init_cache("int8", 1, 128, 1, 64)
+    q = jnp.ones((1, 2, 1, 64))
+    with pytest.raises(ValueError, match="^impl"):
+        attention.attend_chunk(q, q, q, c, impl="triton")
+    with pytest.raises(ValueError, match="^page_table"):
+        attention.attend_chunk(q, q, q, c, impl="xla", page_table=jnp.zeros((1, 2), jnp.int32))
+
+
+def test_paged_kernel_path_equals_the_contiguous_xla_one(kv):
+    from kvq_jax.serve import append_paged, attend_chunk_paged, init_paged_cache
+
+    rng = np.random.default_rng(4)
+    pc = init_paged_cache("int8", B, 16, 64, 8, HKV, D,
+                          page_table=jnp.asarray(rng.permutation(16).reshape(B, 8), jnp.int32))
+    cc = kvq.init_cache("int8", B, 512, HKV, D)
+    k0 = kv.bf16_normal(rng, (B, 300, HKV, D))
+    n = jnp.asarray([300, 190], jnp.int32)
+    pc, cc = append_paged(pc, k0, k0, n), kvq.append(cc, k0, k0, n)
+    q = jnp.asarray(rng.standard_normal((B, 24, HKV * G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, 24, HKV, D)), jnp.float32)
+    got = attend_chunk_paged(q, k, k, pc, impl="pallas", interpret=True, precise=True)
+    want = attention.attend_chunk(q, k, k, cc, impl="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    small = init_paged_cache("int8", B, 16, 32, 8, HKV, D)
+    with pytest.raises(ValueError, match="^page_size"):
+        attend_chunk_paged(q, k, k, small, impl="pallas")
+
+
+def test_chunk_kernel_lowers_for_cuda_in_row_tiles():
+    import re
+
+    from kvq_jax.serve import attend_chunk_paged, init_paged_cache
+
+    pc = init_paged_cache("int4", 2, 32, 256, 8, 2, 128)
+    q = jnp.zeros((2, 64, 8, 128), jnp.bfloat16)  # 256 rows per KV head: 4 row tiles
+    k = jnp.zeros((2, 64, 2, 128), jnp.bfloat16)
+    f = jax.jit(lambda q, k, c: attend_chunk_paged(q, k, k, c, impl="pallas", interpret=False))
+    text = f.trace(q, k, pc).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), "no Triton call in the lowered module"

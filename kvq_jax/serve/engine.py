@@ -15,9 +15,9 @@ How a request runs:
    iteration, so decoding requests keep stepping while a long prompt enters. A chunk
    starting at position 0 attends to its own full-precision K/V (as `kvq.generate`'s
    prefill does), then is quantize-appended; a later chunk attends to the quantized
-   past (read in blocks of ``prefill_block`` tokens, so memory stays ``chunk x block``
-   at any context) and causally to its own full-precision K/V
-   (`kvq.attention.attend_chunk`), then is appended.
+   past (the kernel through the page tables on GPU; XLA in blocks of ``prefill_block``
+   tokens elsewhere; memory stays bounded at any context) and causally to its own
+   full-precision K/V (`kvq.attention.attend_chunk`), then is appended.
 3. Decode: one jitted step feeds the last token of every decoding slot (T = 1),
    appends it through the page tables and samples the next one. A request retires
    after ``max_new_tokens`` tokens or an EOS; its pages go back to the allocator.
@@ -93,8 +93,8 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     full-precision K/V, then append (as ``prefill=True`` of `QuantizedAttention`).
     Otherwise, for T > 1 (a prefill chunk after the first): attend to the cache and
     causally to their own K/V (`attend_chunk_paged`, body blocks of ``prefill_block``
-    tokens), then append; for T = 1 (decode): append, then attend through the cache
-    with ``impl``. ``lengths: int[B]``: real tokens of each row (right padding).
+    tokens), then append; for T = 1 (decode): append, then attend through the cache.
+    ``impl`` reads the cache in both. ``lengths: int[B]``: real tokens of each row (right padding).
     Inside `kvq.sharding.use_mesh` these cache operations run per shard (`shard_append`,
     `shard_attend`, `shard_attend_chunk`); without a mesh they are `append_paged`,
     `attend_paged` and `attend_chunk_paged`.
@@ -107,7 +107,7 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
                              sliding_window=attn.sliding_window, precision=attn.precision)
         cache = shard_append(cache, k, v, lengths=lengths)
     elif T > 1:
-        o = shard_attend_chunk(q, k, v, cache, lengths=lengths, block=prefill_block)
+        o = shard_attend_chunk(q, k, v, cache, lengths=lengths, block=prefill_block, impl=impl)
         cache = shard_append(cache, k, v, lengths=lengths)
     else:
         cache = shard_append(cache, k, v, lengths=lengths)
@@ -215,9 +215,10 @@ class Engine:
       prefix_cache: share full prompt pages between requests with the same prefix
         (only when no layer's spec has a residual window or sinks; ignored otherwise).
       eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
-      impl: attention over the cache in decode steps: "auto", "xla" or "pallas".
-      prefill_block: cached tokens per block when a prefill chunk after the first reads
-        the quantized past (`kvq.attention.attend_chunk`; plain XLA, memory
+      impl: how decode steps and prefill chunks after the first read the cache: "pallas"
+        (the fused-dequant kernel through the page tables), "xla", or "auto" (pallas on GPU).
+      prefill_block: with impl "xla", cached tokens per block when a prefill chunk after
+        the first reads the quantized past (`kvq.attention.attend_chunk`, memory
         ``prefill_chunk x prefill_block`` scores per layer); None reads it at once.
       seed: base PRNG seed of sampling (request r, step i uses fold_in(fold_in(seed, r), i)).
       mesh: run tensor-parallel on a mesh with axes ("data", "model") whose "data" axis

@@ -471,12 +471,28 @@ def attend_paged(
 
 
 def attend_chunk_paged(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache, *, lengths=None,
-                       scale: float | None = None, block: int | None = 2048) -> jax.Array:
+                       scale: float | None = None, block: int | None = 2048, impl: str = "auto",
+                       interpret: bool | None = None, precise: bool = False, config=None) -> jax.Array:
     """`kvq.attention.attend_chunk` over a paged cache: a prefill chunk's queries over the
-    cache before it (read through a gathered contiguous view of each sequence's pages, in
-    body blocks of ``block`` tokens) and causally over the chunk's own ``k``, ``v``.
-    Call it before `append_paged` of the chunk. Returns ``[B, T, Hq, D]`` in q's dtype."""
-    return attention.attend_chunk(q, k, v, contiguous_view(cache), lengths=lengths, scale=scale, block=block)
+    cache before it and causally over the chunk's own ``k``, ``v``. Call it before
+    `append_paged` of the chunk.
+
+    ``impl``: "pallas" reads the body through the page table with the fused-dequant
+    kernel (page_size a multiple of 64; ``interpret``, ``precise``, ``config`` as in
+    `kvq.attend`); "xla" reads a gathered contiguous view in body
+    blocks of ``block`` tokens; "auto": pallas on GPU, xla elsewhere. Returns
+    ``[B, T, Hq, D]`` in q's dtype."""
+    if impl not in attention.IMPLS:
+        raise ValueError(f"impl: expected one of {attention.IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = attention.default_impl()
+    if impl == "xla":
+        return attention.attend_chunk(q, k, v, contiguous_view(cache), lengths=lengths, scale=scale, block=block,
+                                      impl="xla")
+    if cache.page_size % 64:
+        raise ValueError(f"page_size: the Pallas kernel needs a multiple of 64, the cache has {cache.page_size}")
+    return attention.attend_chunk(q, k, v, cache, lengths=lengths, scale=scale, impl="pallas", interpret=interpret,
+                                  precise=precise, config=config, page_table=cache.page_table)
 
 
 def reset_paged(cache: PagedKVCache, mask=None) -> PagedKVCache:
