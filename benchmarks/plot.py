@@ -1,0 +1,112 @@
+"""Draw the committed H200 results (benchmarks/results/*.json) as the figures of BENCHMARKS.md.
+
+    python benchmarks/plot.py                 # writes benchmarks/results/plots/*.png
+
+* ``decode-attention.png``: one decode step at B=8, S=32K per implementation (run D), with
+  the peers of the same run (torch SDPA, cuDNN, XLA dequantize + einsum).
+* ``chunk-attention.png``: one 1024-token prefill chunk over a 64K quantized past, XLA vs
+  the kernel per row tile.
+* ``serving.png``: engine decode tokens/s (16 x 32K) and 128K sessions per preset, 1 and 2 GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _load(name):
+    with open(os.path.join(HERE, name)) as f:
+        return json.load(f)
+
+
+def decode_attention(out):
+    d = _load("decode-h200-runD-2026-11-29.json")
+    rows = [r for r in d["rows"] if r["B"] == 8 and r["S"] == 32768
+            and not r["impl"].endswith(("-body", "-paged256"))]
+    rows.sort(key=lambda r: r["t"])
+    torch_us = next(r["t"] for r in rows if r["impl"] == "torch-sdpa-bf16") * 1e6
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [r["impl"] for r in rows]
+    us = [r["t"] * 1e6 for r in rows]
+    colors = ["tab:blue" if n.startswith("kvq") else "tab:gray" for n in names]
+    ax.barh(names, us, color=colors)
+    ax.axvline(torch_us, color="k", lw=0.8, ls="--", label=f"torch SDPA bf16 ({torch_us:.0f} us)")
+    for y, (u, r) in enumerate(zip(us, rows)):
+        ax.text(u, y, f" {u:.0f} us, {r['tbs']:.2f} TB/s", va="center", fontsize=8)
+    ax.set_xlabel("time per decode step (us), lower is better")
+    ax.set_title(f"Decode attention, B=8 S=32K Hq=32 Hkv=8 D=128 (H200, jax {d['jax']}, run D)")
+    ax.set_xlim(0, max(us) * 1.45)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "decode-attention.png"), dpi=120)
+    plt.close(fig)
+
+
+def chunk_attention(out):
+    d = _load("chunk-h200-2026-11-29.json")
+    rt = _load("chunk-rowtile-h200-2026-11-29.json")
+    presets = list(d["presets"])
+    impls = ["xla", "pallas rt32", "pallas rt64", "pallas rt128"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    w = 0.2
+    for i, impl in enumerate(impls):
+        vals = [(d["presets"][p].get(impl) or rt["presets"].get(p, {}).get(impl) or {}).get("ms") for p in presets]
+        xs = [j + (i - 1.5) * w for j, v in enumerate(vals) if v is not None]
+        ax.bar(xs, [v for v in vals if v is not None], w, label=impl.replace("pallas rt", "kernel, row tile "))
+    ax.set_xticks(range(len(presets)), presets)
+    ax.set_ylabel("ms per layer, lower is better")
+    ax.set_title(f"Prefill chunk of {d['chunk']} over a past of {d['past']} tokens (H200, jax {d['jax']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "chunk-attention.png"), dpi=120)
+    plt.close(fig)
+
+
+def serving(out):
+    one = _load("serve-decode-h200-2026-11-29b.json")["presets"]
+    two = _load("serve-h200x2-8b-2026-11-29.json")["presets"]
+    runs = _load("sharded-h200x2-8b-2026-11-29b.json")["runs"]
+    presets = ["bf16", "int8", "int4"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (label, src, n) in enumerate((("1 GPU", one, 1), ("2 GPUs", two, 2))):
+        vals = [src[p]["tokens_per_s"] / n for p in presets]
+        a1.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=f"{label} (per GPU)")
+    a1.set_xticks(range(3), presets)
+    a1.set_ylabel("decode tokens/s per GPU")
+    a1.set_title("Engine decode, 16 x 32K, Llama-3-8B shape")
+    a1.legend()
+    for i, n in enumerate((1, 2)):
+        vals = [next(r["sessions"] for r in runs if r["gpus"] == n and r["preset"] == p) for p in presets]
+        a2.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=f"{n} GPU" + ("s" if n > 1 else ""))
+        for j, v in enumerate(vals):
+            a2.text(j + (i - 0.5) * 0.4, v, str(v), ha="center", va="bottom", fontsize=8)
+    a2.set_xticks(range(3), presets)
+    a2.set_ylabel("concurrent 128K-token sessions")
+    a2.set_title("Capacity beside the 16 GB of weights")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "serving.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "plots"))
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    for fn in (decode_attention, chunk_attention, serving):
+        fn(a.out)
+        print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
+
+
+if __name__ == "__main__":
+    main()
