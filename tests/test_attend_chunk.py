@@ -78,18 +78,27 @@ def test_bad_arguments_and_overflow_rows(kv):
     assert np.isnan(o[0]).all() and np.isfinite(o[1]).all()
 
 
-def test_paged_twin_equals_the_contiguous_one(kv):
-    from kvq_jax.serve import append_paged, attend_chunk_paged, init_paged_cache
+def _paged_and_contiguous(kv, spec, seed, T):
+    """The same 300 / 190 tokens in a paged cache (16 pages of 64, shuffled) and a contiguous
+    one, and a chunk's ``q``, ``k`` of T tokens."""
+    from kvq_jax.serve import append_paged, init_paged_cache
 
-    rng = np.random.default_rng(3)
-    pc = init_paged_cache("int4-kivi", B, 16, 64, 8, HKV, D,
-                          page_table=jnp.asarray(rng.permutation(16)[:16].reshape(B, 8), jnp.int32))
-    cc = kvq.init_cache("int4-kivi", B, 512, HKV, D)
+    rng = np.random.default_rng(seed)
+    pc = init_paged_cache(spec, B, 16, 64, 8, HKV, D,
+                          page_table=jnp.asarray(rng.permutation(16).reshape(B, 8), jnp.int32))
+    cc = kvq.init_cache(spec, B, 512, HKV, D)
     k0 = kv.bf16_normal(rng, (B, 300, HKV, D))
     n = jnp.asarray([300, 190], jnp.int32)
     pc, cc = append_paged(pc, k0, k0, n), kvq.append(cc, k0, k0, n)
-    q = jnp.asarray(rng.standard_normal((B, 8, HKV * G, D)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((B, 8, HKV, D)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((B, T, HKV * G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, T, HKV, D)), jnp.float32)
+    return pc, cc, q, k
+
+
+def test_paged_twin_equals_the_contiguous_one(kv):
+    from kvq_jax.serve import attend_chunk_paged
+
+    pc, cc, q, k = _paged_and_contiguous(kv, "int4-kivi", 3, 8)
     got = attend_chunk_paged(q, k, k, pc, block=128)
     want = attention.attend_chunk(q, k, k, cc, block=128)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
@@ -135,17 +144,9 @@ def test_kernel_row_tiles_and_config_errors():
 
 
 def test_paged_kernel_path_equals_the_contiguous_xla_one(kv):
-    from kvq_jax.serve import append_paged, attend_chunk_paged, init_paged_cache
+    from kvq_jax.serve import attend_chunk_paged, init_paged_cache
 
-    rng = np.random.default_rng(4)
-    pc = init_paged_cache("int8", B, 16, 64, 8, HKV, D,
-                          page_table=jnp.asarray(rng.permutation(16).reshape(B, 8), jnp.int32))
-    cc = kvq.init_cache("int8", B, 512, HKV, D)
-    k0 = kv.bf16_normal(rng, (B, 300, HKV, D))
-    n = jnp.asarray([300, 190], jnp.int32)
-    pc, cc = append_paged(pc, k0, k0, n), kvq.append(cc, k0, k0, n)
-    q = jnp.asarray(rng.standard_normal((B, 24, HKV * G, D)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((B, 24, HKV, D)), jnp.float32)
+    pc, cc, q, k = _paged_and_contiguous(kv, "int8", 4, 24)
     got = attend_chunk_paged(q, k, k, pc, impl="pallas", interpret=True, precise=True)
     want = attention.attend_chunk(q, k, k, cc, impl="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
