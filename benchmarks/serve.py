@@ -9,7 +9,7 @@ d 4096, ffn 14336) on one GPU, or with ``--gpus N`` tensor-parallel on N
   and exactly the pages n sessions need is built (its pools allocated and zeroed) for
   growing n until the device runs out of memory;
 * decode: tokens/s of the engine's jitted decode step (all layers, append through the
-  page tables, attention over the paged cache, logits) at ``--batch`` sequences of
+  page tables, attention over the paged cache, logits, sampling) at ``--batch`` sequences of
   ``--decode-context`` tokens each. Pages are assigned and lengths set directly (the
   stored values do not change the work), so no prefill is needed.
 
@@ -65,23 +65,26 @@ def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
 
 
 def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=None):
+    """Seconds per step of the engine's jitted decode step (all layers, append through the page
+    tables, attention, logits, greedy sampling) at ``batch`` sequences of ``context`` tokens,
+    each step fed the previous step's tokens."""
     eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1,
                            impl=impl, mesh=mesh)
     per = eng.max_pages
-    table = np.arange(batch * per, dtype=np.int32).reshape(batch, per)
-    rows = jnp.arange(batch, dtype=jnp.int32)
+    table = jnp.asarray(np.arange(batch * per, dtype=np.int32).reshape(batch, per))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, 1)), jnp.int32)
-    n_valid = jnp.ones((batch,), jnp.int32)
-    kw = eng._static(fresh=False)
-    kv, weights = eng._kv, eng._weights
+    ones, zeros = jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)
+    kw = eng._static(None)
+    kv, weights, key = eng._kv, eng._weights, eng._key
     eng._kv = None
     lengths = np.full((batch,), context, np.int32)
 
     def advance(i):
-        nonlocal kv
-        logits, kv, _ = engine_mod._forward(weights, kv, tokens, rows, jnp.asarray(lengths + i), n_valid,
-                                            jnp.asarray(table), **kw)
-        return logits
+        nonlocal kv, tokens
+        nxt, kv, _ = engine_mod._decode_step(weights, kv, tokens, jnp.asarray(lengths + i), ones, table, key,
+                                             zeros, zeros, zeros, samplers=(kvq.Sampler(temperature=0.0),), **kw)
+        tokens = nxt[:, None]
+        return nxt
 
     step_s, compile_s = time_steps(advance, steps)
     del kv, eng

@@ -176,6 +176,19 @@ def _sample(logits, base_key, rids, steps, which, *, samplers):
     return out
 
 
+_STATIC = ("gd", "groups", "layer_map", "page_size", "num_pages", "impl", "prefill_block", "mesh")
+
+
+@partial(jax.jit, static_argnames=_STATIC + ("samplers",), donate_argnames=("kv",))
+def _decode_step(weights, kv, tokens, n_old, n_valid, table, base_key, rids, steps, which, *, samplers, **static):
+    """One decode step of every slot and its sampling in one program: ``tokens int32[B, 1]``
+    (slot order) -> (next ids ``int32[B]``, kv, overflow ``bool[B]``); idle slots have
+    ``n_valid`` 0 and their ids are meaningless. Sampling as `_sample` (key (rid, step))."""
+    rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    logits, kv, over = _forward(weights, kv, tokens, rows, n_old, n_valid, table, fresh=False, **static)
+    return _sample(logits, base_key, rids, steps, which, samplers=samplers), kv, over
+
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -473,11 +486,12 @@ class Engine:
             self._table[slot, :len(r.pages)] = r.pages
             self._lengths[slot] = r.done
 
-    def _static(self, fresh: bool) -> dict:
-        """The static arguments of `_forward` for this engine (also used by benchmarks/serve.py)."""
-        return dict(gd=self._gd, groups=self._groups, layer_map=self._layer_map, page_size=self.page_size,
-                    num_pages=self.num_pages, fresh=bool(fresh), impl=self.impl, prefill_block=self.prefill_block,
-                    mesh=self.mesh)
+    def _static(self, fresh: bool | None) -> dict:
+        """The static arguments of `_forward` for this engine (also used by benchmarks/serve.py);
+        ``fresh=None``: those of `_decode_step` (no ``fresh``)."""
+        static = dict(gd=self._gd, groups=self._groups, layer_map=self._layer_map, page_size=self.page_size,
+                      num_pages=self.num_pages, impl=self.impl, prefill_block=self.prefill_block, mesh=self.mesh)
+        return static if fresh is None else dict(static, fresh=bool(fresh))
 
     def _call(self, tokens, rows, n_valid, fresh):
         rows = np.asarray(rows, np.int32)
@@ -518,17 +532,24 @@ class Engine:
             self._push(r, self._sample(logits, [r])[0], finished)
 
     def _decode(self, reqs, finished):
+        """One decode step of every slot, sampled on the device: one program, one read back."""
         B = self.max_batch
         toks = np.zeros((B, 1), np.int32)
-        n_valid = np.zeros((B,), np.int32)
+        n_valid, rids, steps, which = (np.zeros((B,), np.int32) for _ in range(4))
+        samplers = tuple(dict.fromkeys(r.sampler for r in reqs))
         for r in reqs:
             toks[r.slot, 0] = r.out[-1]
-            n_valid[r.slot] = 1
-        logits = self._call(toks, np.arange(B), n_valid, fresh=False)
+            n_valid[r.slot], rids[r.slot], steps[r.slot] = 1, r.rid, len(r.out)
+            which[r.slot] = samplers.index(r.sampler)
+        nxt, self._kv, over = _decode_step(self._weights, self._kv, *jax.device_put(
+            (toks, self._lengths, n_valid, self._table)), self._key, *jax.device_put((rids, steps, which)),
+            samplers=samplers, **self._static(None))
+        nxt, over = jax.device_get((nxt, over))
+        if over.any():  # pages are reserved at admission: this is a bug, never silent
+            raise RuntimeError(f"page overflow in slots {np.nonzero(over)[0].tolist()}")
         self.stats["decode_steps"] += 1
-        slots = [r.slot for r in reqs]
-        nxt = self._sample(logits[np.asarray(slots)], reqs)
-        for r, t in zip(reqs, nxt):
+        for r in reqs:
+            t = nxt[r.slot]
             self._lengths[r.slot] += 1
             self._push(r, t, finished)
 
