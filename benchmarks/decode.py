@@ -12,6 +12,9 @@
    N launches then one synchronize), median of 5 such batches.
 3. Prints time, effective TB/s (cache bytes read / time), ratio to torch bf16;
    writes JSON and a plot to ``--out``.
+4. With ``--gpus N``: `kvq.sharding.shard_attend` with the KV heads split over 1, 2, 4, ...
+   up to N devices (mesh data 1, model n) at ``--sharded-shape``: time per step and
+   per-device throughput against one device.
 """
 
 from __future__ import annotations
@@ -99,6 +102,32 @@ def cache_bytes_read(spec, B, S, H, D, lengths=None):
     """Bytes of K/V (with scales and zero points) a decode step must read."""
     n = B * S if lengths is None else int(np.sum(lengths))
     return kvq.bytes_per_token(spec, 1, H, D) * n
+
+
+def bench_sharded(B, S, Hq, H, D, presets, key, gpus):
+    """`kvq.sharding.shard_attend` over n = 1, 2, 4, ... <= ``gpus`` devices, KV heads split
+    (`make_mesh(data=1, model=n)`); one row per (preset, n) with ``per_device_vs_1`` =
+    t(1) / (n * t(n)), the per-device throughput against one device."""
+    rows = []
+    counts = [n for n in (1, 2, 4, 8) if n <= gpus and H % n == 0]
+    q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
+    for name in presets:
+        spec = kvq.KVSpec.parse(name)
+        cache = build_cache(spec, B, S, H, D, key)
+        nbytes = cache_bytes_read(spec, B, S, H, D)
+        base = None
+        for n in counts:
+            mesh = kvq.sharding.make_mesh(data=1, model=n, devices=jax.devices()[:n])
+            c = kvq.sharding.shard_cache(cache, mesh)
+            t = time_jax(lambda q, c, mesh=mesh: kvq.sharding.shard_attend(q, c, mesh=mesh), q, c)
+            base = base or t
+            rows.append(dict(impl=f"kvq-{name}-{n}dev", t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, devices=n,
+                             tbs=nbytes / t / 1e12, vs_torch=None, per_device_vs_1=base / (n * t)))
+            print(f"sharded B={B} S={S} {name:10s} {n} dev {t * 1e6:9.1f} us {nbytes / t / 1e12:6.2f} TB/s "
+                  f"per device vs 1: {base / (n * t):.3f}", flush=True)
+            del c
+        del cache
+    return rows
 
 
 # -- correctness ---------------------------------------------------------------
@@ -357,6 +386,9 @@ def main(argv=None):
     ap.add_argument("--paged", type=int, default=0,
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="also time kvq.sharding.shard_attend over 1, 2, 4, ... up to this many devices")
+    ap.add_argument("--sharded-shape", default="8x32768")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -379,6 +411,11 @@ def main(argv=None):
     if a.paged:
         B, S = (int(x) for x in a.paged_shape.split("x"))
         rows += bench_paged(B, S, 32, 8, 128, a.presets.split(",") + a.main_presets.split(","), key, a.paged)
+        with open(os.path.join(a.out, "decode.json"), "w") as f:
+            json.dump(dict(result, rows=rows), f, indent=1)
+    if a.gpus:
+        B, S = (int(x) for x in a.sharded_shape.split("x"))
+        rows += bench_sharded(B, S, 32, 8, 128, a.presets.split(","), key, a.gpus)
         with open(os.path.join(a.out, "decode.json"), "w") as f:
             json.dump(dict(result, rows=rows), f, indent=1)
     result["rows"] = rows
