@@ -4,8 +4,8 @@ One program per (sequence b, KV head h, split j) streams its share of the body
 ``[S, Dp]`` of that head once, in packed form, and computes all ``G * T`` query
 rows of the head against it (padded to at least 16 rows for the tensor-core
 dot). Beyond ``Config.row_tile`` rows (a prefill chunk) the rows are split into
-tiles of that many, one program each, each stopping at its own causal limit. Partials ``(o, m, l)`` stay f32 and are merged across splits by
-log-sum-exp in XLA.
+tiles of that many, one program each, each stopping at its own causal limit.
+Partials ``(o, m, l)`` stay f32 and are merged across splits by log-sum-exp in XLA.
 
 Reading packed data: the body is viewed as uint32 words (a free bitcast of the
 byte layout) and unpacked with shifts in registers (see `Piece`). Two tilings:
