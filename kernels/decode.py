@@ -59,7 +59,7 @@ from kvq_jax.spec import TensorSpec
 NEG_INF = -1e30  # finite "minus infinity": masked logits, initial running max
 NUM_SMS = 132  # H200
 NATURAL = -2  # Piece.i of a natural-order chunk
-UNPACKS = ("auto", "join", "split")  # Config.unpack: how packed words become tiles
+UNPACKS = ("auto", "join", "split", "bytes")  # Config.unpack: how stored bytes become tiles
 MAX_CHUNK = 128  # widest natural chunk (columns)
 
 
@@ -107,7 +107,8 @@ class Layout:
     words: int  # uint32 words per token (0 for bf16)
     pieces: tuple
     perm: tuple  # kernel column -> natural head_dim index
-    unpack: str = "join"  # "join": natural chunks interleaved by joins; "split": byte-shift pieces
+    unpack: str = "join"  # "join": natural chunks interleaved by joins; "split": byte-shift pieces;
+    # "bytes": natural chunks of 8-bit values loaded as they are stored
 
     @property
     def packed(self) -> bool:
@@ -146,7 +147,9 @@ def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     ``unpack`` "join": natural chunks (head_dim order, no permutation of q
     or o), each as wide as the largest power of two <= MAX_CHUNK that divides both the
     scale group and the packed row, so a chunk never straddles a scale group.
-    "split": one tile per byte shift (``Piece``), columns permuted. "auto": `auto_unpack`.
+    "split": one tile per byte shift (``Piece``), columns permuted. "bytes" (8-bit
+    formats only): the natural chunks of "join", loaded as 8-bit values (int8, uint8,
+    float8_e4m3fn) and converted by ``astype``, no 32-bit words. "auto": `auto_unpack`.
     """
     if unpack not in UNPACKS:
         raise ValueError(f"unpack: expected one of {UNPACKS}, got {unpack!r}")
@@ -158,6 +161,8 @@ def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
             raise NotImplementedError(f"head_dim: the kernel needs a power-of-two head_dim for bf16, got {D}")
         return Layout("bf16", 16, True, D, 0, (Piece(0, 0, 0, D, ((0, 0, D),)),), tuple(range(D)))
     bits = t.bits
+    if unpack == "bytes" and bits != 8:
+        raise NotImplementedError(f"unpack: 'bytes' reads 8-bit formats only, got {t.format} ({bits} bits)")
     dp = D * bits // 8
     if dp % 4:
         raise NotImplementedError(f"head_dim: {D} {t.format} values are {dp} bytes, not whole 32-bit words")
@@ -166,7 +171,7 @@ def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     if g % 4:
         raise NotImplementedError(f"group: the kernel needs scale groups of a multiple of 4 channels, got {g}")
     pieces, perm = [], []
-    if unpack != "split":
+    if unpack != "split":  # "join" and "bytes": natural chunks
         ce = min(_pow2_divisor(math.gcd(g, dp)), MAX_CHUNK)
         if ce < 16:
             raise NotImplementedError(
@@ -318,10 +323,10 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Rt] int32: body tokens visible to each row
     pt_ref = next(it) if page_size else None  # [max_pages] int32: page of each page_size stream slots
-    k_ref = next(it)  # [S, words] uint32 | [S, D] bf16
+    k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, D] 8-bit ("bytes")
     ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
-    v_ref = next(it)  # [S, words] uint32 | [S, D] bf16
+    v_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, D] 8-bit ("bytes")
     vs_ref = next(it) if v_scaled else None  # [S, Gv]
     vz_ref = next(it) if v_zero else None
     o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Rt, D] f32, [Rt] f32, [Rt] f32
@@ -334,8 +339,9 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     lo = j * per_split
     hi = jnp.minimum(nblk, lo + per_split)
     kdt, vdt = _kdtype(kl), _vdtype(vl, v_fp16)
-    k_fp8_fix = 256.0 if kl.fmt == "fp8" else 1.0  # _unpack gives e4m3 values * 2**-8
-    v_fp8_fix = 256.0 if vl.fmt == "fp8" else 1.0
+    # _unpack gives e4m3 values * 2**-8 ("bytes" converts them exactly)
+    k_fp8_fix = 256.0 if kl.fmt == "fp8" and kl.unpack != "bytes" else 1.0
+    v_fp8_fix = 256.0 if vl.fmt == "fp8" and vl.unpack != "bytes" else 1.0
 
     # q columns of each key piece (loaded once, before the loop)
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
@@ -357,6 +363,8 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         return cache[pc.w0]
 
     def tile(ref, at, pc, lay, cache, dtype):
+        if lay.unpack == "bytes":  # 8-bit storage as is: [BK, width] -> dtype
+            return ref[(*at, pl.ds(4 * pc.w0, pc.width))].astype(dtype)
         w = words(ref, at, pc, lay, cache)
         return _unpack(w, pc, lay, dtype) if lay.packed else w.astype(dtype)
 
@@ -614,7 +622,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         else:
             specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j, r: (b, h, *zeros)))
 
-    add(_as_words(cache.k))
+    add(cache.k if kl.unpack == "bytes" else _as_words(cache.k))
 
     def kscale(x):
         return x.reshape(*x.shape[:-1], D // 4, 4) if k_mode == "channel" else x
@@ -623,7 +631,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         add(kscale(cache.k_scale))
         if cache.k_zero is not None:
             add(kscale(cache.k_zero))
-    add(_as_words(cache.v))
+    add(cache.v if vl.unpack == "bytes" else _as_words(cache.v))
     v_scaled = spec.v.quantized
     if v_scaled:
         add(cache.v_scale)

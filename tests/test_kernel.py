@@ -155,6 +155,39 @@ def test_every_unpacking_matches_reference(name, shape, unpack):
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
 
 
+@pytest.mark.parametrize("name,shape", [("int8", (4, 128, 1)), ("int8-g32-asym", (3, 64, 4)), ("fp8", (1, 128, 4)),
+                                        ("fp8-sinks", (8, 64, 1)), ("kbf16-v8", (4, 128, 1))])
+def test_bytes_unpacking_of_8bit_formats_matches_reference(name, shape):
+    """Config.unpack="bytes": 8-bit tiles loaded as stored (int8, uint8, float8) and converted by astype."""
+    G, D, T = shape
+    spec_str = FORMATS.get(name, "k=bf16,v=int8")
+    spec, cache, q = _case(name, spec_str, G, D, T, seed=zlib.crc32(f"{name}bytes".encode()))
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
+    k_hat, v_hat = reference.dequantize_body(cache)
+    vmax = float(jnp.max(jnp.abs(v_hat)))
+    base = decode.choose_config(cache, 16)
+    cfg = decode.Config(base.block_k, base.num_splits, unpack="bytes")
+    o, lse = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
+    finite = np.isfinite(np.asarray(lse_ref))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse_ref)[finite], rtol=2e-5, atol=2e-5)
+    o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
+    assert float(jnp.max(jnp.abs(o_fast - o_ref))) <= _fast_bound(qg, k_hat, scale, vmax)
+
+
+def test_bytes_unpacking_lowers_for_cuda_and_rejects_packed_formats():
+    for fmt in ("int8", "fp8", "k=int8:g32:asym,v=int8:g32:asym"):
+        cache = kvq.init_cache(fmt, 2, 512, 2, 128)
+        q = jnp.zeros((2, 1, 8, 128), jnp.bfloat16)
+        cfg = decode.Config(64, 4, unpack="bytes")
+        f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", interpret=False, config=cfg))
+        text = f.trace(q, cache).lower(lowering_platforms=("cuda",)).as_text()
+        assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), fmt
+    with pytest.raises(NotImplementedError, match="^unpack: 'bytes'"):
+        decode.make_layout(kvq.KVSpec.parse("int4").k, 128, "bytes")
+
+
 @pytest.mark.parametrize("block_k", [64, 128])
 def test_per_channel_keys_with_several_token_groups_per_block(block_k):
     """KIVI keys: one dot per token group of a block (the default block is one group of 32)."""
