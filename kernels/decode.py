@@ -108,7 +108,7 @@ class Layout:
     pieces: tuple
     perm: tuple  # kernel column -> natural head_dim index
     unpack: str = "join"  # "join": natural chunks interleaved by joins; "split": byte-shift pieces;
-    # "bytes": natural chunks of 8-bit values loaded as they are stored
+    # "bytes": natural chunks read from the stored bytes (8-bit as stored, packed by bit plane)
 
     @property
     def packed(self) -> bool:
@@ -147,9 +147,10 @@ def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     ``unpack`` "join": natural chunks (head_dim order, no permutation of q
     or o), each as wide as the largest power of two <= MAX_CHUNK that divides both the
     scale group and the packed row, so a chunk never straddles a scale group.
-    "split": one tile per byte shift (``Piece``), columns permuted. "bytes" (8-bit
-    formats only): the natural chunks of "join", loaded as 8-bit values (int8, uint8,
-    float8_e4m3fn) and converted by ``astype``, no 32-bit words. "auto": `auto_unpack`.
+    "split": one tile per byte shift (``Piece``), columns permuted. "bytes": the natural
+    chunks of "join" read from the stored bytes, no 32-bit words: 8-bit formats as
+    stored (int8, uint8, float8_e4m3fn), packed ones one bit plane (``(x >> bits * c) &
+    mask``) of a byte tile per chunk, converted by ``astype``. "auto": `auto_unpack`.
     """
     if unpack not in UNPACKS:
         raise ValueError(f"unpack: expected one of {UNPACKS}, got {unpack!r}")
@@ -161,8 +162,6 @@ def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
             raise NotImplementedError(f"head_dim: the kernel needs a power-of-two head_dim for bf16, got {D}")
         return Layout("bf16", 16, True, D, 0, (Piece(0, 0, 0, D, ((0, 0, D),)),), tuple(range(D)))
     bits = t.bits
-    if unpack == "bytes" and bits != 8:
-        raise NotImplementedError(f"unpack: 'bytes' reads 8-bit formats only, got {t.format} ({bits} bits)")
     dp = D * bits // 8
     if dp % 4:
         raise NotImplementedError(f"head_dim: {D} {t.format} values are {dp} bytes, not whole 32-bit words")
@@ -323,10 +322,10 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Rt] int32: body tokens visible to each row
     pt_ref = next(it) if page_size else None  # [max_pages] int32: page of each page_size stream slots
-    k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, D] 8-bit ("bytes")
+    k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes")
     ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
-    v_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, D] 8-bit ("bytes")
+    v_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes")
     vs_ref = next(it) if v_scaled else None  # [S, Gv]
     vz_ref = next(it) if v_zero else None
     o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Rt, D] f32, [Rt] f32, [Rt] f32
@@ -363,8 +362,17 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         return cache[pc.w0]
 
     def tile(ref, at, pc, lay, cache, dtype):
-        if lay.unpack == "bytes":  # 8-bit storage as is: [BK, width] -> dtype
-            return ref[(*at, pl.ds(4 * pc.w0, pc.width))].astype(dtype)
+        if lay.unpack == "bytes":  # the stored bytes [BK, width], loaded once per column range
+            if pc.w0 not in cache:
+                cache[pc.w0] = ref[(*at, pl.ds(4 * pc.w0, pc.width))]
+            x = cache[pc.w0]
+            if lay.bits == 8:
+                return x.astype(dtype)
+            u = (x >> jnp.uint8(lay.bits * pc.c)) & jnp.uint8((1 << lay.bits) - 1)  # bit plane c
+            if not lay.signed:
+                return u.astype(dtype)
+            bias = 1 << (lay.bits - 1)  # two's complement -> biased, then the bias off (exact)
+            return (u ^ jnp.uint8(bias)).astype(dtype) - jnp.asarray(bias, dtype)
         w = words(ref, at, pc, lay, cache)
         return _unpack(w, pc, lay, dtype) if lay.packed else w.astype(dtype)
 

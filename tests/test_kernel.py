@@ -155,13 +155,14 @@ def test_every_unpacking_matches_reference(name, shape, unpack):
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
 
 
-@pytest.mark.parametrize("name,shape", [("int8", (4, 128, 1)), ("int8-g32-asym", (3, 64, 4)), ("fp8", (1, 128, 4)),
-                                        ("fp8-sinks", (8, 64, 1)), ("kbf16-v8", (4, 128, 1))])
-def test_bytes_unpacking_of_8bit_formats_matches_reference(name, shape):
-    """Config.unpack="bytes": 8-bit tiles loaded as stored (int8, uint8, float8) and converted by astype."""
+@pytest.mark.parametrize("name,shape", [("int8", (4, 128, 1)), ("int8-g32-asym", (3, 64, 4)), ("fp8-sinks", (8, 64, 1)),
+                                        ("int4", (1, 128, 4)), ("int4-tok-asym", (4, 64, 1)), ("int2-kivi", (3, 128, 1)),
+                                        ("k8v4", (8, 64, 4)), ("int4-rot", (4, 256, 1))])
+def test_bytes_unpacking_matches_reference(name, shape):
+    """Config.unpack="bytes": tiles read from the stored bytes (8-bit as stored, packed by bit
+    plane) and converted by astype."""
     G, D, T = shape
-    spec_str = FORMATS.get(name, "k=bf16,v=int8")
-    spec, cache, q = _case(name, spec_str, G, D, T, seed=zlib.crc32(f"{name}bytes".encode()))
+    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"{name}bytes".encode()))
     qg, qpos, scale = _body_inputs(spec, cache, q)
     o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
     k_hat, v_hat = reference.dequantize_body(cache)
@@ -176,16 +177,14 @@ def test_bytes_unpacking_of_8bit_formats_matches_reference(name, shape):
     assert float(jnp.max(jnp.abs(o_fast - o_ref))) <= _fast_bound(qg, k_hat, scale, vmax)
 
 
-def test_bytes_unpacking_lowers_for_cuda_and_rejects_packed_formats():
-    for fmt in ("int8", "fp8", "k=int8:g32:asym,v=int8:g32:asym"):
+def test_bytes_unpacking_lowers_for_cuda():
+    for fmt in ("int8", "fp8", "k=int8:g32:asym,v=int8:g32:asym", "int4", "int4-kivi", "int2"):
         cache = kvq.init_cache(fmt, 2, 512, 2, 128)
         q = jnp.zeros((2, 1, 8, 128), jnp.bfloat16)
         cfg = decode.Config(64, 4, unpack="bytes")
         f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", interpret=False, config=cfg))
         text = f.trace(q, cache).lower(lowering_platforms=("cuda",)).as_text()
         assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), fmt
-    with pytest.raises(NotImplementedError, match="^unpack: 'bytes'"):
-        decode.make_layout(kvq.KVSpec.parse("int4").k, 128, "bytes")
 
 
 @pytest.mark.parametrize("block_k", [64, 128])
