@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -132,8 +133,9 @@ def bench_sharded(B, S, Hq, H, D, presets, key, gpus):
 
 # -- correctness ---------------------------------------------------------------
 
-def check(quick=False, presets=None):
-    """Our GPU kernel vs reference.py on the same quantized data; returns rows of results."""
+def check(quick=False, presets=None, unpacks=("auto",)):
+    """Our GPU kernel (each ``Config.unpack`` of ``unpacks``) vs reference.py on the same
+    quantized data; returns rows of results."""
     rows = []
     key = jax.random.key(1)
     shapes = [(2, 8, 4, 128, 1), (3, 2, 1, 64, 4), (2, 4, 8, 256, 1), (2, 2, 3, 128, 16)]
@@ -148,14 +150,15 @@ def check(quick=False, presets=None):
             cache = build_cache(spec, B, 3072, H, D, key, lengths)
             q = jax.random.normal(kq, (B, T, H * G, D), jnp.float32)
             ref = kvq.attend(q, cache, impl="xla")
-            for precise in (False, True):
-                out = jax.jit(lambda q, c: _attend_pallas(q, c, precise))(q, cache)
+            for unpack, precise in itertools.product(unpacks, (False, True)):
+                cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack)
+                out = jax.jit(lambda q, c: _attend_pallas(q, c, precise, cfg))(q, cache)
                 err = float(jnp.max(jnp.abs(out - ref)))
                 rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
                 ok = bool(jnp.all(jnp.isfinite(out))) and rel < (2e-5 if precise else 1e-2)
-                rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise,
+                rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise, unpack=unpack,
                                  max_abs=err, rel=rel, ok=ok))
-                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} precise={precise!s:5s} "
+                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} precise={precise!s:5s} "
                       f"max|d|={err:.2e} rel={rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
@@ -395,7 +398,8 @@ def main(argv=None):
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
     result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d")}
     if not a.no_check:
-        result["check"] = check(a.quick, a.check_presets.split(",") if a.check_presets else None)
+        result["check"] = check(a.quick, a.check_presets.split(",") if a.check_presets else None,
+                                unpacks=a.unpack.split(","))
         if not all(r["ok"] for r in result["check"]):
             print("CHECK FAILED", flush=True)
     key = jax.random.key(0)
