@@ -72,19 +72,17 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=Non
                            impl=impl, mesh=mesh)
     per = eng.max_pages
     table = jnp.asarray(np.arange(batch * per, dtype=np.int32).reshape(batch, per))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, 1)), jnp.int32)
-    ones, zeros = jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)
-    kw = eng._static(None)
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, batch).astype(np.int32)
+    kw, greedy = eng._static(None), (kvq.Sampler(temperature=0.0),)
     kv, weights, key = eng._kv, eng._weights, eng._key
     eng._kv = None
-    lengths = np.full((batch,), context, np.int32)
 
-    def advance(i):
+    def advance(i):  # engine._decode_step's slot rows: token, length, n_valid, rid, step, sampler
         nonlocal kv, tokens
-        nxt, kv, _ = engine_mod._decode_step(weights, kv, tokens, jnp.asarray(lengths + i), ones, table, key,
-                                             zeros, zeros, zeros, samplers=(kvq.Sampler(temperature=0.0),), **kw)
-        tokens = nxt[:, None]
-        return nxt
+        slots = jnp.stack([tokens, jnp.full((batch,), context + i, jnp.int32), jnp.ones((batch,), jnp.int32),
+                           *(jnp.zeros((batch,), jnp.int32),) * 3], axis=1)
+        tokens, kv, _ = engine_mod._decode_step(weights, kv, slots, table, key, samplers=greedy, **kw)
+        return tokens
 
     step_s, compile_s = time_steps(advance, steps)
     del kv, eng

@@ -180,12 +180,17 @@ _STATIC = ("gd", "groups", "layer_map", "page_size", "num_pages", "impl", "prefi
 
 
 @partial(jax.jit, static_argnames=_STATIC + ("samplers",), donate_argnames=("kv",))
-def _decode_step(weights, kv, tokens, n_old, n_valid, table, base_key, rids, steps, which, *, samplers, **static):
-    """One decode step of every slot and its sampling in one program: ``tokens int32[B, 1]``
-    (slot order) -> (next ids ``int32[B]``, kv, overflow ``bool[B]``); idle slots have
-    ``n_valid`` 0 and their ids are meaningless. Sampling as `_sample` (key (rid, step))."""
-    rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    logits, kv, over = _forward(weights, kv, tokens, rows, n_old, n_valid, table, fresh=False, **static)
+def _decode_step(weights, kv, slots, table, base_key, *, samplers, **static):
+    """One decode step of every slot and its sampling in one program.
+
+    ``slots: int32[B, 6]``, one row per slot (one transfer per step): last token, tokens
+    held, n_valid (1 decoding, 0 idle), request id, tokens generated so far, sampler index;
+    ``table: int32[B, max_pages]``. Returns (next ids ``int32[B]``, kv, overflow ``bool[B]``);
+    ids of idle slots are meaningless. Sampling as `_sample` (key (rid, step)).
+    """
+    tokens, n_old, n_valid, rids, steps, which = (slots[:, i] for i in range(6))
+    rows = jnp.arange(slots.shape[0], dtype=jnp.int32)
+    logits, kv, over = _forward(weights, kv, tokens[:, None], rows, n_old, n_valid, table, fresh=False, **static)
     return _sample(logits, base_key, rids, steps, which, samplers=samplers), kv, over
 
 
@@ -305,6 +310,7 @@ class Engine:
         self._kv = tuple(self._group_cache(g, specs.count(g), H, D) for g in groups)
         self.allocator = PageAllocator(self.num_pages)
         self._table = np.full((self.max_batch, self.max_pages), -1, np.int32)
+        self._table_dev = None  # device copy of _table for decode steps; None after a change
         self._lengths = np.zeros((self.max_batch,), np.int32)
         self._slots: list[_Request | None] = [None] * self.max_batch
         self._queue: OrderedDict[int, _Request] = OrderedDict()
@@ -413,6 +419,7 @@ class Engine:
         r.slot, r.pages = slot, pages
         self._slots[slot] = r
         self._table[slot, :len(pages)] = pages
+        self._table_dev = None
         try:
             while r.prefilling:
                 start = r.done
@@ -484,6 +491,7 @@ class Engine:
             self._slots[slot] = r
             self._table[slot] = -1
             self._table[slot, :len(r.pages)] = r.pages
+            self._table_dev = None
             self._lengths[slot] = r.done
 
     def _static(self, fresh: bool | None) -> dict:
@@ -532,18 +540,17 @@ class Engine:
             self._push(r, self._sample(logits, [r])[0], finished)
 
     def _decode(self, reqs, finished):
-        """One decode step of every slot, sampled on the device: one program, one read back."""
-        B = self.max_batch
-        toks = np.zeros((B, 1), np.int32)
-        n_valid, rids, steps, which = (np.zeros((B,), np.int32) for _ in range(4))
+        """One decode step of every slot, sampled on the device: one program, one transfer of
+        the slots' state in (the page tables only after they change), one read back."""
+        slots = np.zeros((self.max_batch, 6), np.int32)  # see _decode_step
+        slots[:, 1] = self._lengths
         samplers = tuple(dict.fromkeys(r.sampler for r in reqs))
         for r in reqs:
-            toks[r.slot, 0] = r.out[-1]
-            n_valid[r.slot], rids[r.slot], steps[r.slot] = 1, r.rid, len(r.out)
-            which[r.slot] = samplers.index(r.sampler)
-        nxt, self._kv, over = _decode_step(self._weights, self._kv, *jax.device_put(
-            (toks, self._lengths, n_valid, self._table)), self._key, *jax.device_put((rids, steps, which)),
-            samplers=samplers, **self._static(None))
+            slots[r.slot] = (r.out[-1], self._lengths[r.slot], 1, r.rid, len(r.out), samplers.index(r.sampler))
+        if self._table_dev is None:
+            self._table_dev = jax.device_put(self._table)
+        nxt, self._kv, over = _decode_step(self._weights, self._kv, jax.device_put(slots), self._table_dev,
+                                           self._key, samplers=samplers, **self._static(None))
         nxt, over = jax.device_get((nxt, over))
         if over.any():  # pages are reserved at admission: this is a bug, never silent
             raise RuntimeError(f"page overflow in slots {np.nonzero(over)[0].tolist()}")
@@ -564,6 +571,7 @@ class Engine:
         r.pages = []
         self._slots[r.slot] = None
         self._table[r.slot] = -1
+        self._table_dev = None
         self._lengths[r.slot] = 0
         r.slot = -1
 
