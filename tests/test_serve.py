@@ -297,11 +297,13 @@ def test_chunks_read_the_past_in_blocks_with_the_same_result(model):
     np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5 * np.max(np.abs(whole)))
 
 
-def test_chunks_through_the_kernel_equal_the_xla_path(model):
+@pytest.mark.parametrize("kv", ["int8", "int4-kivi"])
+def test_chunks_through_the_kernel_equal_the_xla_path(model, kv):
     """impl="pallas" (interpret mode here): later chunks read the pages with the kernel, rows
-    in tiles; same last-token logits as the XLA path up to the kernel's 16-bit rounding."""
+    in tiles (and the bf16 window in XLA); same last-token logits as the XLA path up to the
+    kernel's 16-bit rounding."""
     prompt = _prompts((230,), seed=13)[0]
-    kw = dict(kv="int8", max_batch=1, page_size=64, max_len=256, prefill_chunk=64)
+    kw = dict(kv=kv, max_batch=1, page_size=64, max_len=256, prefill_chunk=64)
     xla = Engine(model, impl="xla", **kw).prefill(prompt)
     pallas = Engine(model, impl="pallas", **kw).prefill(prompt)
     err = np.max(np.abs(pallas - xla)) / np.max(np.abs(xla))
