@@ -67,21 +67,24 @@ def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
 def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=None):
     """Seconds per step of the engine's jitted decode step (all layers, append through the page
     tables, attention, logits, greedy sampling) at ``batch`` sequences of ``context`` tokens,
-    each step fed the previous step's tokens."""
+    each step fed the previous step's ids on the device."""
     eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1,
                            impl=impl, mesh=mesh)
     per = eng.max_pages
     table = jnp.asarray(np.arange(batch * per, dtype=np.int32).reshape(batch, per))
-    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, batch).astype(np.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, batch), jnp.int32)
     kw, greedy = eng._static(None), (kvq.Sampler(temperature=0.0),)
     kv, weights, key = eng._kv, eng._weights, eng._key
     eng._kv = None
+    # engine._decode_step's slot rows: each step appends at position `context` (the stored
+    # values do not change the work) and takes its token from the previous step's ids
+    slots = np.zeros((batch, 7), np.int32)
+    slots[:, 1], slots[:, 2], slots[:, 6] = context, 1, 1
+    slots = jnp.asarray(slots)
 
-    def advance(i):  # engine._decode_step's slot rows: token, length, n_valid, rid, step, sampler
+    def advance(i):
         nonlocal kv, tokens
-        slots = jnp.stack([tokens, jnp.full((batch,), context + i, jnp.int32), jnp.ones((batch,), jnp.int32),
-                           *(jnp.zeros((batch,), jnp.int32),) * 3], axis=1)
-        tokens, kv, _ = engine_mod._decode_step(weights, kv, slots, table, key, samplers=greedy, **kw)
+        tokens, kv, _ = engine_mod._decode_step(weights, kv, slots, tokens, table, key, samplers=greedy, **kw)
         return tokens
 
     step_s, compile_s = time_steps(advance, steps)

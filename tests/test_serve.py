@@ -232,6 +232,27 @@ def test_engine_greedy_equals_generate_with_requests_joining(model):
         eng.cancel(a)
 
 
+def test_eos_read_a_step_late_frees_the_slot_without_changing_any_tokens(model):
+    """Pipelined decode: an EOS is read after the next step was dispatched; that step's token
+    is dropped and the next request, admitted into the freed slot and pages, is unaffected."""
+    prompts = _prompts((12, 30), seed=5)
+    kw = dict(kv="int8", max_batch=1, page_size=16, max_len=96, prefill_chunk=64)
+    plain = Engine(model, eos_id=(), **kw)
+    rids = [plain.submit(p, 12) for p in prompts]
+    done = plain.run()
+    full = [done[r] for r in rids]
+    eos = full[0][4]  # the first request's 5th token ends it
+    eng = Engine(model, eos_id=eos, **kw)
+    ids = [eng.submit(p, 12) for p in prompts]
+    out = eng.run()
+    for rid, want in zip(ids, full):
+        cut = want.index(eos) + 1 if eos in want else len(want)
+        assert out[rid] == want[:cut], rid
+    assert len(out[ids[0]]) <= 5
+    eng.allocator.check()
+    assert eng.allocator.num_used == 0 and eng.num_active == 0
+
+
 @pytest.mark.parametrize("policy", [{0: "int4-kivi", "default": "int8"}, ("int4", "k8v4")])
 def test_engine_per_layer_policy_equals_generate(model, policy):
     eng = Engine(model, kv=policy, max_batch=2, page_size=32, max_len=160, prefill_chunk=64)

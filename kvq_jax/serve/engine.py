@@ -19,8 +19,12 @@ How a request runs:
    tokens elsewhere; memory stays bounded at any context) and causally to its own
    full-precision K/V (`kvq.attention.attend_chunk`), then is appended.
 3. Decode: one jitted step feeds the last token of every decoding slot (T = 1),
-   appends it through the page tables and samples the next one. A request retires
-   after ``max_new_tokens`` tokens or an EOS; its pages go back to the allocator.
+   appends it through the page tables and samples the next one. Steps are pipelined:
+   the next step is dispatched (taking its tokens from the previous step's ids on the
+   device) before the previous step's ids are read back, so the device does not wait
+   for the host between steps. A request retires after ``max_new_tokens`` tokens or an
+   EOS (read one step later; the extra step's token is dropped, its append stays
+   within the request's reserved pages); its pages go back to the allocator.
 
 Cache layout inside the engine: the pool leaves of all layers of one format are
 stacked into one array per leaf, ``[layers * num_pages, Hkv, page_size, ...]`` (one such
@@ -180,15 +184,18 @@ _STATIC = ("gd", "groups", "layer_map", "page_size", "num_pages", "impl", "prefi
 
 
 @partial(jax.jit, static_argnames=_STATIC + ("samplers",), donate_argnames=("kv",))
-def _decode_step(weights, kv, slots, table, base_key, *, samplers, **static):
+def _decode_step(weights, kv, slots, prev, table, base_key, *, samplers, **static):
     """One decode step of every slot and its sampling in one program.
 
-    ``slots: int32[B, 6]``, one row per slot (one transfer per step): last token, tokens
-    held, n_valid (1 decoding, 0 idle), request id, tokens generated so far, sampler index;
-    ``table: int32[B, max_pages]``. Returns (next ids ``int32[B]``, kv, overflow ``bool[B]``);
-    ids of idle slots are meaningless. Sampling as `_sample` (key (rid, step)).
+    ``slots: int32[B, 7]``, one row per slot (one transfer per step): last token, tokens
+    held, n_valid (1 decoding, 0 idle), request id, tokens generated so far, sampler index,
+    and 1 where the last token is instead ``prev[slot]`` (``int32[B]``, the previous step's
+    ids, still on the device); ``table: int32[B, max_pages]``. Returns (next ids
+    ``int32[B]``, kv, overflow ``bool[B]``); ids of idle slots are meaningless. Sampling as
+    `_sample` (key (rid, step)).
     """
-    tokens, n_old, n_valid, rids, steps, which = (slots[:, i] for i in range(6))
+    tokens, n_old, n_valid, rids, steps, which, from_prev = (slots[:, i] for i in range(7))
+    tokens = jnp.where(from_prev == 1, prev, tokens)
     rows = jnp.arange(slots.shape[0], dtype=jnp.int32)
     logits, kv, over = _forward(weights, kv, tokens[:, None], rows, n_old, n_valid, table, fresh=False, **static)
     return _sample(logits, base_key, rids, steps, which, samplers=samplers), kv, over
@@ -311,6 +318,8 @@ class Engine:
         self.allocator = PageAllocator(self.num_pages)
         self._table = np.full((self.max_batch, self.max_pages), -1, np.int32)
         self._table_dev = None  # device copy of _table for decode steps; None after a change
+        self._pending = None  # (ids, overflow, {slot: request}) of the last decode step, not yet read
+        self._no_prev = jnp.zeros((self.max_batch,), jnp.int32)
         self._lengths = np.zeros((self.max_batch,), np.int32)
         self._slots: list[_Request | None] = [None] * self.max_batch
         self._queue: OrderedDict[int, _Request] = OrderedDict()
@@ -441,10 +450,16 @@ class Engine:
         while (self._queue or self.num_active) and (max_steps is None or it < max_steps):
             self.step(finished)
             it += 1
+        self._read_pending(finished)
         return finished
 
     def step(self, finished: dict | None = None) -> dict[int, list[int]]:
         """One engine iteration: admit, one prefill chunk per prefilling request, one decode step.
+
+        Decode steps are pipelined: a step is dispatched before the previous step's tokens
+        are read back, so the device never waits for the host between steps, and a request
+        leaves its slot one iteration after its last token was computed (`run` reads the
+        last step before it returns).
 
         Returns (and adds to ``finished``) the requests that finished in it.
         """
@@ -458,7 +473,7 @@ class Engine:
             if r is not None and r.prefilling:
                 self._prefill_chunk(r, finished)
         decoding = [r for r in self._slots if r is not None and not r.prefilling]
-        if decoding:
+        if decoding or self._pending:
             self._decode(decoding, finished)
         return finished
 
@@ -540,25 +555,54 @@ class Engine:
             self._push(r, self._sample(logits, [r])[0], finished)
 
     def _decode(self, reqs, finished):
-        """One decode step of every slot, sampled on the device: one program, one transfer of
-        the slots' state in (the page tables only after they change), one read back."""
-        slots = np.zeros((self.max_batch, 6), np.int32)  # see _decode_step
+        """Dispatch one decode step of the slots in ``reqs`` that still need tokens (sampled on
+        the device; one transfer of the slots' state in, the page tables only after they
+        change), then read back the previous step. A request whose last token is still
+        pending takes it from the previous step's ids on the device."""
+        prev = self._pending
+        pending_of = prev[2] if prev else {}
+        slots = np.zeros((self.max_batch, 7), np.int32)  # see _decode_step
         slots[:, 1] = self._lengths
         samplers = tuple(dict.fromkeys(r.sampler for r in reqs))
+        live = {}
         for r in reqs:
-            slots[r.slot] = (r.out[-1], self._lengths[r.slot], 1, r.rid, len(r.out), samplers.index(r.sampler))
-        if self._table_dev is None:
-            self._table_dev = jax.device_put(self._table)
-        nxt, self._kv, over = _decode_step(self._weights, self._kv, jax.device_put(slots), self._table_dev,
-                                           self._key, samplers=samplers, **self._static(None))
+            pend = int(pending_of.get(r.slot) is r)
+            if len(r.out) + pend >= r.max_new:  # its last token is the pending one
+                continue
+            slots[r.slot] = (0 if pend else r.out[-1], self._lengths[r.slot], 1, r.rid, len(r.out) + pend,
+                             samplers.index(r.sampler), pend)
+            live[r.slot] = r
+        self._pending = None
+        if live:
+            if self._table_dev is None:
+                self._table_dev = jax.device_put(self._table)
+            nxt, self._kv, over = _decode_step(self._weights, self._kv, jax.device_put(slots),
+                                               prev[0] if prev else self._no_prev, self._table_dev, self._key,
+                                               samplers=samplers, **self._static(None))
+            self._pending = (nxt, over, live)
+            for slot in live:
+                self._lengths[slot] += 1
+            self.stats["decode_steps"] += 1
+        if prev:
+            self._apply(prev, finished)
+
+    def _read_pending(self, finished):
+        """Read back the last dispatched decode step, if any."""
+        prev, self._pending = self._pending, None
+        if prev:
+            self._apply(prev, finished)
+
+    def _apply(self, step, finished):
+        """Push one decode step's tokens to its requests; a request that left its slot since
+        (an EOS read after the step was dispatched, or a cancel) drops its token."""
+        nxt, over, live = step
         nxt, over = jax.device_get((nxt, over))
-        if over.any():  # pages are reserved at admission: this is a bug, never silent
-            raise RuntimeError(f"page overflow in slots {np.nonzero(over)[0].tolist()}")
-        self.stats["decode_steps"] += 1
-        for r in reqs:
-            t = nxt[r.slot]
-            self._lengths[r.slot] += 1
-            self._push(r, t, finished)
+        bad = [slot for slot in live if over[slot]]
+        if bad:  # pages are reserved at admission: this is a bug, never silent
+            raise RuntimeError(f"page overflow in slots {bad}")
+        for slot, r in live.items():
+            if self._slots[slot] is r:
+                self._push(r, nxt[slot], finished)
 
     def _push(self, r: _Request, tok: int, finished):
         r.out.append(int(tok))
