@@ -17,6 +17,7 @@ and lengths 1, block non-multiples and max_len, ragged across the batch. The com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import types
@@ -75,28 +76,35 @@ def _body_inputs(spec, cache, q):
     return qg, qpos, 1.0 / math.sqrt(D)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"G{s[0]}-D{s[1]}-T{s[2]}")
-@pytest.mark.parametrize("name", sorted(FORMATS))
-def test_kernel_matches_reference(name, shape):
+def _check_kernel(name, shape, seed_key, config=None, fast=True):
+    """The kernel (interpret mode) on `_case` data against ``reference.body_attention``: precise
+    mode to f32 rounding; with ``fast``, the default mode within `_fast_bound`. ``config``:
+    None, or a function of the cache giving the `decode.Config`."""
     G, D, T = shape
-    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"{name}{shape}".encode()))
+    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(seed_key.encode()))
     qg, qpos, scale = _body_inputs(spec, cache, q)
     o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
     k_hat, v_hat = reference.dequantize_body(cache)
     vmax = float(jnp.max(jnp.abs(v_hat)))
     finite = np.isfinite(np.asarray(lse_ref))
+    cfg = None if config is None else config(cache)
 
-    o, lse = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)
+    o, lse = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
     assert np.array_equal(np.isfinite(np.asarray(lse)), finite)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse_ref)[finite], rtol=2e-5, atol=2e-5)
+    if fast:
+        o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
+        bound = _fast_bound(qg, k_hat, scale, vmax)
+        err = float(jnp.max(jnp.abs(o_fast - o_ref)))
+        assert err <= bound, f"{name}: fast-mode error {err:.3e} above its bound {bound:.3e}"
 
-    if shape != SHAPES[1]:  # the default (fast) mode is checked on one shape per format
-        return
-    o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=False)
-    bound = _fast_bound(qg, k_hat, scale, vmax)
-    err = float(jnp.max(jnp.abs(o_fast - o_ref)))
-    assert err <= bound, f"{name}: fast-mode error {err:.3e} above its bound {bound:.3e}"
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"G{s[0]}-D{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_kernel_matches_reference(name, shape):
+    # the default (fast) mode is checked on one shape per format
+    _check_kernel(name, shape, f"{name}{shape}", fast=shape == SHAPES[1])
 
 
 def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8):
@@ -161,20 +169,8 @@ def test_every_unpacking_matches_reference(name, shape, unpack):
 def test_bytes_unpacking_matches_reference(name, shape):
     """Config.unpack="bytes": tiles read from the stored bytes (8-bit as stored, packed by bit
     plane) and converted by astype."""
-    G, D, T = shape
-    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"{name}bytes".encode()))
-    qg, qpos, scale = _body_inputs(spec, cache, q)
-    o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
-    k_hat, v_hat = reference.dequantize_body(cache)
-    vmax = float(jnp.max(jnp.abs(v_hat)))
-    base = decode.choose_config(cache, 16)
-    cfg = decode.Config(base.block_k, base.num_splits, unpack="bytes")
-    o, lse = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
-    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
-    finite = np.isfinite(np.asarray(lse_ref))
-    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse_ref)[finite], rtol=2e-5, atol=2e-5)
-    o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
-    assert float(jnp.max(jnp.abs(o_fast - o_ref))) <= _fast_bound(qg, k_hat, scale, vmax)
+    _check_kernel(name, shape, f"{name}bytes",
+                  config=lambda c: dataclasses.replace(decode.choose_config(c, 16), unpack="bytes"))
 
 
 def test_bytes_unpacking_lowers_for_cuda():
