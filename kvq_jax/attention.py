@@ -59,6 +59,18 @@ def default_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def resolve_impl(impl: str, page_table=None) -> str:
+    """``impl`` checked against `IMPLS`, "auto" resolved by `default_impl`; reading through
+    a ``page_table`` needs "pallas"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = default_impl()
+    if page_table is not None and impl != "pallas":
+        raise ValueError(f"page_table: only impl='pallas' reads through a page table, got impl={impl!r}")
+    return impl
+
+
 def attend(
     q: jax.Array,
     cache: KVCache,
@@ -97,13 +109,8 @@ def attend(
       ``[B, T, Hq, D]`` in q's dtype. Rows of sequences whose ``overflow`` flag is
       set are NaN.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl, page_table)
     _check_q(q, cache)
-    if impl == "auto":
-        impl = default_impl()
-    if page_table is not None and impl != "pallas":
-        raise ValueError(f"page_table: only impl='pallas' reads through a page table, got impl={impl!r}")
     B, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qg = q.astype(jnp.float32).reshape(B, T, cache.num_kv_heads, Hq // cache.num_kv_heads, D)
@@ -194,13 +201,8 @@ def attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, *, le
     Returns:
       ``[B, T, Hq, D]`` in q's dtype; NaN rows for sequences whose ``overflow`` is set.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl, page_table)
     check_chunk(q, k, v, cache)
-    if impl == "auto":
-        impl = default_impl()
-    if page_table is not None and impl != "pallas":
-        raise ValueError(f"page_table: only impl='pallas' reads through a page table, got impl={impl!r}")
     B, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     H = cache.num_kv_heads

@@ -690,12 +690,9 @@ def shard_attend(q: jax.Array, cache: KVCache, *, mesh: Mesh | None = None, impl
     if mesh is None:
         return _layout_fn(cache, "attend")(q, cache, impl=impl, interpret=interpret, scale=scale, precise=precise,
                                            config=config)
-    if impl not in _attention.IMPLS:
-        raise ValueError(f"impl: expected one of {_attention.IMPLS}, got {impl!r}")
+    impl = _attention.resolve_impl(impl)
     _attention._check_q(q, cache)
     cache_partition_specs(cache, mesh)  # argument errors name "cache"
-    if impl == "auto":
-        impl = _attention.default_impl()
     if interpret is None and impl == "pallas":
         interpret = jax.default_backend() != "gpu"
     mode = _head_mode(q.shape[2], cache, mesh)
@@ -731,8 +728,7 @@ def shard_attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache, *, lengt
     mode = "sharded" if _split_heads(cache, mesh) else "replicated"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths).astype(jnp.int32)
-    if impl == "auto":  # resolved outside the map (the default backend decides)
-        impl = _attention.default_impl()
+    impl = _attention.resolve_impl(impl)  # outside the map: the default backend decides "auto"
     return _attend_chunk_sharded(q, k, v, cache, n, mesh=mesh, mode=mode, scale=scale,
                                  block=None if block is None else int(block), impl=impl, interpret=interpret)
 

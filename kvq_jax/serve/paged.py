@@ -433,6 +433,14 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
 
 # ----------------------------------------------------------------------------- read
 
+def _paged_impl(impl: str, cache: PagedKVCache) -> str:
+    """``impl`` resolved (`kvq.attention.resolve_impl`); the kernel needs a page_size multiple of 64."""
+    impl = attention.resolve_impl(impl)
+    if impl == "pallas" and cache.page_size % 64:
+        raise ValueError(f"page_size: the Pallas kernel needs a multiple of 64, the cache has {cache.page_size}")
+    return impl
+
+
 def attend_paged(
     q: jax.Array,
     cache: PagedKVCache,
@@ -458,14 +466,8 @@ def attend_paged(
     Returns:
       ``[B, T, Hq, D]`` in q's dtype; NaN rows for overflowed sequences.
     """
-    if impl not in attention.IMPLS:
-        raise ValueError(f"impl: expected one of {attention.IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = attention.default_impl()
-    if impl == "xla":
+    if _paged_impl(impl, cache) == "xla":
         return attention.attend(q, contiguous_view(cache), impl="xla", scale=scale)
-    if cache.page_size % 64:
-        raise ValueError(f"page_size: the Pallas kernel needs a multiple of 64, the cache has {cache.page_size}")
     return attention.attend(q, cache, impl="pallas", interpret=interpret, scale=scale, precise=precise,
                             config=config, page_table=cache.page_table)
 
@@ -482,15 +484,9 @@ def attend_chunk_paged(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVC
     `kvq.attend`); "xla" reads a gathered contiguous view in body
     blocks of ``block`` tokens; "auto": pallas on GPU, xla elsewhere. Returns
     ``[B, T, Hq, D]`` in q's dtype."""
-    if impl not in attention.IMPLS:
-        raise ValueError(f"impl: expected one of {attention.IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = attention.default_impl()
-    if impl == "xla":
+    if _paged_impl(impl, cache) == "xla":
         return attention.attend_chunk(q, k, v, contiguous_view(cache), lengths=lengths, scale=scale, block=block,
                                       impl="xla")
-    if cache.page_size % 64:
-        raise ValueError(f"page_size: the Pallas kernel needs a multiple of 64, the cache has {cache.page_size}")
     return attention.attend_chunk(q, k, v, cache, lengths=lengths, scale=scale, impl="pallas", interpret=interpret,
                                   precise=precise, config=config, page_table=cache.page_table)
 
