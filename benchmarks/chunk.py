@@ -17,6 +17,7 @@ attends to a cache already holding ``--past`` tokens and causally to itself
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 
@@ -58,13 +59,10 @@ def main(argv=None):
         cache = jax.jit(kvq.append)(cache, kp, vp)
         del kp, vp
         runs = {"xla": dict(impl="xla")}
-        tg = cache.spec.token_group if cache.spec.channel_keys else 64
-        for rt in map(int, a.row_tiles.split(",")):
+        for rt in map(int, a.row_tiles.split(",")):  # the default launch config at each row tile
             cfg = decode._choose(cache.spec, B * H * decode._row_tiles(T * (Hq // H), rt)[1], cache.body_capacity)
             runs[f"pallas rt{rt}"] = dict(impl="pallas", interpret=interpret,
-                                          config=decode.Config(tg if cache.spec.channel_keys else cfg.block_k,
-                                                               cfg.num_splits, num_stages=cfg.num_stages,
-                                                               row_tile=rt))
+                                          config=dataclasses.replace(cfg, row_tile=rt))
         r = res["presets"].setdefault(preset, {})
         want = None
         for name, kw in runs.items():
