@@ -1,36 +1,169 @@
-"""Launch the decode kernel a few times on one shape, for a profiler to attach to.
+"""Launch the decode kernel a few times on one shape, for a profiler to attach to; or
+count the instruction mix of its compiled code per variant.
 
     ncu --clock-control none --kernel-name regex:kvq_decode --launch-skip 2 --launch-count 1 \\
         python benchmarks/profile_decode.py --preset int4 --unpack join
+    python benchmarks/profile_decode.py --ptx DIR --preset int8,int4 --unpack auto,bytes
 
 Builds a B x S cache of random keys/values in the preset's format and runs
-``kvq.attend(impl="pallas")`` ``--launches`` times (the first compiles).
+``kvq.attend(impl="pallas")`` ``--launches`` times (the first compiles). With ``--ptx``,
+each (preset, unpack) is compiled with an XLA dump under DIR instead, and the kernel's
+PTX is counted: tensor-core ops (``mma.sync`` / ``wgmma``), shared-memory traffic
+(``st.shared``, ``ld.shared``, ``ldmatrix``, ``cp.async``), global loads, conversions
+and shuffles; plus registers and spills from ``ptxas -v`` when ptxas is found.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
+import re
+import shutil
+import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-
 sys.path.insert(0, os.path.dirname(__file__))
-import kvq_jax as kvq  # noqa: E402
-from decode import build_cache  # noqa: E402
-from kvq_jax.kernels import decode  # noqa: E402
+
+# PTX mnemonics counted by --ptx (prefix match on the instruction)
+PTX_OPS = ("mma.sync", "wgmma.mma_async", "ldmatrix", "stmatrix", "st.shared", "ld.shared", "cp.async",
+           "ld.global", "cvt", "prmt", "lop3", "shfl", "bar.sync", "ex2")
+
+
+def _ptx_entries(text: str) -> dict:
+    """PTX text -> {entry name: body} for every ``.entry`` function."""
+    out = {}
+    for m in re.finditer(r"\.entry\s+(\w+)\s*\(", text):
+        start = m.end()
+        depth, i = 0, text.index("{", start)
+        j = i
+        while True:
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        out[m.group(1)] = text[i:j + 1]
+    return out
+
+
+def ptx_counts(body: str) -> dict:
+    """Static instruction counts of one PTX function body (``PTX_OPS`` prefixes)."""
+    ins = []
+    for ln in body.splitlines():
+        tok = ln.strip().split()
+        if not tok or tok[0].startswith(("//", ".", "{", "}", "$")):
+            continue
+        if tok[0].startswith("@"):  # predicate guard: the mnemonic follows
+            tok = tok[1:]
+        if tok:
+            ins.append(tok[0])
+    return {op: sum(1 for x in ins if x.startswith(op)) for op in PTX_OPS} | {"total": len(ins)}
+
+
+def _ptxas():
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    import site
+
+    for d in site.getsitepackages():
+        hits = glob.glob(os.path.join(d, "nvidia", "cuda_nvcc", "bin", "ptxas"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def ptxas_usage(ptx_file: str, entry: str, arch: str = "sm_90a") -> str:
+    """``ptxas -v`` registers / spills line of ``entry`` ("" without ptxas)."""
+    exe = _ptxas()
+    if not exe:
+        return ""
+    r = subprocess.run([exe, f"-arch={arch}", "-v", "-o", os.devnull, ptx_file], capture_output=True, text=True)
+    lines = r.stderr.splitlines()
+    out, take = [], False
+    for ln in lines:
+        if "Compiling entry function" in ln:
+            take = entry in ln
+        elif take and ("registers" in ln or "spill" in ln):
+            out.append(ln.split("info    :")[-1].strip())
+    return "; ".join(out) or (r.stderr.strip().splitlines() or [""])[-1]
+
+
+def count_variants(presets, unpacks, out_dir, batch, seq):
+    """Compile each (preset, unpack) with an XLA dump in its own folder; print and return the
+    kernel's PTX instruction counts."""
+    import jax
+    import jax.numpy as jnp
+
+    import kvq_jax as kvq
+    from decode import build_cache
+    from kvq_jax.kernels import decode
+
+    if jax.default_backend() != "gpu":
+        raise SystemExit("--ptx: needs a GPU (the kernel's PTX is what XLA compiles for it)")
+    rows = []
+    key = jax.random.key(0)
+    for name in presets:
+        spec = kvq.KVSpec.parse(name)
+        cache = build_cache(spec, batch, seq, 8, 128, key)
+        q = jax.random.normal(key, (batch, 1, 32, 128), jnp.bfloat16)
+        for unpack in unpacks:
+            cfg = decode.choose_config(cache, 16)
+            cfg = dataclasses.replace(cfg, unpack=unpack)
+            tag = f"{name}-{unpack}"
+            # one compile per folder: the flag is read per compilation from the environment's copy
+            f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", config=cfg))
+            before = set(glob.glob(os.path.join(out_dir, "*.ptx")))
+            jax.block_until_ready(f(q, cache))
+            new = sorted(set(glob.glob(os.path.join(out_dir, "*.ptx"))) - before)
+            for path in new:
+                with open(path) as fh:
+                    text = fh.read()
+                for entry, body in _ptx_entries(text).items():
+                    if "kvq_decode" not in entry:
+                        continue
+                    c = ptx_counts(body)
+                    row = dict(preset=name, unpack=unpack, entry=entry, file=os.path.basename(path), **c,
+                               ptxas=ptxas_usage(path, entry))
+                    rows.append(row)
+                    print(f"{tag:18s} " + " ".join(f"{k}={v}" for k, v in c.items()) + f" | {row['ptxas']}",
+                          flush=True)
+            if not new:
+                print(f"{tag:18s} no new PTX under {out_dir}", flush=True)
+    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="int4")
-    ap.add_argument("--unpack", default=None, help="Config.unpack; default choose_config's")
+    ap.add_argument("--preset", default="int4", help="comma-separated with --ptx")
+    ap.add_argument("--unpack", default=None, help="Config.unpack; default choose_config's (comma-separated with --ptx)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--launches", type=int, default=4)
+    ap.add_argument("--ptx", default=None, help="folder: dump and count the compiled kernel's PTX per variant")
     a = ap.parse_args(argv)
+    if a.ptx:
+        os.makedirs(a.ptx, exist_ok=True)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={a.ptx}"
+                                   " --xla_dump_emitter_re=.*").strip()
+        rows = count_variants(a.preset.split(","), (a.unpack or "auto").split(","), a.ptx, a.batch, a.seq)
+        import json
+
+        with open(os.path.join(a.ptx, "counts.json"), "w") as fh:
+            json.dump(rows, fh, indent=1)
+        return
+
+    import jax
+    import jax.numpy as jnp
+
+    import kvq_jax as kvq
+    from decode import build_cache
+    from kvq_jax.kernels import decode
+
     spec = kvq.KVSpec.parse(a.preset)
     key = jax.random.key(0)
     cache = build_cache(spec, a.batch, a.seq, 8, 128, key)

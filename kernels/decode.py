@@ -7,20 +7,23 @@ dot). Beyond ``Config.row_tile`` rows (a prefill chunk) the rows are split into
 tiles of that many, one program each, each stopping at its own causal limit.
 Partials ``(o, m, l)`` stay f32 and are merged across splits by log-sum-exp in XLA.
 
-Reading packed data: the body is viewed as uint32 words (a free bitcast of the
-byte layout) and unpacked with shifts in registers (see `Piece`). Two tilings:
+Reading packed data (``Config.unpack``), three tilings of *natural chunks* (contiguous
+head_dim ranges as wide as the scale group allows, so a chunk never straddles a group and
+q and the output need no permutation) or *pieces*:
 
-* *natural chunks* (``unpack="join"``, the default for sub-byte formats): the four
-  bytes of each word are shifted out, converted, and interleaved back into
-  head_dim order with two rounds of joins, giving ``[BK, 4 * wr]`` tiles of
-  contiguous elements (DESIGN.md's split packing puts element ``c * Dp + 4 * w + i``
-  in byte i of word w, nibble c). A chunk is as wide as the scale group allows,
-  so it never straddles one, and q and the output need no permutation.
-* *pieces* (``unpack="split"``, the default for 8-bit formats with one scale
-  per token): one shift of a ``[BK, wr]`` word tile per piece; column w holds
-  element ``c * Dp + 4 * (w0 + w) + i``. The wrapper permutes q's head_dim into
-  the pieces' column order once and un-permutes the tiny output after. Rows of
-  fewer than 16 words use byte-major chunks ``[BK, 4, wr]`` instead.
+* ``"bytes"`` (the default, `auto_unpack`): tiles are loaded as stored. 8-bit formats
+  (int8, uint8, e4m3) are converted by ``astype``; packed formats take one bit plane
+  ``(x >> bits * c) & mask`` of a byte tile per chunk (DESIGN.md's split packing puts
+  element ``c * Dp + j`` in byte j, field c, so a plane of contiguous bytes is a
+  contiguous element range). Triton can then convert the narrow tile after moving it
+  into the dot-operand layout.
+* ``"join"``: the body viewed as uint32 words (a free bitcast); the four bytes of each
+  word are shifted out, converted with the magic-number trick (`_to_float`) and
+  interleaved back into head_dim order with two rounds of joins.
+* ``"split"`` (*pieces*): one shift of a ``[BK, wr]`` word tile per piece; column w holds
+  element ``c * Dp + 4 * (w0 + w) + i``. The wrapper permutes q's head_dim into the
+  pieces' column order once and un-permutes the tiny output after. Rows of fewer than 16
+  words use byte-major chunks ``[BK, 4, wr]`` instead.
 
 Scales apply where cheapest:
 
@@ -33,8 +36,8 @@ Scales apply where cheapest:
 * a piece whose columns straddle two scale groups is dequantized in registers
   instead (``precise=True``: one exact dot per group); natural chunks never do.
 
-Integers are turned into fp16 / bf16 without int->float conversions (magic-number
-trick, `_unpack`); key tiles are fp16, value tiles bf16; dots accumulate in f32.
+Key tiles are fp16, value tiles bf16 (fp16 for 8-bit values with ``v_fp16``); dots
+accumulate in f32.
 ``precise=True`` splits q and p into 16-bit hi + lo parts (two dots each) for
 results within f32 rounding of the reference; the default rounds them once, as
 flash-attention kernels do (error bound in tests/test_kernel.py).
@@ -133,12 +136,11 @@ def _pow2_divisor(n: int) -> int:
 
 
 def auto_unpack(t: TensorSpec) -> str:
-    """The faster unpacking of ``t`` on the H200 (BENCHMARKS.md, run D): "split" for 8-bit
-    formats with one scale per token (4 byte-shift tiles, no group straddling), "join"
-    otherwise (natural chunks that never straddle a scale group)."""
-    if t.bits == 8 and (t.axis == "channel" or t.group is None):
-        return "split"
-    return "join"
+    """The unpacking of ``t`` measured fastest on the H200: "bytes" for every quantized format
+    (BENCHMARKS.md, run G: B=8 S=32K, equal for int4, 3-22 % faster for the others than
+    the 32-bit-word unpackings, whose tiles Triton moves into the dot layout through shared
+    memory)."""
+    return "bytes"
 
 
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:

@@ -202,8 +202,8 @@ def test_natural_chunks_follow_scale_groups():
     lay = decode.make_layout(spec.k, 128, "join")
     assert lay.identity and [pc.width for pc in lay.pieces] == [32] * 4
     assert [pc.segs for pc in lay.pieces] == [((g, 0, 32),) for g in range(4)]
-    assert decode.auto_unpack(kvq.KVSpec.parse("int8").k) == "split"
-    assert decode.auto_unpack(spec.k) == "join"
+    for name in ("int8", "fp8", "int4", "int2", "int4-kivi"):
+        assert decode.auto_unpack(kvq.KVSpec.parse(name).k) == "bytes"
     with pytest.raises(ValueError, match="unpack"):
         decode.Config(64, 1, unpack="shuffle")
 
