@@ -190,7 +190,7 @@ def to_pages(cache, page_size, key):
     return {n: pool(getattr(cache, n)) for n in BODY}, order.reshape(B, npg).astype(jnp.int32)
 
 
-def paged_body(q, pools, table, cache):
+def paged_body(q, pools, table, cache, config=None):
     """Our kernel over the body through a page table (the body segment of attend, B=any, T=1)."""
     import types
 
@@ -200,19 +200,20 @@ def paged_body(q, pools, table, cache):
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     qpos = cache.lengths[:, None] - 1
     return decode.body_attention(qg, view, qpos, 1.0 / math.sqrt(D), interpret=jax.default_backend() != "gpu",
-                                 page_table=table)[0]
+                                 page_table=table, config=config)[0]
 
 
-def contiguous_body(q, cache):
+def contiguous_body(q, cache, config=None):
     B, T, Hq, D = q.shape
     H = cache.num_kv_heads
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     return decode.body_attention(qg, cache, cache.lengths[:, None] - 1, 1.0 / math.sqrt(D),
-                                 interpret=jax.default_backend() != "gpu")[0]
+                                 interpret=jax.default_backend() != "gpu", config=config)[0]
 
 
-def bench_paged(B, S, Hq, H, D, presets, key, page_size):
-    """Kernel over the body, contiguous vs through a shuffled page table: equal outputs, both times."""
+def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",)):
+    """Kernel over the body, contiguous vs through a shuffled page table, per ``Config.unpack``
+    of ``unpacks``: equal outputs, both times."""
     rows = []
     for name in presets:
         spec = kvq.KVSpec.parse(name)
@@ -221,17 +222,20 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size):
         cache = build_cache(spec, B, S, H, D, key)
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         pools, table = to_pages(cache, page_size, key)
-        a = jax.jit(contiguous_body)(q, cache)
-        b = jax.jit(paged_body)(q, pools, table, cache)
-        same = bool(jnp.array_equal(a, b))
-        t_c = time_jax(contiguous_body, q, cache)
-        t_p = time_jax(lambda q, pools, table, c: paged_body(q, pools, table, c), q, pools, table, cache)
-        nbytes = cache_bytes_read(spec, B, S, H, D)
-        for impl, t in ((f"kvq-{name}-body", t_c), (f"kvq-{name}-paged{page_size}", t_p)):
-            rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D,
-                             tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
-        print(f"paged B={B} S={S} {name:8s} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
-              f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x), outputs equal: {same}", flush=True)
+        for unpack in unpacks:
+            cfg = decode.choose_config(cache, Hq // H)
+            cfg = cfg if unpack == "auto" else dataclasses.replace(cfg, unpack=unpack)
+            a = jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)
+            b = jax.jit(lambda q, p, t, c, cfg=cfg: paged_body(q, p, t, c, cfg))(q, pools, table, cache)
+            same = bool(jnp.array_equal(a, b))
+            t_c = time_jax(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg), q, cache)
+            t_p = time_jax(lambda q, p, t, c, cfg=cfg: paged_body(q, p, t, c, cfg), q, pools, table, cache)
+            nbytes = cache_bytes_read(spec, B, S, H, D)
+            for impl, t in ((f"kvq-{name}-body", t_c), (f"kvq-{name}-paged{page_size}", t_p)):
+                rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg),
+                                 tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
+            print(f"paged B={B} S={S} {name:8s} {unpack:5s} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
+                  f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x), outputs equal: {same}", flush=True)
         del cache, pools
     return rows
 
@@ -414,7 +418,8 @@ def main(argv=None):
             json.dump(dict(result, rows=rows), f, indent=1)
     if a.paged:
         B, S = (int(x) for x in a.paged_shape.split("x"))
-        rows += bench_paged(B, S, 32, 8, 128, a.presets.split(",") + a.main_presets.split(","), key, a.paged)
+        rows += bench_paged(B, S, 32, 8, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
+                            unpacks=a.unpack.split(","))
         with open(os.path.join(a.out, "decode.json"), "w") as f:
             json.dump(dict(result, rows=rows), f, indent=1)
     if a.gpus:

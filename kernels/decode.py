@@ -11,12 +11,17 @@ Reading packed data (``Config.unpack``), three tilings of *natural chunks* (cont
 head_dim ranges as wide as the scale group allows, so a chunk never straddles a group and
 q and the output need no permutation) or *pieces*:
 
-* ``"bytes"`` (the default, `auto_unpack`): tiles are loaded as stored. 8-bit formats
+* ``"bytes"``: tiles are loaded as stored. 8-bit formats
   (int8, uint8, e4m3) are converted by ``astype``; packed formats take one bit plane
   ``(x >> bits * c) & mask`` of a byte tile per chunk (DESIGN.md's split packing puts
   element ``c * Dp + j`` in byte j, field c, so a plane of contiguous bytes is a
   contiguous element range). Triton can then convert the narrow tile after moving it
   into the dot-operand layout.
+* ``"asm"`` (the default, `auto_unpack`): as ``"bytes"``, but integer tiles are converted by inline PTX
+  (`_asm_convert`: four bytes per instance, two ``prmt`` spreading them into 16-bit
+  lanes, ``lop3`` masking the field and adding the magic exponent, one ``fma`` per pair;
+  1.5-1.75 instructions per value, no int->float conversion unit). Interpret mode (no
+  PTX) computes the same values with jnp ops.
 * ``"join"``: the body viewed as uint32 words (a free bitcast); the four bytes of each
   word are shifted out, converted with the magic-number trick (`_to_float`) and
   interleaved back into head_dim order with two rounds of joins.
@@ -62,7 +67,8 @@ from kvq_jax.spec import TensorSpec
 NEG_INF = -1e30  # finite "minus infinity": masked logits, initial running max
 NUM_SMS = 132  # H200
 NATURAL = -2  # Piece.i of a natural-order chunk
-UNPACKS = ("auto", "join", "split", "bytes")  # Config.unpack: how stored bytes become tiles
+UNPACKS = ("auto", "join", "split", "bytes", "asm")  # Config.unpack: how stored bytes become tiles
+STORED = ("bytes", "asm")  # unpackings that read the stored bytes (no 32-bit word view)
 MAX_CHUNK = 128  # widest natural chunk (columns)
 
 
@@ -111,7 +117,8 @@ class Layout:
     pieces: tuple
     perm: tuple  # kernel column -> natural head_dim index
     unpack: str = "join"  # "join": natural chunks interleaved by joins; "split": byte-shift pieces;
-    # "bytes": natural chunks read from the stored bytes (8-bit as stored, packed by bit plane)
+    # "bytes": natural chunks read from the stored bytes (8-bit as stored, packed by bit plane);
+    # "asm": "bytes" with integer tiles converted by inline PTX (`_asm_convert`)
 
     @property
     def packed(self) -> bool:
@@ -136,11 +143,22 @@ def _pow2_divisor(n: int) -> int:
 
 
 def auto_unpack(t: TensorSpec) -> str:
-    """The unpacking of ``t`` measured fastest on the H200: "bytes" for every quantized format
-    (BENCHMARKS.md, run G: B=8 S=32K, equal for int4, 3-22 % faster for the others than
-    the 32-bit-word unpackings, whose tiles Triton moves into the dot layout through shared
-    memory)."""
-    return "bytes"
+    """The unpacking of ``t`` measured fastest on the H200 (BENCHMARKS.md, runs G and H):
+    "asm" for every quantized format (B=8 S=32K: int8 226 us vs 237 "bytes" / 230 "split",
+    int4 254-275 vs 303-314 / 539, int2 318 vs 349 / 376; paged B=16: int8 469 vs 543 / 475;
+    fp8 converts in hardware, so "asm" reads it as "bytes" does; KIVI keys within 3 %)."""
+    return "asm"
+
+
+def default_v_dequant(spec) -> bool:
+    """Scale value tiles in registers (instead of p per scale group) where measured faster
+    (BENCHMARKS.md, run H, "asm" tiles): sub-byte values, except int4 values beside int4
+    keys with per-token scales (254 vs 275 us at B=8 S=32K; k8v4 280 vs 306 and int2 318 vs
+    342 go the other way)."""
+    v, k = spec.v, spec.k
+    if not v.quantized or v.bits >= 8:
+        return False
+    return not (v.bits == 4 and k.bits == 4 and not spec.channel_keys)
 
 
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
@@ -152,7 +170,8 @@ def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     "split": one tile per byte shift (``Piece``), columns permuted. "bytes": the natural
     chunks of "join" read from the stored bytes, no 32-bit words: 8-bit formats as
     stored (int8, uint8, float8_e4m3fn), packed ones one bit plane (``(x >> bits * c) &
-    mask``) of a byte tile per chunk, converted by ``astype``. "auto": `auto_unpack`.
+    mask``) of a byte tile per chunk, converted by ``astype``. "asm": the tiles of "bytes",
+    integers converted by inline PTX (`_asm_convert`). "auto": `auto_unpack`.
     """
     if unpack not in UNPACKS:
         raise ValueError(f"unpack: expected one of {UNPACKS}, got {unpack!r}")
@@ -172,7 +191,7 @@ def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     if g % 4:
         raise NotImplementedError(f"group: the kernel needs scale groups of a multiple of 4 channels, got {g}")
     pieces, perm = [], []
-    if unpack != "split":  # "join" and "bytes": natural chunks
+    if unpack != "split":  # "join", "bytes", "asm": natural chunks
         ce = min(_pow2_divisor(math.gcd(g, dp)), MAX_CHUNK)
         if ce < 16:
             raise NotImplementedError(
@@ -240,6 +259,63 @@ def _to_float(x, lay: Layout, dtype):
     if lay.bits <= 4:
         return lax.bitcast_convert_type((u | 0x4300).astype(jnp.uint16), jnp.bfloat16) - jnp.bfloat16(128 + bias)
     return (u.astype(jnp.int32) - bias).astype(jnp.float32).astype(dtype)
+
+
+_MAGIC = {jnp.float16: (0x6400, 1024.0, 0x3C00), jnp.bfloat16: (0x4300, 128.0, 0x3F80)}  # bits, value, 1.0
+
+
+def _half2(x: float, dtype) -> int:
+    """Two copies of the 16-bit pattern of ``x`` in ``dtype``, as one 32-bit immediate."""
+    h = int(np.asarray(x, dtype).view(np.uint16))
+    return (h << 16) | h
+
+
+def asm_text(bits: int, signed: bool, c: int, dtype) -> str:
+    """PTX of `_asm_convert` for field ``c`` of ``bits``-bit values: ``$2`` holds four bytes,
+    ``$0`` / ``$1`` get the values of bytes 0, 1 / 2, 3 as two 16-bit floats each.
+
+    The bytes are shifted so the field is the low ``bits`` bits, spread into the low byte of
+    four 16-bit lanes (``prmt``), masked and combined with the magic exponent (``lop3``
+    ``(x & mask) ^ magic``: for signed formats the magic also holds the field's sign bit,
+    so the XOR turns two's complement into offset binary), and the magic value plus the
+    offset taken off (``fma`` by 1.0, exact)."""
+    bits16, value, _ = _MAGIC[dtype]
+    if dtype == jnp.bfloat16 and bits > 4:
+        raise ValueError(f"bits: bf16 has 7 mantissa bits, too few for {bits}-bit fields")
+    mask = (1 << bits) - 1
+    bias = (1 << (bits - 1)) if signed else 0
+    magic = ((bits16 | bias) << 16) | bits16 | bias
+    pair = "f16x2" if dtype == jnp.float16 else "bf16x2"
+    src, asm = "$2", ["{", ".reg .b32 t0, t1, t2, k1, k0;"]
+    if bits * c:
+        asm.append(f"shr.b32 t2, $2, {bits * c};")
+        src = "t2"
+    asm += [
+        f"prmt.b32 t0, {src}, 0, 0x4140;",
+        f"prmt.b32 t1, {src}, 0, 0x4342;",
+        f"lop3.b32 t0, t0, {(mask << 16) | mask:#010x}, {magic:#010x}, 0x6a;",
+        f"lop3.b32 t1, t1, {(mask << 16) | mask:#010x}, {magic:#010x}, 0x6a;",
+        f"mov.b32 k1, {_half2(1.0, dtype):#010x};",
+        f"mov.b32 k0, {_half2(-(value + bias), dtype):#010x};",
+        f"fma.rn.{pair} $0, t0, k1, k0;",
+        f"fma.rn.{pair} $1, t1, k1, k0;",
+        "}",
+    ]
+    return "\n".join(asm)
+
+
+def _asm_convert(x, lay: Layout, c: int, dtype):
+    """Bit field ``c`` of every byte of ``x`` (uint8 / int8 ``[BK, W]``) -> its integer value
+    in ``dtype`` (fp16; bf16 for fields of <= 4 bits), by inline PTX (`asm_text`) on four
+    bytes per instance. One pure unary op, so Triton can still convert the narrow tile
+    after moving it into the dot-operand layout."""
+    from jax.experimental.pallas import triton as plgpu
+
+    u8 = lax.bitcast_convert_type(x, jnp.uint8) if x.dtype != jnp.uint8 else x
+    [out] = plgpu.elementwise_inline_asm(
+        asm_text(lay.bits, lay.signed, c, dtype), args=[u8], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)])
+    return out
 
 
 def _unpack(words, pc: Piece, lay: Layout, dtype):
@@ -318,16 +394,16 @@ def _vdtype(lay: Layout, v_fp16: bool):
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
-                   page_size: int | None, token_group: int, v_dequant: bool):
+                   page_size: int | None, token_group: int, v_dequant: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Rt] int32: body tokens visible to each row
     pt_ref = next(it) if page_size else None  # [max_pages] int32: page of each page_size stream slots
-    k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes")
+    k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes", "asm")
     ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
-    v_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes")
+    v_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes", "asm")
     vs_ref = next(it) if v_scaled else None  # [S, Gv]
     vz_ref = next(it) if v_zero else None
     o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Rt, D] f32, [Rt] f32, [Rt] f32
@@ -341,8 +417,8 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     hi = jnp.minimum(nblk, lo + per_split)
     kdt, vdt = _kdtype(kl), _vdtype(vl, v_fp16)
     # _unpack gives e4m3 values * 2**-8 ("bytes" converts them exactly)
-    k_fp8_fix = 256.0 if kl.fmt == "fp8" and kl.unpack != "bytes" else 1.0
-    v_fp8_fix = 256.0 if vl.fmt == "fp8" and vl.unpack != "bytes" else 1.0
+    k_fp8_fix = 256.0 if kl.fmt == "fp8" and kl.unpack not in STORED else 1.0
+    v_fp8_fix = 256.0 if vl.fmt == "fp8" and vl.unpack not in STORED else 1.0
 
     # q columns of each key piece (loaded once, before the loop)
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
@@ -364,10 +440,13 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         return cache[pc.w0]
 
     def tile(ref, at, pc, lay, cache, dtype):
-        if lay.unpack == "bytes":  # the stored bytes [BK, width], loaded once per column range
+        if lay.unpack in STORED:  # the stored bytes [BK, width], loaded once per column range
             if pc.w0 not in cache:
                 cache[pc.w0] = ref[(*at, pl.ds(4 * pc.w0, pc.width))]
             x = cache[pc.w0]
+            if (lay.unpack == "asm" and lay.fmt != "fp8" and not interpret
+                    and (dtype == jnp.float16 or lay.bits <= 4)):  # 8-bit -> bf16: Triton's own prmt path
+                return _asm_convert(x, lay, pc.c, dtype)
             if lay.bits == 8:
                 return x.astype(dtype)
             u = (x >> jnp.uint8(lay.bits * pc.c)) & jnp.uint8((1 << lay.bits) - 1)  # bit plane c
@@ -524,7 +603,7 @@ class Config:
     v_fp16: bool = False
     unpack: str = "auto"
     v_dequant: bool | None = None  # default mode: scale value tiles in registers instead of p per
-    # group; None = for sub-byte value formats (faster there, slower for int8: BENCHMARKS.md run E)
+    # group; None = `default_v_dequant` (measured per format: BENCHMARKS.md runs E and H)
     row_tile: int = 64  # query rows (T * G) per program when there are more (chunked prefill)
 
     def __post_init__(self):
@@ -632,7 +711,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         else:
             specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j, r: (b, h, *zeros)))
 
-    add(cache.k if kl.unpack == "bytes" else _as_words(cache.k))
+    add(cache.k if kl.unpack in STORED else _as_words(cache.k))
 
     def kscale(x):
         return x.reshape(*x.shape[:-1], D // 4, 4) if k_mode == "channel" else x
@@ -641,7 +720,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         add(kscale(cache.k_scale))
         if cache.k_zero is not None:
             add(kscale(cache.k_zero))
-    add(cache.v if vl.unpack == "bytes" else _as_words(cache.v))
+    add(cache.v if vl.unpack in STORED else _as_words(cache.v))
     v_scaled = spec.v.quantized
     if v_scaled:
         add(cache.v_scale)
@@ -653,7 +732,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         _decode_kernel, kl=kl, vl=vl, k_mode=k_mode, k_zero=cache.k_zero is not None,
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, token_group=spec.token_group,
-        v_dequant=cfg.v_dequant if cfg.v_dequant is not None else spec.v.quantized and spec.v.bits < 8)
+        v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
+        interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns, nr),

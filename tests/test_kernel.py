@@ -173,14 +173,84 @@ def test_bytes_unpacking_matches_reference(name, shape):
                   config=lambda c: dataclasses.replace(decode.choose_config(c, 16), unpack="bytes"))
 
 
-def test_bytes_unpacking_lowers_for_cuda():
+def test_asm_unpacking_in_interpret_mode_reads_like_bytes():
+    """Without PTX (interpret mode) "asm" computes the values of "bytes" with jnp ops."""
+    for name in ("int4", "int8-g32-asym"):
+        spec, cache, q = _case(name, FORMATS[name], 4, 64, 1, seed=7)
+        qg, qpos, scale = _body_inputs(spec, cache, q)
+        out = [decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(
+            decode.choose_config(cache, 16), unpack=u))[0] for u in ("bytes", "asm")]
+        np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(out[1]))
+
+
+@pytest.mark.parametrize("unpack", ["bytes", "asm"])
+def test_stored_byte_unpackings_lower_for_cuda(unpack):
     for fmt in ("int8", "fp8", "k=int8:g32:asym,v=int8:g32:asym", "int4", "int4-kivi", "int2"):
         cache = kvq.init_cache(fmt, 2, 512, 2, 128)
         q = jnp.zeros((2, 1, 8, 128), jnp.bfloat16)
-        cfg = decode.Config(64, 4, unpack="bytes")
+        cfg = decode.Config(64, 4, unpack=unpack)
         f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", interpret=False, config=cfg))
         text = f.trace(q, cache).lower(lowering_platforms=("cuda",)).as_text()
         assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), fmt
+
+
+def _run_ptx(asm: str, word: int, dtype) -> list:
+    """Evaluate the few PTX instructions `decode.asm_text` emits on one 32-bit input ``$2``;
+    returns the four 16-bit floats of ``$0`` and ``$1`` (low half first)."""
+    fdt = np.float16 if dtype == jnp.float16 else jnp.bfloat16
+    reg = {"$2": word}
+
+    def val(tok):
+        return reg[tok] if tok in reg else int(tok, 0)
+
+    def halves(x):
+        return np.array([x & 0xFFFF, x >> 16], np.uint16).view(fdt).astype(np.float64)
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        d, src = args[0], [val(a) for a in args[1:]]
+        if op == "shr.b32":
+            reg[d] = src[0] >> src[1]
+        elif op == "mov.b32":
+            reg[d] = src[0]
+        elif op == "prmt.b32":  # bytes of {b, a}; selector nibble k picks result byte k
+            pool = [(src[0] >> 8 * i) & 0xFF for i in range(4)] + [(src[1] >> 8 * i) & 0xFF for i in range(4)]
+            reg[d] = sum(pool[(src[2] >> 4 * k) & 0x7] << 8 * k for k in range(4))
+        elif op == "lop3.b32":  # bitwise function given by its truth table on (0xF0, 0xCC, 0xAA)
+            a, b, c, lut = src
+            reg[d] = sum(((lut >> (((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1))) & 1) << i
+                         for i in range(32))
+        elif op.startswith("fma.rn."):
+            r = halves(src[0]) * halves(src[1]) + halves(src[2])  # exact here: small integers
+            h = r.astype(fdt).view(np.uint16).astype(np.uint32)
+            reg[d] = int(h[0]) | int(h[1]) << 16
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+    return [*halves(reg["$0"]), *halves(reg["$1"])]
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)])
+def test_asm_conversion_gives_every_field_value(bits, signed):
+    """The inline PTX of Config.unpack="asm", evaluated instruction by instruction, turns
+    every byte into the value of each of its fields (two's complement when signed)."""
+    mask = (1 << bits) - 1
+    rng = np.random.default_rng(bits * 2 + signed)
+    for dtype in (jnp.float16, jnp.bfloat16) if bits <= 4 else (jnp.float16,):
+        for c in range(8 // bits):
+            asm = decode.asm_text(bits, signed, c, dtype)
+            data = rng.permutation(256).astype(np.uint8)  # every byte once, in random groups of 4
+            for i in range(0, 256, 4):
+                word = int(data[i:i + 4].view(np.uint32)[0])
+                field = (data[i:i + 4].astype(np.int64) >> bits * c) & mask
+                want = np.where(signed & (field >> (bits - 1) == 1), field - (1 << bits), field)
+                assert _run_ptx(asm, word, dtype) == want.tolist(), (bits, signed, c, dtype, data[i:i + 4])
+    if bits == 8:
+        with pytest.raises(ValueError, match="bits"):
+            decode.asm_text(8, signed, 0, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("block_k", [64, 128])
@@ -203,7 +273,9 @@ def test_natural_chunks_follow_scale_groups():
     assert lay.identity and [pc.width for pc in lay.pieces] == [32] * 4
     assert [pc.segs for pc in lay.pieces] == [((g, 0, 32),) for g in range(4)]
     for name in ("int8", "fp8", "int4", "int2", "int4-kivi"):
-        assert decode.auto_unpack(kvq.KVSpec.parse(name).k) == "bytes"
+        assert decode.auto_unpack(kvq.KVSpec.parse(name).k) == "asm"
+    assert [decode.default_v_dequant(kvq.KVSpec.parse(n)) for n in ("bf16", "int8", "int4", "k8v4", "int2", "int4-kivi")] \
+        == [False, False, False, True, True, True]
     with pytest.raises(ValueError, match="unpack"):
         decode.Config(64, 1, unpack="shuffle")
 
