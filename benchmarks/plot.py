@@ -4,9 +4,12 @@
 
 * ``decode-attention.png``: one decode step at B=8, S=32K per implementation (run D), with
   the peers of the same run (torch SDPA, cuDNN, XLA dequantize + einsum).
+* ``decode-unpack.png``: the same step per preset for each way of unpacking the stored
+  bytes (run H: 32-bit words split by byte, stored bytes with ``astype``, inline PTX).
 * ``chunk-attention.png``: one 1024-token prefill chunk over a 64K quantized past, XLA vs
   the kernel per row tile.
-* ``serving.png``: engine decode tokens/s (16 x 32K) and 128K sessions per preset, 1 and 2 GPUs.
+* ``serving.png``: engine decode tokens/s (16 x 32K; 2026-11-30, same machine) and 128K sessions
+  per preset, 1 and 2 GPUs.
 """
 
 from __future__ import annotations
@@ -51,6 +54,28 @@ def decode_attention(out):
     plt.close(fig)
 
 
+def decode_unpack(out):
+    d = _load("decode-h200-runH-2026-11-30.json")
+    rows = [r for r in d["rows"] if r["B"] == 8 and r["S"] == 32768 and r.get("cfg")]
+    torch_us = next(r["t"] for r in d["rows"] if r["impl"] == "torch-sdpa-bf16") * 1e6
+    presets = ["int8", "int4", "int2", "k8v4", "int4-kivi"]
+    unpacks = ["split", "bytes", "asm"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    w = 0.27
+    for i, u in enumerate(unpacks):  # best of the value-tile modes timed for each unpacking
+        vals = [min(r["t"] for r in rows if r["impl"] == f"kvq-{p}" and f"unpack='{u}'" in r["cfg"]) * 1e6
+                for p in presets]
+        ax.bar([j + (i - 1) * w for j in range(len(presets))], vals, w, label=f'unpack="{u}"')
+    ax.axhline(torch_us, color="k", lw=0.8, ls="--", label=f"torch SDPA bf16 ({torch_us:.0f} us)")
+    ax.set_xticks(range(len(presets)), presets)
+    ax.set_ylabel("us per decode step, lower is better")
+    ax.set_title(f"Decode attention by unpacking, B=8 S=32K (H200, jax {d['jax']}, run H)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "decode-unpack.png"), dpi=120)
+    plt.close(fig)
+
+
 def chunk_attention(out):
     d = _load("chunk-h200-2026-11-29.json")
     rt = _load("chunk-rowtile-h200-2026-11-29.json")
@@ -72,8 +97,8 @@ def chunk_attention(out):
 
 
 def serving(out):
-    one = _load("serve-decode-h200-2026-11-29b.json")["presets"]
-    two = _load("serve-h200x2-8b-2026-11-29.json")["presets"]
+    one = _load("serve-h200-asm-2026-11-30.json")["presets"]
+    two = _load("serve-h200x2-asm-2026-11-30.json")["presets"]
     runs = _load("sharded-h200x2-8b-2026-11-29b.json")["runs"]
     presets = ["bf16", "int8", "int4"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -103,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    for fn in (decode_attention, chunk_attention, serving):
+    for fn in (decode_attention, decode_unpack, chunk_attention, serving):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 
