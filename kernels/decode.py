@@ -11,17 +11,18 @@ Reading packed data (``Config.unpack``), three tilings of *natural chunks* (cont
 head_dim ranges as wide as the scale group allows, so a chunk never straddles a group and
 q and the output need no permutation) or *pieces*:
 
-* ``"bytes"``: tiles are loaded as stored. 8-bit formats
-  (int8, uint8, e4m3) are converted by ``astype``; packed formats take one bit plane
+* ``"bytes"``: tiles are loaded as stored. 8-bit formats (int8, uint8, e4m3) are
+  converted by ``astype``; packed formats take one bit plane
   ``(x >> bits * c) & mask`` of a byte tile per chunk (DESIGN.md's split packing puts
   element ``c * Dp + j`` in byte j, field c, so a plane of contiguous bytes is a
   contiguous element range). Triton can then convert the narrow tile after moving it
   into the dot-operand layout.
-* ``"asm"`` (the default, `auto_unpack`): as ``"bytes"``, but integer tiles are converted by inline PTX
-  (`_asm_convert`: four bytes per instance, two ``prmt`` spreading them into 16-bit
-  lanes, ``lop3`` masking the field and adding the magic exponent, one ``fma`` per pair;
-  1.5-1.75 instructions per value, no int->float conversion unit). Interpret mode (no
-  PTX) computes the same values with jnp ops.
+* ``"asm"`` (the default, `auto_unpack`): as ``"bytes"``, but integer tiles are
+  converted by inline PTX (`asm_text`: four bytes per instance, two ``prmt`` spreading
+  them into 16-bit lanes, ``lop3`` masking the field and adding the magic exponent, one
+  ``fma`` per pair; 1.5-1.75 instructions per value, no int->float conversion unit;
+  8-bit values into bf16 tiles keep Triton's own conversion). Interpret mode (no PTX)
+  computes the same values with jnp ops.
 * ``"join"``: the body viewed as uint32 words (a free bitcast); the four bytes of each
   word are shifted out, converted with the magic-number trick (`_to_float`) and
   interleaved back into head_dim order with two rounds of joins.
