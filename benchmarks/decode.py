@@ -222,6 +222,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",)):
         cache = build_cache(spec, B, S, H, D, key)
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         pools, table = to_pages(cache, page_size, key)
+        nbytes = cache_bytes_read(spec, B, S, H, D)
         for unpack in unpacks:
             cfg = decode.choose_config(cache, Hq // H)
             cfg = cfg if unpack == "auto" else dataclasses.replace(cfg, unpack=unpack)
@@ -230,7 +231,6 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",)):
             same = bool(jnp.array_equal(a, b))
             t_c = time_jax(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg), q, cache)
             t_p = time_jax(lambda q, p, t, c, cfg=cfg: paged_body(q, p, t, c, cfg), q, pools, table, cache)
-            nbytes = cache_bytes_read(spec, B, S, H, D)
             for impl, t in ((f"kvq-{name}-body", t_c), (f"kvq-{name}-paged{page_size}", t_p)):
                 rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg),
                                  tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
@@ -408,25 +408,27 @@ def main(argv=None):
             print("CHECK FAILED", flush=True)
     key = jax.random.key(0)
     rows = []
+
+    def save(rows):  # after every part: a later failure keeps what was measured
+        with open(os.path.join(a.out, "decode.json"), "w") as f:
+            json.dump(dict(result, rows=rows), f, indent=1)
+
     for shp in filter(None, a.shapes.split(",")):
         B, S = (int(x) for x in shp.split("x"))
         main = (B, S) == (8, 32768)
         presets = a.presets.split(",") + (a.main_presets.split(",") if main and a.main_presets else [])
         rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main,
                             unpacks=a.unpack.split(","), v_dequant=[None if x == "auto" else bool(int(x)) for x in a.v_dequant.split(",")])
-        with open(os.path.join(a.out, "decode.json"), "w") as f:
-            json.dump(dict(result, rows=rows), f, indent=1)
+        save(rows)
     if a.paged:
         B, S = (int(x) for x in a.paged_shape.split("x"))
         rows += bench_paged(B, S, 32, 8, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
                             unpacks=a.unpack.split(","))
-        with open(os.path.join(a.out, "decode.json"), "w") as f:
-            json.dump(dict(result, rows=rows), f, indent=1)
+        save(rows)
     if a.gpus:
         B, S = (int(x) for x in a.sharded_shape.split("x"))
         rows += bench_sharded(B, S, 32, 8, 128, a.presets.split(","), key, a.gpus)
-        with open(os.path.join(a.out, "decode.json"), "w") as f:
-            json.dump(dict(result, rows=rows), f, indent=1)
+        save(rows)
     result["rows"] = rows
     print("\nsummary (best config per impl and shape):")
     best = {}

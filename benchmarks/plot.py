@@ -31,6 +31,13 @@ def _load(name):
         return json.load(f)
 
 
+def _save(fig, out, name):
+    """Write ``fig`` as ``out/name.png`` and free it."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
+    plt.close(fig)
+
+
 def decode_attention(out):
     d = _load("decode-h200-runD-2026-11-29.json")
     rows = [r for r in d["rows"] if r["B"] == 8 and r["S"] == 32768
@@ -49,9 +56,7 @@ def decode_attention(out):
     ax.set_title(f"Decode attention, B=8 S=32K Hq=32 Hkv=8 D=128 (H200, jax {d['jax']}, run D)")
     ax.set_xlim(0, max(us) * 1.45)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "decode-attention.png"), dpi=120)
-    plt.close(fig)
+    _save(fig, out, "decode-attention")
 
 
 def decode_unpack(out):
@@ -71,9 +76,7 @@ def decode_unpack(out):
     ax.set_ylabel("us per decode step, lower is better")
     ax.set_title(f"Decode attention by unpacking, B=8 S=32K (H200, jax {d['jax']}, run H)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "decode-unpack.png"), dpi=120)
-    plt.close(fig)
+    _save(fig, out, "decode-unpack")
 
 
 def chunk_attention(out):
@@ -91,9 +94,7 @@ def chunk_attention(out):
     ax.set_ylabel("ms per layer, lower is better")
     ax.set_title(f"Prefill chunk of {d['chunk']} over a past of {d['past']} tokens (H200, jax {d['jax']})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "chunk-attention.png"), dpi=120)
-    plt.close(fig)
+    _save(fig, out, "chunk-attention")
 
 
 def serving(out):
@@ -118,9 +119,7 @@ def serving(out):
     a2.set_ylabel("concurrent 128K-token sessions")
     a2.set_title("Capacity beside the 16 GB of weights")
     a2.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "serving.png"), dpi=120)
-    plt.close(fig)
+    _save(fig, out, "serving")
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import json
 import os
 import re
 import shutil
@@ -93,9 +94,10 @@ def ptxas_usage(ptx_file: str, entry: str, arch: str = "sm_90a") -> str:
     return "; ".join(out) or (r.stderr.strip().splitlines() or [""])[-1]
 
 
-def count_variants(presets, unpacks, out_dir, batch, seq):
-    """Compile each (preset, unpack) with an XLA dump in its own folder; print and return the
-    kernel's PTX instruction counts."""
+def _kernel_call(name, unpack, batch, seq, key):
+    """A B x S cache of random keys/values in preset ``name``, a query, and the jitted
+    ``kvq.attend(impl="pallas")`` over them with ``choose_config``'s launch config
+    (``unpack`` replaced unless None): ``(f, q, cache, cfg)``."""
     import jax
     import jax.numpy as jnp
 
@@ -103,20 +105,27 @@ def count_variants(presets, unpacks, out_dir, batch, seq):
     from decode import build_cache
     from kvq_jax.kernels import decode
 
+    cache = build_cache(kvq.KVSpec.parse(name), batch, seq, 8, 128, key)
+    cfg = decode.choose_config(cache, 16)
+    if unpack:
+        cfg = dataclasses.replace(cfg, unpack=unpack)
+    q = jax.random.normal(key, (batch, 1, 32, 128), jnp.bfloat16)
+    return jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", config=cfg)), q, cache, cfg
+
+
+def count_variants(presets, unpacks, out_dir, batch, seq):
+    """Compile each (preset, unpack) with XLA dumping into ``out_dir``; print and return the
+    PTX instruction counts of the kernel in the files each compilation added."""
+    import jax
+
     if jax.default_backend() != "gpu":
         raise SystemExit("--ptx: needs a GPU (the kernel's PTX is what XLA compiles for it)")
     rows = []
     key = jax.random.key(0)
     for name in presets:
-        spec = kvq.KVSpec.parse(name)
-        cache = build_cache(spec, batch, seq, 8, 128, key)
-        q = jax.random.normal(key, (batch, 1, 32, 128), jnp.bfloat16)
         for unpack in unpacks:
-            cfg = decode.choose_config(cache, 16)
-            cfg = dataclasses.replace(cfg, unpack=unpack)
             tag = f"{name}-{unpack}"
-            # one compile per folder: the flag is read per compilation from the environment's copy
-            f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", config=cfg))
+            f, q, cache, _ = _kernel_call(name, unpack, batch, seq, key)
             before = set(glob.glob(os.path.join(out_dir, "*.ptx")))
             jax.block_until_ready(f(q, cache))
             new = sorted(set(glob.glob(os.path.join(out_dir, "*.ptx"))) - before)
@@ -134,6 +143,7 @@ def count_variants(presets, unpacks, out_dir, batch, seq):
                           flush=True)
             if not new:
                 print(f"{tag:18s} no new PTX under {out_dir}", flush=True)
+            del cache
     return rows
 
 
@@ -151,27 +161,13 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={a.ptx}"
                                    " --xla_dump_emitter_re=.*").strip()
         rows = count_variants(a.preset.split(","), (a.unpack or "auto").split(","), a.ptx, a.batch, a.seq)
-        import json
-
         with open(os.path.join(a.ptx, "counts.json"), "w") as fh:
             json.dump(rows, fh, indent=1)
         return
 
     import jax
-    import jax.numpy as jnp
 
-    import kvq_jax as kvq
-    from decode import build_cache
-    from kvq_jax.kernels import decode
-
-    spec = kvq.KVSpec.parse(a.preset)
-    key = jax.random.key(0)
-    cache = build_cache(spec, a.batch, a.seq, 8, 128, key)
-    cfg = decode.choose_config(cache, 16)
-    if a.unpack:
-        cfg = dataclasses.replace(cfg, unpack=a.unpack)
-    q = jax.random.normal(key, (a.batch, 1, 32, 128), jnp.bfloat16)
-    f = jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", config=cfg))
+    f, q, cache, cfg = _kernel_call(a.preset, a.unpack, a.batch, a.seq, jax.random.key(0))
     for _ in range(a.launches):
         jax.block_until_ready(f(q, cache))
     print(f"{a.preset} {cfg}: {a.launches} launches done")

@@ -262,7 +262,7 @@ def _to_float(x, lay: Layout, dtype):
     return (u.astype(jnp.int32) - bias).astype(jnp.float32).astype(dtype)
 
 
-_MAGIC = {jnp.float16: (0x6400, 1024.0, 0x3C00), jnp.bfloat16: (0x4300, 128.0, 0x3F80)}  # bits, value, 1.0
+_MAGIC = {jnp.float16: (0x6400, 1024.0), jnp.bfloat16: (0x4300, 128.0)}  # magic exponent bits, its value
 
 
 def _half2(x: float, dtype) -> int:
@@ -280,7 +280,7 @@ def asm_text(bits: int, signed: bool, c: int, dtype) -> str:
     ``(x & mask) ^ magic``: for signed formats the magic also holds the field's sign bit,
     so the XOR turns two's complement into offset binary), and the magic value plus the
     offset taken off (``fma`` by 1.0, exact)."""
-    bits16, value, _ = _MAGIC[dtype]
+    bits16, value = _MAGIC[dtype]
     if dtype == jnp.bfloat16 and bits > 4:
         raise ValueError(f"bits: bf16 has 7 mantissa bits, too few for {bits}-bit fields")
     mask = (1 << bits) - 1
@@ -305,6 +305,11 @@ def asm_text(bits: int, signed: bool, c: int, dtype) -> str:
     return "\n".join(asm)
 
 
+def _as_u8(x: jax.Array) -> jax.Array:
+    """8-bit storage (int8, uint8, e4m3) as uint8 (a bitcast)."""
+    return x if x.dtype == jnp.uint8 else lax.bitcast_convert_type(x, jnp.uint8)
+
+
 def _asm_convert(x, lay: Layout, c: int, dtype):
     """Bit field ``c`` of every byte of ``x`` (uint8 / int8 ``[BK, W]``) -> its integer value
     in ``dtype`` (fp16; bf16 for fields of <= 4 bits), by inline PTX (`asm_text`) on four
@@ -312,9 +317,8 @@ def _asm_convert(x, lay: Layout, c: int, dtype):
     after moving it into the dot-operand layout."""
     from jax.experimental.pallas import triton as plgpu
 
-    u8 = lax.bitcast_convert_type(x, jnp.uint8) if x.dtype != jnp.uint8 else x
     [out] = plgpu.elementwise_inline_asm(
-        asm_text(lay.bits, lay.signed, c, dtype), args=[u8], constraints="=r,=r,r", pack=4,
+        asm_text(lay.bits, lay.signed, c, dtype), args=[_as_u8(x)], constraints="=r,=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)])
     return out
 
@@ -417,7 +421,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     lo = j * per_split
     hi = jnp.minimum(nblk, lo + per_split)
     kdt, vdt = _kdtype(kl), _vdtype(vl, v_fp16)
-    # _unpack gives e4m3 values * 2**-8 ("bytes" converts them exactly)
+    # _unpack gives e4m3 values * 2**-8 (the STORED unpackings convert them exactly)
     k_fp8_fix = 256.0 if kl.fmt == "fp8" and kl.unpack not in STORED else 1.0
     v_fp8_fix = 256.0 if vl.fmt == "fp8" and vl.unpack not in STORED else 1.0
 
@@ -588,7 +592,7 @@ def _as_words(x: jax.Array) -> jax.Array:
     """``[..., Dp]`` 8-bit storage -> ``uint32[..., Dp / 4]`` (bitcast, little-endian bytes)."""
     if x.dtype == jnp.bfloat16:
         return x
-    u8 = lax.bitcast_convert_type(x, jnp.uint8) if x.dtype != jnp.uint8 else x
+    u8 = _as_u8(x)
     return lax.bitcast_convert_type(u8.reshape(*x.shape[:-1], x.shape[-1] // 4, 4), jnp.uint32)
 
 

@@ -121,8 +121,10 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     return x + block.mlp(block.mlp_norm(x)), cache
 
 
-@partial(jax.jit, static_argnames=("gd", "groups", "layer_map", "page_size", "num_pages", "fresh", "impl",
-                                   "prefill_block", "mesh"), donate_argnames=("kv",))
+_STATIC = ("gd", "groups", "layer_map", "page_size", "num_pages", "impl", "prefill_block", "mesh")
+
+
+@partial(jax.jit, static_argnames=_STATIC + ("fresh",), donate_argnames=("kv",))
 def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, groups, layer_map, page_size, num_pages, fresh,
              impl, prefill_block, mesh):
     """Run ``tokens int32[b, T]`` of slots ``rows`` through all layers, writing their K/V.
@@ -178,9 +180,6 @@ def _sample(logits, base_key, rids, steps, which, *, samplers):
         tok = jax.vmap(lambda lg, k, s=s: s(lg[None], k)[0])(logits, keys)
         out = jnp.where(which == i, tok, out)
     return out
-
-
-_STATIC = ("gd", "groups", "layer_map", "page_size", "num_pages", "impl", "prefill_block", "mesh")
 
 
 @partial(jax.jit, static_argnames=_STATIC + ("samplers",), donate_argnames=("kv",))
@@ -427,8 +426,7 @@ class Engine:
         slot = self._slots.index(None)
         r.slot, r.pages = slot, pages
         self._slots[slot] = r
-        self._table[slot, :len(pages)] = pages
-        self._table_dev = None
+        self._set_pages(slot, pages)
         try:
             while r.prefilling:
                 start = r.done
@@ -504,9 +502,7 @@ class Engine:
             r.hit = r.done = len(hit_pages) * self.page_size
             self.stats["prefix_hit_tokens"] += r.hit
             self._slots[slot] = r
-            self._table[slot] = -1
-            self._table[slot, :len(r.pages)] = r.pages
-            self._table_dev = None
+            self._set_pages(slot, r.pages)
             self._lengths[slot] = r.done
 
     def _static(self, fresh: bool | None) -> dict:
@@ -614,10 +610,15 @@ class Engine:
         self.allocator.release(r.pages)
         r.pages = []
         self._slots[r.slot] = None
-        self._table[r.slot] = -1
-        self._table_dev = None
+        self._set_pages(r.slot, [])
         self._lengths[r.slot] = 0
         r.slot = -1
+
+    def _set_pages(self, slot: int, pages):
+        """Slot ``slot``'s page-table row := ``pages`` (-1 after them); the device copy is stale."""
+        self._table[slot] = -1
+        self._table[slot, :len(pages)] = pages
+        self._table_dev = None
 
 
 # ----------------------------------------------------------------------------- speculative decoding
