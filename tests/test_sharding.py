@@ -3,12 +3,13 @@
 The multi-device checks live in tests/sharding_checks.py and run in subprocesses with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must be set before jax
 starts; this process has one device). Two subprocesses run at once, each a share of the
-checks; every check is then reported here as its own test. The tests below the
-subprocess ones run in this process on its single device.
+checks, once per test run (also under pytest-xdist); every check is then reported here as
+its own test. The tests below the subprocess ones run in this process on its single device.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -30,14 +31,15 @@ CHECKS = re.findall(r"^def (check_\w+)\(", SCRIPT.read_text(), re.M)
 GROUPS = ([c for c in CHECKS if not c.startswith("check_generate")],
           [c for c in CHECKS if c.startswith("check_generate")])
 TIMEOUT_S = 600
-# under pytest-xdist all of this module runs in one worker, so the subprocess checks run once
+# `--dist loadgroup` keeps this module in one worker on pytest versions where xdist's
+# grouping works; with pytest 9.2 it silently does not (pytest-xdist issue #1386), so the
+# fixture below also makes the workers of one run share a single run of the checks.
 pytestmark = pytest.mark.xdist_group("sharding")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def _run_checks(tmp: pathlib.Path) -> dict:
     """Run the check script's groups in parallel subprocesses; ``{check: "ok" | traceback}``."""
-    tmp = tmp_path_factory.mktemp("sharding")
+    tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
@@ -65,6 +67,22 @@ def results(tmp_path_factory):
         merged.update(got)
         print(text)
     return merged
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory):
+    """The checks' results, computed once per test run: under pytest-xdist the first worker
+    to ask runs them while holding a lock in the run's shared temporary folder and leaves
+    them there for the others."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _run_checks(tmp_path_factory.mktemp("sharding"))
+    shared = tmp_path_factory.getbasetemp().parent  # one folder per run, shared by its workers
+    done = shared / "sharding-results.json"
+    with open(shared / "sharding.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            done.write_text(json.dumps(_run_checks(shared / "sharding")))
+        return json.loads(done.read_text())
 
 
 def test_every_check_ran(results):
