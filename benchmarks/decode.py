@@ -133,9 +133,9 @@ def bench_sharded(B, S, Hq, H, D, presets, key, gpus):
 
 # -- correctness ---------------------------------------------------------------
 
-def check(quick=False, presets=None, unpacks=("auto",)):
-    """Our GPU kernel (each ``Config.unpack`` of ``unpacks``) vs reference.py on the same
-    quantized data; returns rows of results."""
+def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,)):
+    """Our GPU kernel (each ``Config.unpack`` of ``unpacks`` and ``Config.qk_int8`` of ``qk_int8``)
+    vs reference.py on the same quantized data; returns rows of results."""
     rows = []
     key = jax.random.key(1)
     shapes = [(2, 8, 4, 128, 1), (3, 2, 1, 64, 4), (2, 4, 8, 256, 1), (2, 2, 3, 128, 16)]
@@ -150,15 +150,17 @@ def check(quick=False, presets=None, unpacks=("auto",)):
             cache = build_cache(spec, B, 3072, H, D, key, lengths)
             q = jax.random.normal(kq, (B, T, H * G, D), jnp.float32)
             ref = kvq.attend(q, cache, impl="xla")
-            for unpack, precise in itertools.product(unpacks, (False, True)):
-                cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack)
+            for unpack, qk, precise in itertools.product(unpacks, qk_int8, (False, True)):
+                cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack, qk_int8=qk)
+                if qk and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, unpack)):
+                    continue
                 out = jax.jit(lambda q, c: _attend_pallas(q, c, precise, cfg))(q, cache)
                 err = float(jnp.max(jnp.abs(out - ref)))
                 rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
                 ok = bool(jnp.all(jnp.isfinite(out))) and rel < (2e-5 if precise else 1e-2)
                 rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise, unpack=unpack,
-                                 max_abs=err, rel=rel, ok=ok))
-                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} precise={precise!s:5s} "
+                                 qk_int8=qk, max_abs=err, rel=rel, ok=ok))
+                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} precise={precise!s:5s} "
                       f"max|d|={err:.2e} rel={rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
@@ -211,7 +213,23 @@ def contiguous_body(q, cache, config=None):
                                  interpret=jax.default_backend() != "gpu", config=config)[0]
 
 
-def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",)):
+def parse_vary(arg: str) -> list[dict]:
+    """``"block_k=128,num_stages=4;v_fp16=1"`` -> ``[{}, {"block_k": 128, "num_stages": 4}, {"v_fp16": True}]``:
+    `decode.Config` field overrides, each timed beside the base config (the empty set)."""
+    types = {f.name: f.type for f in dataclasses.fields(decode.Config)}
+    out = [{}]
+    for var in filter(None, arg.split(";")):
+        d = {}
+        for item in var.split(","):
+            k, v = item.split("=")
+            if k not in types:
+                raise SystemExit(f"--vary: {k!r} is not a Config field ({', '.join(types)})")
+            d[k] = v if "str" in str(types[k]) else (bool(int(v)) if "bool" in str(types[k]) else int(v))
+        out.append(d)
+    return out
+
+
+def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_int8=(None,), vary=({},)):
     """Kernel over the body, contiguous vs through a shuffled page table, per ``Config.unpack``
     of ``unpacks``: equal outputs, both times."""
     rows = []
@@ -223,9 +241,13 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",)):
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         pools, table = to_pages(cache, page_size, key)
         nbytes = cache_bytes_read(spec, B, S, H, D)
-        for unpack in unpacks:
+        for unpack, qk, var in itertools.product(unpacks, qk_int8, vary):
             cfg = decode.choose_config(cache, Hq // H)
-            cfg = cfg if unpack == "auto" else dataclasses.replace(cfg, unpack=unpack)
+            cfg = dataclasses.replace(cfg, unpack=cfg.unpack if unpack == "auto" else unpack, qk_int8=qk, **var)
+            if page_size % cfg.block_k:
+                continue
+            if qk and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, cfg.unpack)):
+                continue
             a = jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)
             b = jax.jit(lambda q, p, t, c, cfg=cfg: paged_body(q, p, t, c, cfg))(q, pools, table, cache)
             same = bool(jnp.array_equal(a, b))
@@ -234,7 +256,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",)):
             for impl, t in ((f"kvq-{name}-body", t_c), (f"kvq-{name}-paged{page_size}", t_p)):
                 rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg),
                                  tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
-            print(f"paged B={B} S={S} {name:8s} {unpack:5s} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
+            print(f"paged B={B} S={S} {name:8s} {unpack:5s} qk_int8={qk!s:5s} {var} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
                   f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x), outputs equal: {same}", flush=True)
         del cache, pools
     return rows
@@ -320,7 +342,8 @@ def stream_floor(B, S, H, words, key, block_k=128, splits=8, num_warps=4, num_st
 
 # -- main --------------------------------------------------------------------
 
-def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=("auto",), v_dequant=(None,)):
+def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=("auto",), v_dequant=(None,),
+                qk_int8=(None,), vary=({},)):
     rows = []
     bf16_bytes = B * S * H * D * 2 * 2
     t_torch = None
@@ -350,8 +373,10 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=(
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         nbytes = cache_bytes_read(spec, B, S, H, D)
         base = decode.choose_config(cache, 16)
-        configs = [None if (u, vd) == ("auto", None) else dataclasses.replace(base, unpack=u, v_dequant=vd)
-                   for u in unpacks for vd in v_dequant]
+        configs = [None if (u, vd, qk, var) == ("auto", None, None, {}) else
+                   dataclasses.replace(base, unpack=base.unpack if u == "auto" else u, v_dequant=vd, qk_int8=qk, **var)
+                   for u in unpacks for vd in v_dequant for qk in qk_int8 for var in vary
+                   if not qk or decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, base.unpack if u == "auto" else u))]
         if sweep and name != "bf16":
             configs += [dataclasses.replace(base, block_k=bk, num_splits=ns, num_warps=nw,
                                             unpack=base.unpack if u == "auto" else u)
@@ -390,6 +415,11 @@ def main(argv=None):
                     help="comma-separated Config.unpack variants timed per preset (auto = choose_config's)")
     ap.add_argument("--v-dequant", default="auto",
                     help="comma-separated Config.v_dequant values timed per preset: auto (None), 0, 1")
+    ap.add_argument("--qk-int8", default="auto",
+                    help="comma-separated Config.qk_int8 values checked and timed per preset: auto (None), 0, 1")
+    ap.add_argument("--vary", default="",
+                    help="Config overrides timed beside the base config: 'field=value,...;field=value' "
+                         "(e.g. 'block_k=128;num_stages=4;v_fp16=1')")
     ap.add_argument("--paged", type=int, default=0,
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
@@ -401,9 +431,12 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
     result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d")}
+    flags = lambda arg: [None if x == "auto" else bool(int(x)) for x in arg.split(",")]  # noqa: E731
+    qk = flags(a.qk_int8)
+    vary = parse_vary(a.vary)
     if not a.no_check:
         result["check"] = check(a.quick, a.check_presets.split(",") if a.check_presets else None,
-                                unpacks=a.unpack.split(","))
+                                unpacks=a.unpack.split(","), qk_int8=qk)
         if not all(r["ok"] for r in result["check"]):
             print("CHECK FAILED", flush=True)
     key = jax.random.key(0)
@@ -418,12 +451,12 @@ def main(argv=None):
         main = (B, S) == (8, 32768)
         presets = a.presets.split(",") + (a.main_presets.split(",") if main and a.main_presets else [])
         rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main,
-                            unpacks=a.unpack.split(","), v_dequant=[None if x == "auto" else bool(int(x)) for x in a.v_dequant.split(",")])
+                            unpacks=a.unpack.split(","), v_dequant=flags(a.v_dequant), qk_int8=qk, vary=vary)
         save(rows)
     if a.paged:
         B, S = (int(x) for x in a.paged_shape.split("x"))
         rows += bench_paged(B, S, 32, 8, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
-                            unpacks=a.unpack.split(","))
+                            unpacks=a.unpack.split(","), qk_int8=qk, vary=vary)
         save(rows)
     if a.gpus:
         B, S = (int(x) for x in a.sharded_shape.split("x"))

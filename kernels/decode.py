@@ -31,6 +31,17 @@ q and the output need no permutation) or *pieces*:
   pieces' column order once and un-permutes the tiny output after. Rows of fewer than 16
   words use byte-major chunks ``[BK, 4, wr]`` instead.
 
+Keys of integer formats with per-token scales (int8, int4, int2; `qk_int8_supported`) meet q
+in an int8 dot by default (``Config.qk_int8``, `default_qk_int8`): q is rounded to int8 once per
+row and key chunk (``s_q = max|q| / 127``), the stored key integers enter the tensor cores as
+int8 without any conversion (8-bit as stored; sub-byte fields masked out with one ``lop3`` per
+four bytes, `asm_int8_text`, and offset so they fit int8, `int8_offset`), the int32 result is
+exact, and ``s_q`` and the key scale multiply it. Each logit moves by at most
+``s_q / 2 * sum|k|`` beyond the 16-bit path; ``precise=True`` keeps the exact path.
+
+Through a page table, each split's page ids are read once, before the loop, into registers
+(up to `SPLIT_PAGES_MAX` pages), so no table read sits on the path of a tile's address.
+
 Scales apply where cheapest:
 
 * per-token key scales multiply a tile's logits ``q·k_int`` (zero points add
@@ -71,6 +82,7 @@ NATURAL = -2  # Piece.i of a natural-order chunk
 UNPACKS = ("auto", "join", "split", "bytes", "asm")  # Config.unpack: how stored bytes become tiles
 STORED = ("bytes", "asm")  # unpackings that read the stored bytes (no 32-bit word view)
 MAX_CHUNK = 128  # widest natural chunk (columns)
+SPLIT_PAGES_MAX = 128  # paged: a split's page ids are held in registers up to this many pages
 
 
 # -- layout of one tensor as the kernel reads it ------------------------------
@@ -160,6 +172,19 @@ def default_v_dequant(spec) -> bool:
     if not v.quantized or v.bits >= 8:
         return False
     return not (v.bits == 4 and k.bits == 4 and not spec.channel_keys)
+
+
+def qk_int8_supported(spec, kl: Layout) -> bool:
+    """Whether keys stored as ``spec.k`` and read as ``kl`` can enter the int8 q·k dot
+    (`Config.qk_int8`): integer keys with per-token scales, read as stored ("bytes", "asm"),
+    in chunks of a multiple of 32 columns (the int8 MMA's K)."""
+    return (spec.k.format in ("int8", "int4", "int2") and spec.k.axis == "token" and kl.unpack in STORED
+            and all(pc.natural and pc.width % 32 == 0 for pc in kl.pieces))
+
+
+def default_qk_int8(spec, kl: Layout) -> bool:
+    """Whether the default mode rounds q to int8 for an int8 q·k dot where supported."""
+    return qk_int8_supported(spec, kl)
 
 
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
@@ -305,6 +330,29 @@ def asm_text(bits: int, signed: bool, c: int, dtype) -> str:
     return "\n".join(asm)
 
 
+def int8_offset(bits: int, signed: bool) -> tuple[int, int]:
+    """``(flip, offset)`` of the int8 key tiles of the int8 q·k dot (`Config.qk_int8`): a stored
+    field ``f`` (8, 4 or 2 bits) enters the dot as the int8 ``f ^ flip`` and its integer value is
+    ``(f ^ flip) + offset``. Signed int8 as stored; uint8 (asymmetric int8) flips the top bit;
+    signed sub-byte fields flip their sign bit (offset binary, ``0 .. 2**bits - 1``)."""
+    if bits == 8:
+        return (0, 0) if signed else (0x80, 128)
+    bias = 1 << (bits - 1)
+    return (bias, -bias) if signed else (0, 0)
+
+
+def asm_int8_text(bits: int, c: int, flip: int) -> str:
+    """PTX of `_asm_int8` for field ``c`` of ``bits``-bit values: ``$1`` holds four bytes, ``$0``
+    gets four int8 values ``((byte >> bits * c) & mask) ^ flip`` (one ``lop3``, after a shift)."""
+    mask = ((1 << bits) - 1) * 0x01010101
+    src, asm = "$1", ["{", ".reg .b32 t0;"]
+    if bits * c:
+        asm.append(f"shr.b32 t0, $1, {bits * c};")
+        src = "t0"
+    asm += [f"lop3.b32 $0, {src}, {mask:#010x}, {flip * 0x01010101:#010x}, 0x6a;", "}"]
+    return "\n".join(asm)
+
+
 def _as_u8(x: jax.Array) -> jax.Array:
     """8-bit storage (int8, uint8, e4m3) as uint8 (a bitcast)."""
     return x if x.dtype == jnp.uint8 else lax.bitcast_convert_type(x, jnp.uint8)
@@ -321,6 +369,33 @@ def _asm_convert(x, lay: Layout, c: int, dtype):
         asm_text(lay.bits, lay.signed, c, dtype), args=[_as_u8(x)], constraints="=r,=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)])
     return out
+
+
+def _int8_tile(x, lay: Layout, c: int, flip: int, interpret: bool):
+    """Stored bytes ``[BK, W]`` -> the int8 tile of field ``c`` for the int8 q·k dot
+    (`int8_offset`): signed int8 passes as stored; otherwise one inline-PTX ``lop3`` per four
+    bytes (`asm_int8_text`), or the same values from jnp ops in interpret mode."""
+    if lay.bits == 8 and not flip:
+        return x
+    if interpret:
+        u = _as_u8(x)
+        if lay.bits < 8:
+            u = (u >> jnp.uint8(lay.bits * c)) & jnp.uint8((1 << lay.bits) - 1)
+        return lax.bitcast_convert_type(u ^ jnp.uint8(flip), jnp.int8)
+    from jax.experimental.pallas import triton as plgpu
+
+    [out] = plgpu.elementwise_inline_asm(
+        asm_int8_text(lay.bits, c, flip), args=[_as_u8(x)], constraints="=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int8)])
+    return out
+
+
+def _quantize_rows(q):
+    """f32 ``[M, W]`` -> int8 values ``round(q / s)`` and the f32 row scale ``s = max|q| / 127``
+    (1 for all-zero rows): ``|q - s * q_i8| <= s / 2``."""
+    amax = jnp.max(jnp.abs(q), axis=1)
+    s = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.floor(q / s[:, None] + 0.5).astype(jnp.int8), s
 
 
 def _unpack(words, pc: Piece, lay: Layout, dtype):
@@ -399,12 +474,13 @@ def _vdtype(lay: Layout, v_fp16: bool):
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
-                   page_size: int | None, token_group: int, v_dequant: bool, interpret: bool):
+                   page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
+                   interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Rt] int32: body tokens visible to each row
-    pt_ref = next(it) if page_size else None  # [max_pages] int32: page of each page_size stream slots
+    pt_ref = next(it) if page_size else None  # [maxp] int32: page of each page_size stream slots (padded)
     k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes", "asm")
     ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
@@ -425,9 +501,18 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     k_fp8_fix = 256.0 if kl.fmt == "fp8" and kl.unpack not in STORED else 1.0
     v_fp8_fix = 256.0 if vl.fmt == "fp8" and vl.unpack not in STORED else 1.0
 
+    if split_pages:  # this split's pages, loaded once: no table read on the tile addresses' path
+        p0 = jnp.minimum(lo // (page_size // block_k), pt_ref.shape[0] - split_pages)
+        pages = pt_ref[pl.ds(p0, split_pages)]
+        page_idx = lax.broadcasted_iota(jnp.int32, (split_pages,), 0)
+
     # q columns of each key piece (loaded once, before the loop)
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
     qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
+    if qk_int8:  # q rounded to int8 per row and key chunk: q·k in int32 on the raw key integers
+        k_flip, k_off = int8_offset(kl.bits, kl.signed)
+        kq_i8 = [_quantize_rows(q) for q in kq]  # (int8 [Mp, width], f32 row scale [Mp])
+        kq_off = [k_off * qi.astype(jnp.float32).sum(axis=1) for qi, _ in kq_i8] if k_off else None
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -481,7 +566,10 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         os, m_prev, l_prev = carry
         start = pl.multiple_of(blk * block_k, block_k)
         if page_size:  # the block lies in one page (page_size % block_k == 0)
-            page = pt_ref[start // page_size]
+            if split_pages:
+                page = jnp.sum(jnp.where(page_idx == start // page_size - p0, pages, 0))
+            else:
+                page = pt_ref[start // page_size]
             row = pl.multiple_of(start % page_size, block_k)
             at, grp_at = (page, pl.ds(row, block_k)), (page, row // tg)
         else:
@@ -492,7 +580,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         logits = jnp.zeros((mp, block_k), jnp.float32)
         wc, sc = {}, {}
         for n, pc in enumerate(kl.pieces):
-            kt = tile(k_ref, at, pc, kl, wc, kdt)
+            kt = None if qk_int8 else tile(k_ref, at, pc, kl, wc, kdt)
             if k_mode == "channel":  # per token group: its channel scales multiply q, one dot per group
                 base = (pc.c * kl.words * 4) // 4 + pc.w0
                 for sg in range(groups_per_block):
@@ -517,7 +605,18 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                     ks_ref if key == "s" else kz_ref, at, g, sc, key), k_zero)
                 logits = logits + _dot(kq[n], kt, precise, trans_b=True)
                 continue
-            part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
+            if qk_int8:
+                if pc.w0 not in wc:
+                    wc[pc.w0] = k_ref[(*at, pl.ds(4 * pc.w0, pc.width))]
+                ki = _int8_tile(wc[pc.w0], kl, pc.c, k_flip, interpret)
+                qi, s_q = kq_i8[n]
+                acc_i = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+                part = acc_i.astype(jnp.float32)  # |q_i8 . k_i8| < 2**24: exact
+                if kq_off:
+                    part = part + kq_off[n][:, None]
+                part = part * s_q[:, None]
+            else:
+                part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
             if k_mode == "token":
                 grp = pc.segs[0][0]
                 part = part * col_scale(ks_ref, at, grp, sc, "s")[None, :]
@@ -610,6 +709,8 @@ class Config:
     v_dequant: bool | None = None  # default mode: scale value tiles in registers instead of p per
     # group; None = `default_v_dequant` (measured per format: BENCHMARKS.md runs E and H)
     row_tile: int = 64  # query rows (T * G) per program when there are more (chunked prefill)
+    qk_int8: bool | None = None  # default mode: q rounded to int8 (per row and key chunk) and q·k as an
+    # int8 dot on the raw key integers (`qk_int8_supported`); None = `default_qk_int8`
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -683,6 +784,14 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
     if spec.channel_keys and cfg.block_k % spec.token_group:
         raise ValueError(f"config: block_k must be a multiple of token_group={spec.token_group} for per-channel keys")
+    qk_int8 = cfg.qk_int8 if cfg.qk_int8 is not None else default_qk_int8(spec, kl)
+    if qk_int8 and not qk_int8_supported(spec, kl):
+        if cfg.qk_int8:
+            raise ValueError(
+                f"config: qk_int8 needs integer keys with per-token scales read as stored (unpack 'bytes' "
+                f"or 'asm') in chunks of a multiple of 32 columns; got keys {spec.k}, unpack {kl.unpack!r}, "
+                f"chunks {sorted({pc.width for pc in kl.pieces})}")
+        qk_int8 = False
     if (page_size or S) % cfg.block_k:
         what = f"the page size {page_size}" if page_size else f"the body capacity {S}"
         raise ValueError(f"config: block_k {cfg.block_k} must divide {what}")
@@ -703,8 +812,14 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         pl.BlockSpec((None, None, rt, D), lambda b, h, j, r: (b, h, r, 0)),
         pl.BlockSpec((None, rt), lambda b, h, j, r: (b, r)),
     ]
+    ns = cfg.num_splits
+    split_pages = 0
     if page_size:  # padded to a power of two (Triton block shapes); padding is never read
-        maxp = _next_pow2(page_table.shape[1])
+        per_split = -(-(S // cfg.block_k) // ns)  # most blocks one split reads
+        split_pages = _next_pow2(-(-per_split * cfg.block_k // page_size) + 1)  # most pages they touch
+        if split_pages > SPLIT_PAGES_MAX:
+            split_pages = 0  # a page-table read per block instead
+        maxp = _next_pow2(page_table.shape[1] + split_pages)
         args.append(jnp.pad(page_table, ((0, 0), (0, maxp - page_table.shape[1]))))
         specs.append(pl.BlockSpec((None, maxp), lambda b, h, j, r: (b, 0)))
 
@@ -732,13 +847,13 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         if cache.v_zero is not None:
             add(cache.v_zero)
 
-    ns = cfg.num_splits
     kernel = functools.partial(
         _decode_kernel, kl=kl, vl=vl, k_mode=k_mode, k_zero=cache.k_zero is not None,
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
-        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, token_group=spec.token_group,
+        num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
+        token_group=spec.token_group,
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
-        interpret=interpret)
+        qk_int8=qk_int8 and not precise, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns, nr),

@@ -8,7 +8,9 @@ Two modes:
   relative rounding eps (2**-8 covers bf16 and fp16), every logit moves by at most
   Δ = 2 eps * scale * max_t Σ_d |q_d k̂_td| and every value by eps |v̂|, so
   |o - o_ref| <= (exp(2Δ) - 1 + 2 eps) * max|v̂| (the softmax perturbation bound of
-  test_attend_xla.py). That bound is what the default mode is held to.
+  test_attend_xla.py). That bound is what the default mode is held to. Where q meets
+  integer keys in an int8 dot (Config.qk_int8), q is rounded to int8 instead, and Δ grows
+  by scale * max|q_row| / 254 * max_t Σ_d |k̂_td| (`_q_int8_delta`).
 
 Every format and scale layout meets G in {1, 3, 4, 8}, D in {64, 128, 256}, T in {1, 4},
 and lengths 1, block non-multiples and max_len, ragged across the batch. The compiled
@@ -95,7 +97,7 @@ def _check_kernel(name, shape, seed_key, config=None, fast=True):
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse_ref)[finite], rtol=2e-5, atol=2e-5)
     if fast:
         o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
-        bound = _fast_bound(qg, k_hat, scale, vmax)
+        bound = _fast_bound(qg, k_hat, scale, vmax, q_int8=_uses_qk_int8(spec, D, cfg))
         err = float(jnp.max(jnp.abs(o_fast - o_ref)))
         assert err <= bound, f"{name}: fast-mode error {err:.3e} above its bound {bound:.3e}"
 
@@ -107,11 +109,19 @@ def test_kernel_matches_reference(name, shape):
     _check_kernel(name, shape, f"{name}{shape}", fast=shape == SHAPES[1])
 
 
-def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8):
-    """The default mode's error bound (module docstring): logits move by <= delta, values by eps."""
+def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8, q_int8=False):
+    """The default mode's error bound (module docstring): logits move by <= delta, values by
+    eps; with ``q_int8`` (Config.qk_int8) the logits also by `_q_int8_delta`."""
     qk = jnp.einsum("bthgd,bhsd->bthgs", jnp.abs(qg), jnp.abs(k_hat), precision="highest")
-    delta = 2 * eps * scale * float(jnp.max(qk))
+    delta = 2 * eps * scale * float(jnp.max(qk)) + (_q_int8_delta(qg, k_hat, scale) if q_int8 else 0.0)
     return (math.expm1(2 * delta) + 2 * eps) * vmax
+
+
+def _uses_qk_int8(spec, D, cfg) -> bool:
+    """Whether the kernel's default mode runs the int8 q·k dot for this spec and config."""
+    cfg = cfg or decode.Config(64, 1)
+    lay = decode.make_layout(spec.k, D, cfg.unpack)
+    return cfg.qk_int8 if cfg.qk_int8 is not None else decode.default_qk_int8(spec, lay)
 
 
 @pytest.mark.parametrize("name", ["int4", "k8v4", "int2-kivi", "fp8"])
@@ -125,7 +135,8 @@ def test_value_tiles_dequantized_in_registers_stay_within_the_bound(name):
     cfg = decode.Config(base.block_k, base.num_splits, v_dequant=True)
     o, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
     err = float(jnp.max(jnp.abs(o - o_ref)))
-    assert 0 < err <= _fast_bound(qg, k_hat, scale, float(jnp.max(jnp.abs(v_hat))))
+    assert 0 < err <= _fast_bound(qg, k_hat, scale, float(jnp.max(jnp.abs(v_hat))),
+                                  q_int8=_uses_qk_int8(spec, 128, cfg))
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-kivi", "k8v4"])
@@ -194,11 +205,9 @@ def test_stored_byte_unpackings_lower_for_cuda(unpack):
         assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), fmt
 
 
-def _run_ptx(asm: str, word: int, dtype) -> list:
-    """Evaluate the few PTX instructions `decode.asm_text` emits on one 32-bit input ``$2``;
-    returns the four 16-bit floats of ``$0`` and ``$1`` (low half first)."""
-    fdt = np.float16 if dtype == jnp.float16 else jnp.bfloat16
-    reg = {"$2": word}
+def _exec_ptx(asm: str, reg: dict, fdt=np.float16) -> dict:
+    """Evaluate the few PTX instructions `decode.asm_text` and `decode.asm_int8_text` emit;
+    ``reg`` maps register names to 32-bit inputs, and gets the results."""
 
     def val(tok):
         return reg[tok] if tok in reg else int(tok, 0)
@@ -230,7 +239,15 @@ def _run_ptx(asm: str, word: int, dtype) -> list:
             reg[d] = int(h[0]) | int(h[1]) << 16
         else:
             raise AssertionError(f"unexpected PTX op {op}")
-    return [*halves(reg["$0"]), *halves(reg["$1"])]
+    return reg
+
+
+def _run_ptx(asm: str, word: int, dtype) -> list:
+    """`decode.asm_text`'s PTX on one 32-bit input ``$2``: the four 16-bit floats of ``$0`` and
+    ``$1`` (low half first)."""
+    fdt = np.float16 if dtype == jnp.float16 else jnp.bfloat16
+    reg = _exec_ptx(asm, {"$2": word}, fdt)
+    return [float(x) for r in ("$0", "$1") for x in np.array([reg[r] & 0xFFFF, reg[r] >> 16], np.uint16).view(fdt)]
 
 
 @pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)])
@@ -251,6 +268,79 @@ def test_asm_conversion_gives_every_field_value(bits, signed):
     if bits == 8:
         with pytest.raises(ValueError, match="bits"):
             decode.asm_text(8, signed, 0, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)])
+def test_int8_key_tiles_give_every_field_value(bits, signed):
+    """The int8 key tiles of Config.qk_int8 (`asm_int8_text`'s PTX evaluated instruction by
+    instruction, and the interpret-mode jnp path) plus `int8_offset` give every field's value."""
+    flip, off = decode.int8_offset(bits, signed)
+    lay = types.SimpleNamespace(bits=bits)
+    data = np.arange(256, dtype=np.uint8)
+    for c in range(8 // bits):
+        f = (data >> (bits * c)) & ((1 << bits) - 1)
+        want = f.astype(np.int64) - ((f >= (1 << (bits - 1))) << bits if signed else 0)  # two's complement
+        stored = data.view(np.int8) if bits == 8 and signed else data  # int8 is stored as int8
+        tile = decode._int8_tile(jnp.asarray(stored.reshape(64, 4)), lay, c, flip, interpret=True)
+        assert tile.dtype == jnp.int8
+        np.testing.assert_array_equal(np.asarray(tile).reshape(-1).astype(np.int64) + off, want)
+        if bits == 8 and not flip:
+            continue  # int8 enters the dot as stored: no PTX
+        asm = decode.asm_int8_text(bits, c, flip)
+        for i in range(0, 256, 4):
+            word = int(data[i:i + 4].view(np.uint32)[0])
+            got = np.array([_exec_ptx(asm, {"$1": word})["$0"]], np.uint32).view(np.int8).astype(np.int64)
+            np.testing.assert_array_equal(got + off, want[i:i + 4], err_msg=f"{bits} {signed} {c} {data[i:i + 4]}")
+
+
+def _q_int8_delta(qg, k_hat, scale):
+    """Logit error of rounding q to int8 per row (and key chunk): each element of q moves by
+    at most max|q_row| / 254, so a logit by scale * max|q_row| / 254 * sum_d |k̂_d|."""
+    qmax = jnp.max(jnp.abs(qg), axis=-1)  # [B, T, H, G]
+    ksum = jnp.sum(jnp.abs(k_hat), axis=-1)  # [B, H, S]
+    return float(scale * jnp.max(qmax[..., None] * ksum[:, None, :, None, :]) / 254)
+
+
+@pytest.mark.parametrize("shape", [(4, 128, 1), (3, 64, 4), (8, 256, 1)], ids=lambda s: f"G{s[0]}-D{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("name", ["int8", "int8-g32-asym", "int4", "int4-tok-asym", "int2", "int4-rot", "k8v4"])
+def test_int8_qk_dot_stays_within_its_bound(name, shape):
+    """Config.qk_int8: q rounded to int8 per row and key chunk, q·k an int8 dot on the raw
+    key integers. Held to the default mode's bound with the q rounding term added; it must
+    differ from the 16-bit path (the int8 dot really ran), and precise mode ignores it."""
+    G, D, T = shape
+    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"qk{name}{shape}".encode()))
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    base = decode.choose_config(cache, G * T)
+    if not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, base.unpack)):
+        assert name == "int2" and D == 64  # 16-column chunks: below the int8 MMA's K of 32
+        with pytest.raises(ValueError, match="qk_int8"):
+            decode.body_attention(qg, cache, qpos, scale, interpret=True,
+                                  config=dataclasses.replace(base, qk_int8=True))
+        return
+    o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
+    k_hat, v_hat = reference.dequantize_body(cache)
+    vmax = float(jnp.max(jnp.abs(v_hat)))
+    o8, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(base, qk_int8=True))
+    o16, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(base, qk_int8=False))
+    err = float(jnp.max(jnp.abs(o8 - o_ref)))
+    assert err <= _fast_bound(qg, k_hat, scale, vmax, q_int8=True)
+    assert not np.array_equal(np.asarray(o8), np.asarray(o16))
+    op, lp = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
+                                   config=dataclasses.replace(base, qk_int8=True))
+    np.testing.assert_allclose(np.asarray(op), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
+
+
+@pytest.mark.parametrize("name,unpack", [("fp8", "auto"), ("int4-kivi", "auto"), ("bf16", "auto"),
+                                         ("kbf16-v4", "auto"), ("int8", "join"), ("int4", "split")])
+def test_int8_qk_dot_on_other_keys_is_a_clear_error(name, unpack):
+    """Keys the int8 dot cannot read (fp8, per-channel, bf16; the 32-bit word views) are not
+    given it by default, and asking for it is an error naming the setting."""
+    spec, cache, q = _case(name, FORMATS[name], 4, 128, 1, seed=3)
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    cfg = dataclasses.replace(decode.choose_config(cache, 4), unpack=unpack)
+    assert not decode.default_qk_int8(spec, decode.make_layout(spec.k, 128, unpack))
+    with pytest.raises(ValueError, match="config: qk_int8 needs integer keys with per-token scales"):
+        decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(cfg, qk_int8=True))
 
 
 @pytest.mark.parametrize("block_k", [64, 128])
@@ -310,6 +400,22 @@ def test_paged_body_equals_contiguous(name):
     paged, table = _paged(cache, 64, rng)
     want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)
     got, lse = decode.body_attention(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_k,splits,split_pages_max", [(32, 3, 128), (32, 1, 128), (64, 5, 128), (32, 3, 0)])
+def test_paged_splits_inside_pages(block_k, splits, split_pages_max, monkeypatch):
+    """Several blocks per page, split boundaries inside pages: each split's page ids held in
+    registers (`decode.SPLIT_PAGES_MAX`), or read per block when beyond it, give the contiguous result."""
+    monkeypatch.setattr(decode, "SPLIT_PAGES_MAX", split_pages_max)
+    rng = np.random.default_rng(block_k * splits)
+    spec, cache, q = _case("int4", "int4", 4, 64, 1, seed=block_k + splits)
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    paged, table = _paged(cache, 128, rng)
+    cfg = decode.Config(block_k, splits)
+    want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
+    got, lse = decode.body_attention(qg, paged, qpos, scale, interpret=True, page_table=table, config=cfg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
 
