@@ -243,7 +243,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
         nbytes = cache_bytes_read(spec, B, S, H, D)
         for unpack, qk, var in itertools.product(unpacks, qk_int8, vary):
             cfg = decode.choose_config(cache, Hq // H)
-            cfg = dataclasses.replace(cfg, unpack=cfg.unpack if unpack == "auto" else unpack, qk_int8=qk, **var)
+            cfg = dataclasses.replace(cfg, **{"unpack": cfg.unpack if unpack == "auto" else unpack, "qk_int8": qk, **var})
             if page_size % cfg.block_k:
                 continue
             if qk and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, cfg.unpack)):
@@ -374,7 +374,8 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=(
         nbytes = cache_bytes_read(spec, B, S, H, D)
         base = decode.choose_config(cache, 16)
         configs = [None if (u, vd, qk, var) == ("auto", None, None, {}) else
-                   dataclasses.replace(base, unpack=base.unpack if u == "auto" else u, v_dequant=vd, qk_int8=qk, **var)
+                   dataclasses.replace(base, **{"unpack": base.unpack if u == "auto" else u, "v_dequant": vd,
+                                                "qk_int8": qk, **var})
                    for u in unpacks for vd in v_dequant for qk in qk_int8 for var in vary
                    if not qk or decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, base.unpack if u == "auto" else u))]
         if sweep and name != "bf16":

@@ -97,9 +97,34 @@ def chunk_attention(out):
     _save(fig, out, "chunk-attention")
 
 
+def paged_kernel(out):
+    """Run I: the kernel through page tables (B=16, S=32K, page 256) before and after each
+    split's page ids were held in registers, with the int8 q·k dot off and on."""
+    before = _load("decode-h200-runI-qk-2026-11-30.json")["rows"]
+    after = _load("decode-h200-runI-splitpages-2026-11-30.json")["rows"]
+    presets = ["int8", "int4", "int2", "k8v4"]
+
+    def t(rows, name, qk):
+        return next(r["t"] * 1e6 for r in rows if r["impl"] == f"kvq-{name}-paged256"
+                    and f"qk_int8={qk}" in r["cfg"] and "block_k=64" in r["cfg"])
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = [("page table read per block, 16-bit q·k", before, False),
+            ("page table read per block, int8 q·k", before, True),
+            ("page ids in registers, 16-bit q·k", after, False),
+            ("page ids in registers, int8 q·k", after, True)]
+    for i, (label, rows, qk) in enumerate(bars):
+        ax.bar([j + (i - 1.5) * 0.2 for j in range(len(presets))], [t(rows, p, qk) for p in presets], 0.2, label=label)
+    ax.set_xticks(range(len(presets)), presets)
+    ax.set_ylabel("us per call (lower is better)")
+    ax.set_title("Decode kernel through page tables, B=16 S=32K page 256 (H200, jax 0.11.2)")
+    ax.legend(fontsize=8)
+    _save(fig, out, "paged-kernel")
+
+
 def serving(out):
-    one = _load("serve-h200-asm-2026-11-30.json")["presets"]
-    two = _load("serve-h200x2-asm-2026-11-30.json")["presets"]
+    one = _load("serve-h200-final-2026-11-30.json")["presets"]
+    two = _load("serve-h200x2-final-2026-11-30.json")["presets"]
     runs = _load("sharded-h200x2-8b-2026-11-29b.json")["runs"]
     presets = ["bf16", "int8", "int4"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -127,7 +152,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    for fn in (decode_attention, decode_unpack, chunk_attention, serving):
+    for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 

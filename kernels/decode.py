@@ -31,13 +31,14 @@ q and the output need no permutation) or *pieces*:
   pieces' column order once and un-permutes the tiny output after. Rows of fewer than 16
   words use byte-major chunks ``[BK, 4, wr]`` instead.
 
-Keys of integer formats with per-token scales (int8, int4, int2; `qk_int8_supported`) meet q
-in an int8 dot by default (``Config.qk_int8``, `default_qk_int8`): q is rounded to int8 once per
-row and key chunk (``s_q = max|q| / 127``), the stored key integers enter the tensor cores as
-int8 without any conversion (8-bit as stored; sub-byte fields masked out with one ``lop3`` per
-four bytes, `asm_int8_text`, and offset so they fit int8, `int8_offset`), the int32 result is
-exact, and ``s_q`` and the key scale multiply it. Each logit moves by at most
-``s_q / 2 * sum|k|`` beyond the 16-bit path; ``precise=True`` keeps the exact path.
+Keys of integer formats with per-token scales (int8, int4, int2; `qk_int8_supported`) can meet
+q in an int8 dot (``Config.qk_int8``; the default for int4 and int2 keys, `default_qk_int8`):
+q is rounded to int8 once per row and key chunk (``s_q = max|q| / 127``), the stored key
+integers enter the tensor cores as int8 without any conversion (8-bit as stored; sub-byte
+fields masked out with one ``lop3`` per four bytes, `asm_int8_text`, and offset so they fit
+int8, `int8_offset`), the int32 result is exact, and ``s_q`` and the key scale multiply it.
+Each logit moves by at most ``s_q / 2 * sum|k|`` beyond the 16-bit path; ``precise=True``
+keeps the exact path.
 
 Through a page table, each split's page ids are read once, before the loop, into registers
 (up to `SPLIT_PAGES_MAX` pages), so no table read sits on the path of a tile's address.
@@ -183,8 +184,12 @@ def qk_int8_supported(spec, kl: Layout) -> bool:
 
 
 def default_qk_int8(spec, kl: Layout) -> bool:
-    """Whether the default mode rounds q to int8 for an int8 q·k dot where supported."""
-    return qk_int8_supported(spec, kl)
+    """Whether the default mode rounds q to int8 for an int8 q·k dot: for sub-byte keys where
+    supported. Measured (BENCHMARKS.md, run I): paged B=16 S=32K int4 486 -> 455 us, int2
+    579 -> 565, no change in SmolLM2's KL to bf16 (int4 0.215 -> 0.201); int8 keys 8 % faster
+    (413 -> 382 us, one q scale per 128 columns) but KL 0.92e-3 -> 1.38e-3, so 8-bit keys keep
+    the 16-bit path unless ``Config.qk_int8=True``."""
+    return kl.bits < 8 and qk_int8_supported(spec, kl)
 
 
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
