@@ -260,6 +260,9 @@ def test_engine_per_layer_policy_equals_generate(model, policy):
     assert eng.spec is None and eng.specs == specs and len(eng._kv) == 2  # one stacked pool per format
     # the residual window of the KIVI layer turns the prefix cache off; the other policy keeps it
     assert eng.prefix_cache == all(s.residual == 0 and s.sinks == 0 for s in specs)
+    if not eng.prefix_cache:  # asked for explicitly, it is an error that names the window
+        with pytest.raises(ValueError, match="prefix_cache: not supported for specs with a bf16 residual window"):
+            Engine(model, kv=policy, max_batch=2, page_size=32, max_len=160, prefill_chunk=64, prefix_cache=True)
     prompts = _prompts((90, 33), seed=12)
     ids = [eng.submit(p, 6) for p in prompts]
     out = eng.run()

@@ -236,8 +236,10 @@ class Engine:
         sequences of ``max_len`` tokens.
       max_len: most tokens (prompt + generated) one request may hold.
       prefill_chunk: most prompt tokens run in one call (a multiple of page_size).
-      prefix_cache: share full prompt pages between requests with the same prefix
-        (only when no layer's spec has a residual window or sinks; ignored otherwise).
+      prefix_cache: share full prompt pages between requests with the same prefix. None
+        (default): on when no layer's spec has a bf16 residual window or sinks (their state
+        after n tokens is not just their first n quantized tokens), off otherwise; True with
+        such a spec is an error.
       eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
       impl: how decode steps and prefill chunks after the first read the cache: "pallas"
         (the fused-dequant kernel through the page tables), "xla", or "auto" (pallas on GPU).
@@ -259,7 +261,7 @@ class Engine:
     """
 
     def __init__(self, model, kv="int8", max_batch: int = 8, page_size: int = 64, num_pages: int | None = None,
-                 *, max_len: int = 4096, prefill_chunk: int = 512, prefix_cache: bool = True, eos_id=None,
+                 *, max_len: int = 4096, prefill_chunk: int = 512, prefix_cache: bool | None = None, eos_id=None,
                  impl: str = "auto", prefill_block: int | None = 2048, seed: int = 0, mesh=None):
         specs = resolve_policy(kv, model.num_layers)
         groups = tuple(dict.fromkeys(specs))  # the distinct formats, in layer order
@@ -295,7 +297,11 @@ class Engine:
         if not isinstance(num_pages, (int, np.integer)) or num_pages <= 0:
             raise ValueError(f"num_pages: expected a positive int or None, got {num_pages!r}")
         self.num_pages = int(num_pages)
-        self.prefix_cache = bool(prefix_cache) and all(residual_capacity(s) == 0 and s.sinks == 0 for s in groups)
+        windowed = [str(s) for s in groups if residual_capacity(s) or s.sinks]
+        if prefix_cache and windowed:
+            raise ValueError(f"prefix_cache: not supported for specs with a bf16 residual window or sinks "
+                             f"({'; '.join(windowed)}); pass None (on where supported) or False")
+        self.prefix_cache = not windowed if prefix_cache is None else bool(prefix_cache)
         self._salt = f"{'/'.join(map(str, specs))}|{page_size}|{id(model)}".encode()
         if eos_id is None:
             eos_id = tuple(getattr(model, "eos_token_ids", ()) or ())
