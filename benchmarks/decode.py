@@ -192,7 +192,7 @@ def to_pages(cache, page_size, key):
     return {n: pool(getattr(cache, n)) for n in BODY}, order.reshape(B, npg).astype(jnp.int32)
 
 
-def paged_body(q, pools, table, cache, config=None):
+def paged_body(q, pools, table, cache, config=None, v_token_minor=False):
     """Our kernel over the body through a page table (the body segment of attend, B=any, T=1)."""
     import types
 
@@ -202,15 +202,16 @@ def paged_body(q, pools, table, cache, config=None):
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     qpos = cache.lengths[:, None] - 1
     return decode.body_attention(qg, view, qpos, 1.0 / math.sqrt(D), interpret=jax.default_backend() != "gpu",
-                                 page_table=table, config=config)[0]
+                                 page_table=table, config=config, v_token_minor=v_token_minor)[0]
 
 
-def contiguous_body(q, cache, config=None):
+def contiguous_body(q, cache, config=None, v_token_minor=False):
     B, T, Hq, D = q.shape
     H = cache.num_kv_heads
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     return decode.body_attention(qg, cache, cache.lengths[:, None] - 1, 1.0 / math.sqrt(D),
-                                 interpret=jax.default_backend() != "gpu", config=config)[0]
+                                 interpret=jax.default_backend() != "gpu", config=config,
+                                 v_token_minor=v_token_minor)[0]
 
 
 def parse_vary(arg: str) -> list[dict]:
@@ -229,9 +230,11 @@ def parse_vary(arg: str) -> list[dict]:
     return out
 
 
-def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_int8=(None,), vary=({},)):
+def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_int8=(None,), vary=({},),
+                v_layouts=(False,)):
     """Kernel over the body, contiguous vs through a shuffled page table, per ``Config.unpack``
-    of ``unpacks``: equal outputs, both times."""
+    of ``unpacks`` (and values stored tokens-minor for ``True`` in ``v_layouts``): equal
+    outputs, both times."""
     rows = []
     for name in presets:
         spec = kvq.KVSpec.parse(name)
@@ -241,24 +244,32 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         pools, table = to_pages(cache, page_size, key)
         nbytes = cache_bytes_read(spec, B, S, H, D)
-        for unpack, qk, var in itertools.product(unpacks, qk_int8, vary):
+        token_minor = {False: (cache, pools)}
+        if True in v_layouts:  # the same values, each page (each sequence's body) stored [Dp, tokens]
+            token_minor[True] = (dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2)),
+                                 dict(pools, v=jnp.swapaxes(pools["v"], -1, -2)))
+        for unpack, qk, var, vt in itertools.product(unpacks, qk_int8, vary, v_layouts):
+            c_v, p_v = token_minor[vt]
             cfg = decode.choose_config(cache, Hq // H)
             cfg = dataclasses.replace(cfg, **{"unpack": cfg.unpack if unpack == "auto" else unpack, "qk_int8": qk, **var})
             if page_size % cfg.block_k:
                 continue
             if qk and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, cfg.unpack)):
                 continue
-            a = jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)
-            b = jax.jit(lambda q, p, t, c, cfg=cfg: paged_body(q, p, t, c, cfg))(q, pools, table, cache)
+            a = jax.jit(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt))(q, c_v)
+            b = jax.jit(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt))(q, p_v, table, c_v)
             same = bool(jnp.array_equal(a, b))
-            t_c = time_jax(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg), q, cache)
-            t_p = time_jax(lambda q, p, t, c, cfg=cfg: paged_body(q, p, t, c, cfg), q, pools, table, cache)
-            for impl, t in ((f"kvq-{name}-body", t_c), (f"kvq-{name}-paged{page_size}", t_p)):
+            if vt:  # and equal to the token-major layout's output
+                same = same and bool(jnp.array_equal(a, jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)))
+            t_c = time_jax(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt), q, c_v)
+            t_p = time_jax(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt), q, p_v, table, c_v)
+            tag = "-vT" if vt else ""
+            for impl, t in ((f"kvq-{name}-body{tag}", t_c), (f"kvq-{name}-paged{page_size}{tag}", t_p)):
                 rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg),
                                  tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
-            print(f"paged B={B} S={S} {name:8s} {unpack:5s} qk_int8={qk!s:5s} {var} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
+            print(f"paged B={B} S={S} {name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{' v tokens-minor' if vt else ''} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
                   f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x), outputs equal: {same}", flush=True)
-        del cache, pools
+        del cache, pools, token_minor
     return rows
 
 
@@ -424,6 +435,8 @@ def main(argv=None):
     ap.add_argument("--paged", type=int, default=0,
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
+    ap.add_argument("--v-token-minor", action="store_true",
+                    help="with --paged: also time values stored tokens-minor ([Dp, tokens] per page; same data)")
     ap.add_argument("--gpus", type=int, default=0,
                     help="also time kvq.sharding.shard_attend over 1, 2, 4, ... up to this many devices")
     ap.add_argument("--sharded-shape", default="8x32768")
@@ -457,7 +470,8 @@ def main(argv=None):
     if a.paged:
         B, S = (int(x) for x in a.paged_shape.split("x"))
         rows += bench_paged(B, S, 32, 8, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
-                            unpacks=a.unpack.split(","), qk_int8=qk, vary=vary)
+                            unpacks=a.unpack.split(","), qk_int8=qk, vary=vary,
+                            v_layouts=(False, True) if a.v_token_minor else (False,))
         save(rows)
     if a.gpus:
         B, S = (int(x) for x in a.sharded_shape.split("x"))

@@ -480,7 +480,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
-                   interpret: bool):
+                   v_token_minor: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
@@ -489,7 +489,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes", "asm")
     ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
-    v_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes", "asm")
+    v_ref = next(it)  # as k_ref; v_token_minor: [Dp, S] (bf16: [D, S]), tokens contiguous per channel
     vs_ref = next(it) if v_scaled else None  # [S, Gv]
     vz_ref = next(it) if v_zero else None
     o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Rt, D] f32, [Rt] f32, [Rt] f32
@@ -534,10 +534,18 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             cache[pc.w0] = w
         return cache[pc.w0]
 
-    def tile(ref, at, pc, lay, cache, dtype):
-        if lay.unpack in STORED:  # the stored bytes [BK, width], loaded once per column range
+    def tile(ref, at, pc, lay, cache, dtype, token_minor=False):
+        """The block's values of piece ``pc`` in ``dtype``: ``[BK, width]``, or ``[width, BK]``
+        when the tensor is stored tokens-minor (``token_minor``)."""
+        if token_minor:  # [..., Dp | D, S]: the same elements, transposed (stored bytes or bf16)
             if pc.w0 not in cache:
-                cache[pc.w0] = ref[(*at, pl.ds(4 * pc.w0, pc.width))]
+                cols = pl.ds(4 * pc.w0, pc.width) if lay.packed else slice(None)
+                cache[pc.w0] = ref[(*at[:-1], cols, at[-1])]
+            if not lay.packed:
+                return cache[pc.w0].astype(dtype)
+        elif lay.unpack in STORED and pc.w0 not in cache:  # the stored bytes [BK, width], once per column range
+            cache[pc.w0] = ref[(*at, pl.ds(4 * pc.w0, pc.width))]
+        if lay.unpack in STORED:
             x = cache[pc.w0]
             if (lay.unpack == "asm" and lay.fmt != "fp8" and not interpret
                     and (dtype == jnp.float16 or lay.bits <= 4)):  # 8-bit -> bf16: Triton's own prmt path
@@ -639,13 +647,14 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
 
         wc, new_os = {}, []
         for n, pc in enumerate(vl.pieces):
-            vt = tile(v_ref, at, pc, vl, wc, vdt)
+            vt = tile(v_ref, at, pc, vl, wc, vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
+            tb = v_token_minor  # the dots take vt transposed
             acc = corr[:, None] * os[n]
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, masked to its columns
                 for (grp, a, b) in pc.segs:
                     cm = (vcols[n] >= a) & (vcols[n] < b)
                     s_g = col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix
-                    part = _dot(p * s_g[None, :], vt, precise, trans_b=False)
+                    part = _dot(p * s_g[None, :], vt, precise, trans_b=tb)
                     if v_zero:
                         part = part + (p * col_scale(vz_ref, at, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
                     acc = acc + jnp.where(cm, part, 0.0)
@@ -653,24 +662,25 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 vt = _dequant_tile(vt, pc, vcols[n], lambda g, key: col_scale(
                     vs_ref if key == "s" else vz_ref, at, g, sc, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
                     v_zero)
-                acc = acc + _dot(p, vt, precise, trans_b=False)
+                acc = acc + _dot(p, vt, precise, trans_b=tb)
             elif v_dequant and v_scaled and not precise:  # scale (and shift) the tile: p is shared by all dots
                 grp = pc.segs[0][0]
-                x = vt.astype(jnp.float32) * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[:, None]
+                tok = (None, slice(None)) if tb else (slice(None), None)  # the token axis of vt
+                x = vt.astype(jnp.float32) * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[tok]
                 if v_zero:
-                    x = x + col_scale(vz_ref, at, grp, sc, "vz")[:, None]
-                acc = acc + _dot(p, x.astype(vt.dtype), precise, trans_b=False)
+                    x = x + col_scale(vz_ref, at, grp, sc, "vz")[tok]
+                acc = acc + _dot(p, x.astype(vt.dtype), precise, trans_b=tb)
             else:
                 grp = pc.segs[0][0]
                 if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
                     sv = col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix
                     smax = jnp.maximum(jnp.max(sv), 1e-30)
-                    acc = acc + _dot(p * (sv / smax)[None, :], vt, precise, trans_b=False) * smax
+                    acc = acc + _dot(p * (sv / smax)[None, :], vt, precise, trans_b=tb) * smax
                 else:
                     pv = p
                     if v_scaled:
                         pv = p * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[None, :]
-                    acc = acc + _dot(pv, vt, precise, trans_b=False)  # [Mp, width]
+                    acc = acc + _dot(pv, vt, precise, trans_b=tb)  # [Mp, width]
                 if v_zero:
                     acc = acc + (p * col_scale(vz_ref, at, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
             new_os.append(acc)
@@ -752,7 +762,7 @@ def _choose(spec, programs: int, S: int) -> Config:
 
 
 def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: Config | None = None,
-                   precise: bool = False, page_table: jax.Array | None = None):
+                   precise: bool = False, page_table: jax.Array | None = None, v_token_minor: bool = False):
     """Pallas twin of ``reference.body_attention``: ``(o, lse)`` over the quantized body.
 
     Args:
@@ -768,6 +778,10 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
       interpret: run in Pallas interpret mode (CPU); False lowers with Triton.
       config: launch configuration; default ``choose_config``.
       precise: hi/lo bf16 splitting of q and p (f32-level accuracy, twice the dots).
+      v_token_minor: ``cache.v`` holds the values tokens-minor, ``[B, Hkv, Dp, S]`` (pools
+        ``[P, Hkv, Dp, page]``; bf16 ``D`` for ``Dp``): each channel's tokens contiguous, the
+        order ``p @ v`` contracts in. The cache does not store values this way (yet); the
+        benchmarks measure the kernel on such a copy (``benchmarks/decode.py --v-token-minor``).
 
     Returns:
       ``o: f32[B, T, Hkv, G, D]`` (normalized), ``lse: f32[B, T, Hkv, G]``.
@@ -845,7 +859,13 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         add(kscale(cache.k_scale))
         if cache.k_zero is not None:
             add(kscale(cache.k_zero))
-    add(cache.v if vl.unpack in STORED else _as_words(cache.v))
+    if v_token_minor:
+        want = D * vl.bits // 8 if vl.packed else D
+        if vl.packed and vl.unpack not in STORED:
+            raise ValueError(f"v_token_minor: needs values read as stored (unpack 'bytes' or 'asm'), got {vl.unpack!r}")
+        if cache.v.shape[-2] != want or cache.v.shape[-1] != (page_size or S):
+            raise ValueError(f"v_token_minor: expected cache.v [..., {want}, {page_size or S}], got {list(cache.v.shape)}")
+    add(cache.v if vl.unpack in STORED or v_token_minor else _as_words(cache.v))
     v_scaled = spec.v.quantized
     if v_scaled:
         add(cache.v_scale)
@@ -858,7 +878,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
         token_group=spec.token_group,
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
-        qk_int8=qk_int8 and not precise, interpret=interpret)
+        qk_int8=qk_int8 and not precise, v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns, nr),

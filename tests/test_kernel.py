@@ -420,6 +420,30 @@ def test_paged_splits_inside_pages(block_k, splits, split_pages_max, monkeypatch
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp8", "int8", "int4", "int2", "k8v4", "int4-kivi", "kbf16-v4"])
+def test_values_stored_tokens_minor_give_the_same_result(name):
+    """``v_token_minor``: the same values stored [Dp, tokens] (contiguous and paged) give
+    the token-major result bit for bit, in both modes."""
+    rng = np.random.default_rng(zlib.crc32(f"vt{name}".encode()))
+    spec, cache, q = _case(name, FORMATS[name], 4, 128, 1, seed=zlib.crc32(f"vt{name}".encode()))
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    paged, table = _paged(cache, 128, rng)
+    minor = dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2))
+    paged_minor = types.SimpleNamespace(**dict(vars(paged), v=jnp.swapaxes(paged.v, -1, -2)))
+    for precise in (False, True):
+        want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=precise)
+        for c, kw in ((minor, {}), (paged_minor, dict(page_table=table))):
+            got, lse = decode.body_attention(qg, c, qpos, scale, interpret=True, precise=precise, v_token_minor=True, **kw)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+            np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse_want))
+    with pytest.raises(ValueError, match="v_token_minor: expected cache.v"):
+        decode.body_attention(qg, cache, qpos, scale, interpret=True, v_token_minor=True)
+    if spec.v.quantized:
+        with pytest.raises(ValueError, match="v_token_minor: needs values read as stored"):
+            decode.body_attention(qg, minor, qpos, scale, interpret=True, v_token_minor=True,
+                                  config=dataclasses.replace(decode.choose_config(cache, 4), unpack="join"))
+
+
 def test_paged_kernel_lowers_for_cuda_and_checks_its_table():
     rng = np.random.default_rng(0)
     spec, cache, q = _case("int4", "int4", 4, 128, 1, seed=5)
