@@ -152,7 +152,7 @@ def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,)):
             ref = kvq.attend(q, cache, impl="xla")
             for unpack, qk, precise in itertools.product(unpacks, qk_int8, (False, True)):
                 cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack, qk_int8=qk)
-                if qk and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, unpack)):
+                if qk_int8_unsupported(qk, spec, D, unpack):
                     continue
                 out = jax.jit(lambda q, c: _attend_pallas(q, c, precise, cfg))(q, cache)
                 err = float(jnp.max(jnp.abs(out - ref)))
@@ -214,18 +214,23 @@ def contiguous_body(q, cache, config=None, v_token_minor=False):
                                  v_token_minor=v_token_minor)[0]
 
 
+def qk_int8_unsupported(qk, spec, D, unpack) -> bool:
+    """True when ``Config.qk_int8=qk`` asks for the int8 q·k dot that ``spec``'s keys cannot take."""
+    return bool(qk) and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, unpack))
+
+
 def parse_vary(arg: str) -> list[dict]:
     """``"block_k=128,num_stages=4;v_fp16=1"`` -> ``[{}, {"block_k": 128, "num_stages": 4}, {"v_fp16": True}]``:
     `decode.Config` field overrides, each timed beside the base config (the empty set)."""
-    types = {f.name: f.type for f in dataclasses.fields(decode.Config)}
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(decode.Config)}  # "int", "bool | None", "str"
     out = [{}]
     for var in filter(None, arg.split(";")):
         d = {}
         for item in var.split(","):
             k, v = item.split("=")
-            if k not in types:
-                raise SystemExit(f"--vary: {k!r} is not a Config field ({', '.join(types)})")
-            d[k] = v if "str" in str(types[k]) else (bool(int(v)) if "bool" in str(types[k]) else int(v))
+            if k not in kinds:
+                raise SystemExit(f"--vary: {k!r} is not a Config field ({', '.join(kinds)})")
+            d[k] = v if "str" in kinds[k] else (bool(int(v)) if "bool" in kinds[k] else int(v))
         out.append(d)
     return out
 
@@ -254,7 +259,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
             cfg = dataclasses.replace(cfg, **{"unpack": cfg.unpack if unpack == "auto" else unpack, "qk_int8": qk, **var})
             if page_size % cfg.block_k:
                 continue
-            if qk and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, cfg.unpack)):
+            if qk_int8_unsupported(qk, spec, D, cfg.unpack):
                 continue
             a = jax.jit(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt))(q, c_v)
             b = jax.jit(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt))(q, p_v, table, c_v)
@@ -267,7 +272,8 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
             for impl, t in ((f"kvq-{name}-body{tag}", t_c), (f"kvq-{name}-paged{page_size}{tag}", t_p)):
                 rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg),
                                  tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
-            print(f"paged B={B} S={S} {name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{' v tokens-minor' if vt else ''} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
+            print(f"paged B={B} S={S} {name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{' v tokens-minor' if vt else ''} "
+                  f"page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
                   f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x), outputs equal: {same}", flush=True)
         del cache, pools, token_minor
     return rows
@@ -388,7 +394,7 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=(
                    dataclasses.replace(base, **{"unpack": base.unpack if u == "auto" else u, "v_dequant": vd,
                                                 "qk_int8": qk, **var})
                    for u in unpacks for vd in v_dequant for qk in qk_int8 for var in vary
-                   if not qk or decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, base.unpack if u == "auto" else u))]
+                   if not qk_int8_unsupported(qk, spec, D, base.unpack if u == "auto" else u)]
         if sweep and name != "bf16":
             configs += [dataclasses.replace(base, block_k=bk, num_splits=ns, num_warps=nw,
                                             unpack=base.unpack if u == "auto" else u)

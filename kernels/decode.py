@@ -534,6 +534,12 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             cache[pc.w0] = w
         return cache[pc.w0]
 
+    def stored(ref, at, pc, cache):
+        """The stored bytes of piece ``pc``'s columns, ``[BK, width]``, loaded once per column range."""
+        if pc.w0 not in cache:
+            cache[pc.w0] = ref[(*at, pl.ds(4 * pc.w0, pc.width))]
+        return cache[pc.w0]
+
     def tile(ref, at, pc, lay, cache, dtype, token_minor=False):
         """The block's values of piece ``pc`` in ``dtype``: ``[BK, width]``, or ``[width, BK]``
         when the tensor is stored tokens-minor (``token_minor``)."""
@@ -543,10 +549,8 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 cache[pc.w0] = ref[(*at[:-1], cols, at[-1])]
             if not lay.packed:
                 return cache[pc.w0].astype(dtype)
-        elif lay.unpack in STORED and pc.w0 not in cache:  # the stored bytes [BK, width], once per column range
-            cache[pc.w0] = ref[(*at, pl.ds(4 * pc.w0, pc.width))]
         if lay.unpack in STORED:
-            x = cache[pc.w0]
+            x = cache[pc.w0] if token_minor else stored(ref, at, pc, cache)
             if (lay.unpack == "asm" and lay.fmt != "fp8" and not interpret
                     and (dtype == jnp.float16 or lay.bits <= 4)):  # 8-bit -> bf16: Triton's own prmt path
                 return _asm_convert(x, lay, pc.c, dtype)
@@ -619,9 +623,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 logits = logits + _dot(kq[n], kt, precise, trans_b=True)
                 continue
             if qk_int8:
-                if pc.w0 not in wc:
-                    wc[pc.w0] = k_ref[(*at, pl.ds(4 * pc.w0, pc.width))]
-                ki = _int8_tile(wc[pc.w0], kl, pc.c, k_flip, interpret)
+                ki = _int8_tile(stored(k_ref, at, pc, wc), kl, pc.c, k_flip, interpret)
                 qi, s_q = kq_i8[n]
                 acc_i = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
                 part = acc_i.astype(jnp.float32)  # |q_i8 . k_i8| < 2**24: exact
