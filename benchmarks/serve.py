@@ -2,7 +2,8 @@
 
 Llama-3-8B-shaped model with random bf16 weights (32 layers, Hq 32, Hkv 8, D 128,
 d 4096, ffn 14336) on one GPU, or with ``--gpus N`` tensor-parallel on N
-(``Engine(mesh=make_mesh(data=1, model=N))``; ``--model 70b`` for the 70B shape):
+(``Engine(mesh=make_mesh(data=1, model=N))``; ``--model 70b`` for the 70B shape), or with
+``--replicas N`` data parallel (an engine and a copy of the weights per GPU, decode only):
 
 * sessions: the most concurrent ``--context``-token sessions whose pages can be
   allocated next to the weights, found by allocating: an `Engine` with ``max_batch=n``
@@ -16,6 +17,7 @@ d 4096, ffn 14336) on one GPU, or with ``--gpus N`` tensor-parallel on N
     python benchmarks/serve.py --out serve.json           # on the H200
     python benchmarks/serve.py --small                    # CPU smoke run
     python benchmarks/serve.py --gpus 2 --model 70b --batch 8 --skip prefix   # 2 GPUs
+    python benchmarks/serve.py --replicas 2 --skip sessions,prefix            # data parallel, 2 GPUs
 
 Prints a table; writes JSON to --out.
 """
@@ -23,6 +25,7 @@ Prints a table; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -64,33 +67,47 @@ def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
     return most_that_fit(allocate, limit)
 
 
-def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=None):
+def decode_speed(models, preset, batch, context, page_size, steps, impl, mesh=None, devices=None):
     """Seconds per step of the engine's jitted decode step (all layers, append through the page
     tables, attention, logits, greedy sampling) at ``batch`` sequences of ``context`` tokens,
-    each step fed the previous step's ids on the device."""
-    eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1,
-                           impl=impl, mesh=mesh)
-    per = eng.max_pages
-    table = jnp.asarray(np.arange(batch * per, dtype=np.int32).reshape(batch, per))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, batch), jnp.int32)
-    kw, greedy = eng._static(None), (kvq.Sampler(temperature=0.0),)
-    kv, weights, key = eng._kv, eng._weights, eng._key
-    eng._kv = None
-    # engine._decode_step's slot rows: each step appends at position `context` (the stored
-    # values do not change the work) and takes its token from the previous step's ids
-    slots = np.zeros((batch, 7), np.int32)
-    slots[:, 1], slots[:, 2], slots[:, 6] = context, 1, 1
-    slots = jnp.asarray(slots)
+    each step fed the previous step's ids on the device.
+
+    ``models``: one model (on ``mesh`` if given), or one replica per device of ``devices``
+    (data parallel: an engine per device, each with its own ``batch`` sequences; a step
+    dispatches every replica's step, then the time per step covers them all)."""
+    placed = list(zip(models, devices)) if devices else [(models[0], None)]
+    reps = []
+    for model, dev in placed:
+        put = (lambda x: x) if dev is None else (lambda x, dev=dev: jax.device_put(x, dev))  # committed to dev
+        with contextlib.nullcontext() if dev is None else jax.default_device(dev):  # pools made on dev
+            eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size,
+                                   max_len=context + 4 * steps + 1, impl=impl, mesh=mesh)
+        per = eng.max_pages
+        # engine._decode_step's slot rows: each step appends at position `context` (the stored
+        # values do not change the work) and takes its token from the previous step's ids
+        slots = np.zeros((batch, 7), np.int32)
+        slots[:, 1], slots[:, 2], slots[:, 6] = context, 1, 1
+        reps.append(dict(
+            kv=put(eng._kv), weights=put(eng._weights), key=put(eng._key), slots=put(jnp.asarray(slots)),
+            table=put(jnp.asarray(np.arange(batch * per, dtype=np.int32).reshape(batch, per))),
+            tokens=put(jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, batch), jnp.int32)),
+            kw=eng._static(None)))
+        eng._kv = None
+        del eng
+    greedy = (kvq.Sampler(temperature=0.0),)
 
     def advance(i):
-        nonlocal kv, tokens
-        tokens, kv, _ = engine_mod._decode_step(weights, kv, slots, tokens, table, key, samplers=greedy, **kw)
-        return tokens
+        for r in reps:  # dispatched one after another; the devices run them concurrently
+            r["tokens"], r["kv"], _ = engine_mod._decode_step(r["weights"], r["kv"], r["slots"], r["tokens"], r["table"],
+                                                              r["key"], samplers=greedy, **r["kw"])
+        return [r["tokens"] for r in reps]
 
     step_s, compile_s = time_steps(advance, steps)
-    del kv, eng
+    ran_on = sorted({str(d) for r in reps for d in r["tokens"].devices()})
+    del reps
     gc.collect()
-    return dict(step_ms=step_s * 1e3, tokens_per_s=batch / step_s, compile_s=compile_s)
+    n = len(placed)
+    return dict(step_ms=step_s * 1e3, tokens_per_s=n * batch / step_s, compile_s=compile_s, replicas=n, devices=ran_on)
 
 
 def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, new_tokens=4, mesh=None):
@@ -143,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sessions, decode, prefix")
     ap.add_argument("--prefix-len", type=int, default=2048, help="system prompt tokens of the prefix-cache measurement")
     ap.add_argument("--gpus", type=int, default=1, help="tensor-parallel over this many devices (Engine(mesh=))")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="decode only: data parallel, one engine per device on this many devices, each with "
+                         "--batch sequences (tokens/s counts them all)")
     ap.add_argument("--model", default="8b", choices=tuple(SHAPES))
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
@@ -154,11 +174,26 @@ def main(argv=None):
     steps = a.steps or (3 if a.small else 20)
     max_sessions = 8 if a.small else a.max_sessions
     config = LlamaConfig(**shape, rope_style="half", tie_embeddings=False, eos_token_ids=())
-    model = random_model(config, mesh)
+    if a.replicas > 1 and (a.gpus > 1 or set(a.skip.split(",")) >= {"decode"}
+                           or not set(a.skip.split(",")) >= {"sessions", "prefix"}):
+        raise SystemExit("--replicas: measures decode only (with --gpus 1 and --skip sessions,prefix)")
+    devices = jax.devices()[:a.replicas] if a.replicas > 1 else None
+    if devices and len(devices) < a.replicas:
+        raise SystemExit(f"--replicas {a.replicas}: only {len(devices)} devices")
+    if devices:  # one model per device (the same random weights)
+        models = []
+        for d in devices:
+            with jax.default_device(d):
+                models.append(random_model(config))
+    else:
+        models = [random_model(config, mesh)]
+    model = models[0]
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     dev = jax.devices()[0]
-    print(f"{a.gpus} x {dev.device_kind}, jax {jax.__version__}, weights {weights / 2**30:.2f} GiB, model {shape}")
-    res = dict(device=dev.device_kind, gpus=a.gpus, jax=jax.__version__, python=platform.python_version(), shape=shape,
+    print(f"{a.gpus} x {dev.device_kind}, {a.replicas} replica(s), jax {jax.__version__}, "
+          f"weights {weights / 2**30:.2f} GiB, model {shape}")
+    res = dict(device=dev.device_kind, gpus=a.gpus, replicas=a.replicas, jax=jax.__version__,
+               python=platform.python_version(), shape=shape,
                context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size, presets={})
     skip = set(a.skip.split(",")) - {""}
     res["weights_bytes"] = weights
@@ -179,7 +214,7 @@ def main(argv=None):
         for preset in tqdm(presets, desc=part):
             r = res["presets"][preset]
             if part == "decode":
-                r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh))
+                r.update(decode_speed(models, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices))
             elif part == "prefix" and kvq.KVSpec.parse(preset).residual == 0:
                 r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
             elif part == "sessions":
