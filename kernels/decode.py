@@ -770,7 +770,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     Args:
       qg: ``f32[B, T, Hkv, G, D]`` queries (rotated when the spec rotates).
       cache: the KVCache; with ``page_table``, any object with ``spec``, ``lengths``
-        (``int32[B]``) and page pools named like KVCache's body: ``k, v: [P, Hkv, page, Dp]``,
+        (``int32[B]``) and page pools named like KVCache's body: ``k, v: [P, Hkv, page, Dp]``
+        (``v: [P, Hkv, Dp, page]`` with ``v_token_minor``, as `kvq_jax.serve.PagedKVCache` stores it),
         ``k_scale, k_zero, v_scale, v_zero`` (None where the spec has none;
         ``[P, Hkv, page, D / group]`` per token, ``[P, Hkv, page / TG, D]`` per channel).
       page_table: ``int32[B, max_pages]``: body stream slot ``s`` of sequence ``b`` lives in
@@ -782,8 +783,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
       precise: hi/lo bf16 splitting of q and p (f32-level accuracy, twice the dots).
       v_token_minor: ``cache.v`` holds the values tokens-minor, ``[B, Hkv, Dp, S]`` (pools
         ``[P, Hkv, Dp, page]``; bf16 ``D`` for ``Dp``): each channel's tokens contiguous, the
-        order ``p @ v`` contracts in. The cache does not store values this way (yet); the
-        benchmarks measure the kernel on such a copy (``benchmarks/decode.py --v-token-minor``).
+        order ``p @ v`` contracts in. `kvq_jax.serve.PagedKVCache` stores its value pool so
+        (``kvq.attend`` passes its ``v_token_minor``); the contiguous KVCache does not.
 
     Returns:
       ``o: f32[B, T, Hkv, G, D]`` (normalized), ``lse: f32[B, T, Hkv, G]``.

@@ -2,10 +2,13 @@
 
 Storage of one layer (compare `kvq_jax.cache.KVCache`, whose semantics it keeps):
 
-* pool ``k, v: [num_pages, Hkv, page_size, Dp]`` with scales and zero points
-  ``k_scale, k_zero, v_scale, v_zero`` (None where the spec has none): per-token
-  scales ``[num_pages, Hkv, page_size, D / group]``, per-channel key scales
-  ``[num_pages, Hkv, page_size / token_group, D]``. Dtypes as KVCache's body.
+* pool ``k: [num_pages, Hkv, page_size, Dp]`` and ``v: [num_pages, Hkv, Dp, page_size]``
+  (values tokens-minor: each channel's tokens of a page contiguous, the order in which
+  ``p @ v`` contracts, so the decode kernel loads value tiles without gathering bytes;
+  BENCHMARKS.md, run I) with scales and zero points ``k_scale, k_zero, v_scale, v_zero``
+  (None where the spec has none): per-token scales ``[num_pages, Hkv, page_size, D / group]``,
+  per-channel key scales ``[num_pages, Hkv, page_size / token_group, D]``. Dtypes as
+  KVCache's body.
 * ``page_table: int32[B, max_pages]``: body stream slot ``s`` of sequence ``b``
   (the token at absolute position ``sinks + s``) lives at page
   ``page_table[b, s // page_size]``, row ``s % page_size``. ``-1`` marks a table
@@ -52,6 +55,7 @@ from kvq_jax.cache import (
 from kvq_jax.spec import KVSpec
 
 _BODY = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+TOKEN_MINOR = ("v",)  # pool leaves stored [P, Hkv, X, page]: tokens minor
 
 
 @partial(
@@ -66,7 +70,8 @@ _BODY = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 class PagedKVCache:
     """One layer's paged KV cache (see the module docstring for the layout).
 
-    Leaves: pool ``k, k_scale, k_zero, v, v_scale, v_zero`` (``[num_pages, Hkv, ...]``),
+    Leaves: pool ``k, k_scale, k_zero, v, v_scale, v_zero`` (``[num_pages, Hkv, ...]``; ``v``
+    tokens-minor, ``[num_pages, Hkv, Dp, page_size]``),
     ``res_k, res_v, sink_k, sink_v`` (``[B, Hkv, ., D]`` bf16), ``page_table: int32[B,
     max_pages]``, ``lengths: int32[B]``, ``overflow: bool[B]``. Static: ``spec``,
     ``page_size``, ``head_dim``.
@@ -92,6 +97,12 @@ class PagedKVCache:
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
+
+    @property
+    def v_token_minor(self) -> bool:
+        """The value pool is stored tokens-minor, ``[num_pages, Hkv, Dp, page_size]``
+        (`kvq_jax.kernels.decode.body_attention`'s ``v_token_minor``)."""
+        return "v" in TOKEN_MINOR
 
     @property
     def num_kv_heads(self) -> int:
@@ -132,7 +143,8 @@ def pool_shapes(spec: KVSpec | str, num_pages: int, page_size: int, num_kv_heads
     sdt = quant.scale_dtype_of(spec.scale_dtype)
     out = {}
     for name, t in (("k", spec.k), ("v", spec.v)):
-        out[name] = ((P, H, page_size, quant.packed_dim(t, D)), quant.storage_dtype(t))
+        rows = (page_size, quant.packed_dim(t, D))
+        out[name] = ((P, H, *(rows[::-1] if name in TOKEN_MINOR else rows)), quant.storage_dtype(t))
         if not t.quantized:
             out[name + "_scale"] = out[name + "_zero"] = None
             continue
@@ -250,22 +262,26 @@ def _page_rows(table, idx, rows_per_page, num_pages):
     return jnp.where(ok, page, num_pages), idx % rows_per_page
 
 
-def _scatter_pages(pool, table, idx, vals):
+def _scatter_pages(pool, table, idx, vals, token_minor: bool = False):
     """pool[page(b, i), :, row(b, i)] = vals[b, :, i]; negative idx are dropped.
 
-    pool: ``[P, H, rows, X]``; table: ``int32[B, max_pages]``; idx: ``int32[B, W]``
-    (units of one pool row); vals: ``[B, H, W, X]``.
+    pool: ``[P, H, rows, X]`` (``[P, H, X, rows]`` when ``token_minor``); table:
+    ``int32[B, max_pages]``; idx: ``int32[B, W]`` (units of one pool row); vals: ``[B, H, W, X]``.
     """
-    page, row = _page_rows(table, idx, pool.shape[2], pool.shape[0])
-    return pool.at[page, :, row].set(jnp.swapaxes(vals, 1, 2).astype(pool.dtype), mode="drop")
+    page, row = _page_rows(table, idx, pool.shape[3 if token_minor else 2], pool.shape[0])
+    at = pool.at[page, :, :, row] if token_minor else pool.at[page, :, row]  # both index as [B, W, H, X]
+    return at.set(jnp.swapaxes(vals, 1, 2).astype(pool.dtype), mode="drop")
 
 
-def _gather_pages(pool, table):
-    """The pages of each sequence in table order: pool ``[P, H, rows, X]`` -> ``[B, H, max_pages * rows, X]``.
+def _gather_pages(pool, table, token_minor: bool = False):
+    """The pages of each sequence in table order: pool ``[P, H, rows, X]`` (``[P, H, X, rows]``
+    when ``token_minor``) -> ``[B, H, max_pages * rows, X]``.
 
     Entries without a page (-1) read page 0 (unreachable: past the sequence's body length).
     """
-    g = pool[jnp.clip(table, 0, pool.shape[0] - 1)]  # [B, MP, H, rows, X]
+    g = pool[jnp.clip(table, 0, pool.shape[0] - 1)]  # [B, MP, H, rows, X] ([B, MP, H, X, rows])
+    if token_minor:
+        g = jnp.swapaxes(g, -1, -2)
     B, MP, H, rows, X = g.shape
     return jnp.transpose(g, (0, 2, 1, 3, 4)).reshape(B, H, MP * rows, X)
 
@@ -279,7 +295,7 @@ def contiguous_view(cache: PagedKVCache) -> KVCache:
     body = {}
     for name in _BODY:
         x = getattr(cache, name)
-        body[name] = None if x is None else _gather_pages(x, cache.page_table)
+        body[name] = None if x is None else _gather_pages(x, cache.page_table, name in TOKEN_MINOR)
     return KVCache(
         **body, res_k=cache.res_k, res_v=cache.res_v, sink_k=cache.sink_k, sink_v=cache.sink_v,
         lengths=cache.lengths, overflow=cache.overflow, spec=cache.spec, max_len=cache.max_len,
@@ -415,7 +431,7 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
                 new[name + "_scale"] = _scatter_pages(new[name + "_scale"], table, bidx, qt.scale)
             if qt.zero is not None:
                 new[name + "_zero"] = _scatter_pages(new[name + "_zero"], table, bidx, qt.zero)
-        new[name] = _scatter_pages(new[name], table, bidx, data)
+        new[name] = _scatter_pages(new[name], table, bidx, data, name in TOKEN_MINOR)
 
     # 2b. what stays in the window becomes the new residual
     res_k, res_v = cache.res_k, cache.res_v
