@@ -442,7 +442,8 @@ def main(argv=None):
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
     ap.add_argument("--v-token-minor", action="store_true",
-                    help="with --paged: also time values stored tokens-minor ([Dp, tokens] per page; same data)")
+                    help="with --paged: also time values stored tokens-minor ([Dp, tokens] per page, as "
+                         "kvq.serve.PagedKVCache stores them; same data)")
     ap.add_argument("--gpus", type=int, default=0,
                     help="also time kvq.sharding.shard_attend over 1, 2, 4, ... up to this many devices")
     ap.add_argument("--sharded-shape", default="8x32768")
