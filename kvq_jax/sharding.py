@@ -25,7 +25,7 @@ are replicated over):
   Caches whose spec carries per-head calibrated constants (``spec.static``) always
   keep all KV heads per device: the constants are indexed by global head.
 * A paged cache (`kvq_jax.serve.PagedKVCache`): pool leaves ``[num_pages, Hkv, page, X]``
-  are ``P("data", "model", None, None)``: each "data" shard owns ``num_pages / data``
+  (the value pool ``[num_pages, Hkv, X, page]``) are ``P("data", "model", None, None)``: each "data" shard owns ``num_pages / data``
   contiguous pages, and the page tables (``P("data", None)``) of its sequences hold page
   numbers *local* to that range (0 .. num_pages / data - 1), so a shard reads and writes
   only its own pages. Windows ``[B, Hkv, R, D]`` and ``lengths`` as for KVCache.
