@@ -174,8 +174,8 @@ def main(argv=None):
     steps = a.steps or (3 if a.small else 20)
     max_sessions = 8 if a.small else a.max_sessions
     config = LlamaConfig(**shape, rope_style="half", tie_embeddings=False, eos_token_ids=())
-    if a.replicas > 1 and (a.gpus > 1 or set(a.skip.split(",")) >= {"decode"}
-                           or not set(a.skip.split(",")) >= {"sessions", "prefix"}):
+    skip = set(a.skip.split(",")) - {""}
+    if a.replicas > 1 and (a.gpus > 1 or "decode" in skip or not skip >= {"sessions", "prefix"}):
         raise SystemExit("--replicas: measures decode only (with --gpus 1 and --skip sessions,prefix)")
     devices = jax.devices()[:a.replicas] if a.replicas > 1 else None
     if devices and len(devices) < a.replicas:
@@ -195,7 +195,6 @@ def main(argv=None):
     res = dict(device=dev.device_kind, gpus=a.gpus, replicas=a.replicas, jax=jax.__version__,
                python=platform.python_version(), shape=shape,
                context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size, presets={})
-    skip = set(a.skip.split(",")) - {""}
     res["weights_bytes"] = weights
     presets = a.presets.split(",")
     for preset in presets:

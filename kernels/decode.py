@@ -347,7 +347,7 @@ def int8_offset(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def asm_int8_text(bits: int, c: int, flip: int) -> str:
-    """PTX of `_asm_int8` for field ``c`` of ``bits``-bit values: ``$1`` holds four bytes, ``$0``
+    """PTX of `_int8_tile` for field ``c`` of ``bits``-bit values: ``$1`` holds four bytes, ``$0``
     gets four int8 values ``((byte >> bits * c) & mask) ^ flip`` (one ``lop3``, after a shift)."""
     mask = ((1 << bits) - 1) * 0x01010101
     src, asm = "$1", ["{", ".reg .b32 t0;"]
@@ -363,17 +363,26 @@ def _as_u8(x: jax.Array) -> jax.Array:
     return x if x.dtype == jnp.uint8 else lax.bitcast_convert_type(x, jnp.uint8)
 
 
-def _asm_convert(x, lay: Layout, c: int, dtype):
-    """Bit field ``c`` of every byte of ``x`` (uint8 / int8 ``[BK, W]``) -> its integer value
-    in ``dtype`` (fp16; bf16 for fields of <= 4 bits), by inline PTX (`asm_text`) on four
-    bytes per instance. One pure unary op, so Triton can still convert the narrow tile
-    after moving it into the dot-operand layout."""
+def _bit_plane(x, bits: int, c: int):
+    """Field ``c`` of every byte of the 8-bit tile ``x``, as uint8 (``(x >> bits * c) & mask``)."""
+    return (_as_u8(x) >> jnp.uint8(bits * c)) & jnp.uint8((1 << bits) - 1)
+
+
+def _byte_asm(asm: str, x, constraints: str, dtype):
+    """One pure inline-PTX op on four bytes of ``x`` per instance, giving a tile of ``x``'s
+    shape in ``dtype``; pure and unary, so Triton can still apply it after moving the narrow
+    tile into the dot-operand layout."""
     from jax.experimental.pallas import triton as plgpu
 
-    [out] = plgpu.elementwise_inline_asm(
-        asm_text(lay.bits, lay.signed, c, dtype), args=[_as_u8(x)], constraints="=r,=r,r", pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)])
+    [out] = plgpu.elementwise_inline_asm(asm, args=[_as_u8(x)], constraints=constraints, pack=4,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)])
     return out
+
+
+def _asm_convert(x, lay: Layout, c: int, dtype):
+    """Bit field ``c`` of every byte of ``x`` (uint8 / int8 ``[BK, W]``) -> its integer value
+    in ``dtype`` (fp16; bf16 for fields of <= 4 bits), by inline PTX (`asm_text`)."""
+    return _byte_asm(asm_text(lay.bits, lay.signed, c, dtype), x, "=r,=r,r", dtype)
 
 
 def _int8_tile(x, lay: Layout, c: int, flip: int, interpret: bool):
@@ -383,16 +392,8 @@ def _int8_tile(x, lay: Layout, c: int, flip: int, interpret: bool):
     if lay.bits == 8 and not flip:
         return x
     if interpret:
-        u = _as_u8(x)
-        if lay.bits < 8:
-            u = (u >> jnp.uint8(lay.bits * c)) & jnp.uint8((1 << lay.bits) - 1)
-        return lax.bitcast_convert_type(u ^ jnp.uint8(flip), jnp.int8)
-    from jax.experimental.pallas import triton as plgpu
-
-    [out] = plgpu.elementwise_inline_asm(
-        asm_int8_text(lay.bits, c, flip), args=[_as_u8(x)], constraints="=r,r", pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int8)])
-    return out
+        return lax.bitcast_convert_type(_bit_plane(x, lay.bits, c) ^ jnp.uint8(flip), jnp.int8)
+    return _byte_asm(asm_int8_text(lay.bits, c, flip), x, "=r,r", jnp.int8)
 
 
 def _quantize_rows(q):
@@ -534,29 +535,27 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             cache[pc.w0] = w
         return cache[pc.w0]
 
-    def stored(ref, at, pc, cache):
-        """The stored bytes of piece ``pc``'s columns, ``[BK, width]``, loaded once per column range."""
+    def stored(ref, at, pc, lay, cache, token_minor=False):
+        """Piece ``pc``'s columns as stored (bf16: all of them), ``[BK, width]`` (``[width, BK]``
+        when the tensor is stored tokens-minor), loaded once per column range."""
         if pc.w0 not in cache:
-            cache[pc.w0] = ref[(*at, pl.ds(4 * pc.w0, pc.width))]
+            cols = pl.ds(4 * pc.w0, pc.width) if lay.packed else slice(None)
+            cache[pc.w0] = ref[(*at[:-1], cols, at[-1])] if token_minor else ref[(*at, cols)]
         return cache[pc.w0]
 
     def tile(ref, at, pc, lay, cache, dtype, token_minor=False):
         """The block's values of piece ``pc`` in ``dtype``: ``[BK, width]``, or ``[width, BK]``
         when the tensor is stored tokens-minor (``token_minor``)."""
-        if token_minor:  # [..., Dp | D, S]: the same elements, transposed (stored bytes or bf16)
-            if pc.w0 not in cache:
-                cols = pl.ds(4 * pc.w0, pc.width) if lay.packed else slice(None)
-                cache[pc.w0] = ref[(*at[:-1], cols, at[-1])]
+        if token_minor or lay.unpack in STORED:
+            x = stored(ref, at, pc, lay, cache, token_minor)
             if not lay.packed:
-                return cache[pc.w0].astype(dtype)
-        if lay.unpack in STORED:
-            x = cache[pc.w0] if token_minor else stored(ref, at, pc, cache)
+                return x.astype(dtype)
             if (lay.unpack == "asm" and lay.fmt != "fp8" and not interpret
                     and (dtype == jnp.float16 or lay.bits <= 4)):  # 8-bit -> bf16: Triton's own prmt path
                 return _asm_convert(x, lay, pc.c, dtype)
             if lay.bits == 8:
                 return x.astype(dtype)
-            u = (x >> jnp.uint8(lay.bits * pc.c)) & jnp.uint8((1 << lay.bits) - 1)  # bit plane c
+            u = _bit_plane(x, lay.bits, pc.c)
             if not lay.signed:
                 return u.astype(dtype)
             bias = 1 << (lay.bits - 1)  # two's complement -> biased, then the bias off (exact)
@@ -623,7 +622,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 logits = logits + _dot(kq[n], kt, precise, trans_b=True)
                 continue
             if qk_int8:
-                ki = _int8_tile(stored(k_ref, at, pc, wc), kl, pc.c, k_flip, interpret)
+                ki = _int8_tile(stored(k_ref, at, pc, kl, wc), kl, pc.c, k_flip, interpret)
                 qi, s_q = kq_i8[n]
                 acc_i = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
                 part = acc_i.astype(jnp.float32)  # |q_i8 . k_i8| < 2**24: exact
