@@ -4,6 +4,7 @@ of chained jitted steps."""
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 
@@ -113,3 +114,67 @@ def random_model(config, mesh=None):
     shardings = kvq.sharding.param_sharding(abstract, mesh)
     state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
     return nnx.merge(nnx.graphdef(abstract), state)
+
+
+# kernel-name patterns of the profile summary's classes, first match wins
+KERNEL_CLASSES = (("attention", ("kvq_decode",)),
+                  ("matmul", ("gemm", "cublas", "cutlass", "xmma", "nvjet", "matmul", "dot")),
+                  ("collective", ("nccl", "all-reduce", "all_reduce", "allreduce", "all-gather")),
+                  ("copy", ("memcpy", "memset", "copy")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, pats in KERNEL_CLASSES:
+        if any(p in low for p in pats):
+            return cls
+    return "other"
+
+
+def profile_steps(advance, steps: int, log_dir: str, top: int = 25) -> dict:
+    """Device time per step of ``advance`` (see `time_steps`), by kernel, from a JAX profile.
+
+    Runs ``steps`` chained calls under ``jax.profiler.trace(log_dir, create_perfetto_trace=True)``
+    and reads the trace back: every event of a ``/device:...`` process is a kernel (or copy) on
+    that device. Returns ``{"devices": {process: {"busy_ms", "by_class": {class: ms}, "top":
+    [[name, ms, calls], ...]}}}``, all per step (the trace's total over ``steps``); classes by
+    `KERNEL_CLASSES`. Device lanes that overlap (several streams) are summed, so busy_ms can
+    exceed the step's wall time.
+    """
+    import glob
+    import gzip
+    import json
+    from collections import defaultdict
+
+    os.makedirs(log_dir, exist_ok=True)
+    jax.block_until_ready(advance(0))  # compiled outside the trace
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for i in range(steps):
+            out = advance(1 + i)
+        jax.block_until_ready(out)
+    path = max(glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True), key=os.path.getmtime)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    lines = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    # a GPU's process also holds derived lines (XLA Modules, XLA Ops, ...) over its streams' kernels
+    streams = {k for k, v in lines.items() if procs.get(k[0], "").startswith("/device:") and v.startswith("Stream")}
+    per = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for e in events:
+        name = procs.get(e.get("pid"), "")
+        lane = (e.get("pid"), e.get("tid"))
+        if e.get("ph") == "X" and name.startswith("/device:") and (lane in streams or not streams):
+            acc = per[name][e["name"]]
+            acc[0] += e["dur"] / 1e3 / steps
+            acc[1] += 1
+    out = {}
+    for proc, kernels in sorted(per.items()):
+        by_class = defaultdict(float)
+        for kname, (ms, _) in kernels.items():
+            by_class[kernel_class(kname)] += ms
+        ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+        out[proc] = dict(busy_ms=sum(ms for ms, _ in kernels.values()), by_class=dict(by_class),
+                         top=[[k, ms, n // steps] for k, (ms, n) in ranked])
+    return dict(steps=steps, trace=path, devices=out)

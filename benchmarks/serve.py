@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _common import SHAPES, most_that_fit, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
+from _common import SHAPES, most_that_fit, profile_steps, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
 from kvq_jax.models import LlamaConfig  # noqa: E402
 from kvq_jax.serve import engine as engine_mod  # noqa: E402
 
@@ -67,14 +67,15 @@ def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
     return most_that_fit(allocate, limit)
 
 
-def decode_speed(models, preset, batch, context, page_size, steps, impl, mesh=None, devices=None):
+def decode_speed(models, preset, batch, context, page_size, steps, impl, mesh=None, devices=None, profile_dir=None):
     """Seconds per step of the engine's jitted decode step (all layers, append through the page
     tables, attention, logits, greedy sampling) at ``batch`` sequences of ``context`` tokens,
     each step fed the previous step's ids on the device.
 
     ``models``: one model (on ``mesh`` if given), or one replica per device of ``devices``
     (data parallel: an engine per device, each with its own ``batch`` sequences; a step
-    dispatches every replica's step, then the time per step covers them all)."""
+    dispatches every replica's step, then the time per step covers them all).
+    ``profile_dir``: also profile 5 more steps there (`profile_steps`: device time per kernel)."""
     placed = list(zip(models, devices)) if devices else [(models[0], None)]
     reps = []
     for model, dev in placed:
@@ -104,10 +105,14 @@ def decode_speed(models, preset, batch, context, page_size, steps, impl, mesh=No
 
     step_s, compile_s = time_steps(advance, steps)
     ran_on = sorted({str(d) for r in reps for d in r["tokens"].devices()})
+    prof = profile_steps(advance, 5, profile_dir) if profile_dir else None
     del reps
     gc.collect()
     n = len(placed)
-    return dict(step_ms=step_s * 1e3, tokens_per_s=n * batch / step_s, compile_s=compile_s, replicas=n, devices=ran_on)
+    out = dict(step_ms=step_s * 1e3, tokens_per_s=n * batch / step_s, compile_s=compile_s, replicas=n, devices=ran_on)
+    if prof:
+        out["profile"] = prof
+    return out
 
 
 def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, new_tokens=4, mesh=None):
@@ -164,6 +169,8 @@ def main(argv=None):
                     help="decode only: data parallel, one engine per device on this many devices, each with "
                          "--batch sequences (tokens/s counts them all)")
     ap.add_argument("--model", default="8b", choices=tuple(SHAPES))
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="decode: also profile 5 steps per preset under DIR/PRESET (device ms per kernel class)")
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
     shape = SMALL if a.small else SHAPES[a.model]
@@ -213,7 +220,8 @@ def main(argv=None):
         for preset in tqdm(presets, desc=part):
             r = res["presets"][preset]
             if part == "decode":
-                r.update(decode_speed(models, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices))
+                r.update(decode_speed(models, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices,
+                                     a.profile and os.path.join(a.profile, preset)))
             elif part == "prefix" and kvq.KVSpec.parse(preset).residual == 0:
                 r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
             elif part == "sessions":
@@ -221,7 +229,7 @@ def main(argv=None):
                 r.update(sessions=n, kv_bytes=nbytes, sessions_exact=exact)
                 if not exact:
                     print(f"{preset}: memory was not returned after a failed allocation; {n} sessions is a lower bound")
-            print(part, preset, r, flush=True)
+            print(part, preset, {k: v for k, v in r.items() if k != "profile"}, flush=True)
             save()
     base = res["presets"].get("bf16")
     print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")
@@ -234,6 +242,10 @@ def main(argv=None):
 
         print(f"{p:<8} {r.get('sessions', '-'):>9} {ratio('sessions')} {num('tokens_per_s', '.1f'):>13} "
               f"{ratio('tokens_per_s')} {num('step_ms', '.2f'):>8}")
+    for p, r in res["presets"].items():
+        for proc, d in r.get("profile", {}).get("devices", {}).items():
+            cls = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["by_class"].items(), key=lambda kv: -kv[1]))
+            print(f"{p:<8} {proc}: device ms per step {d['busy_ms']:.2f} ({cls})")
     for p, r in res["presets"].items():
         if "prefix" in r:
             c, u = r["prefix"]["cached"], r["prefix"]["uncached"]
