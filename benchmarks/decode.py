@@ -235,6 +235,10 @@ def parse_vary(arg: str) -> list[dict]:
     return out
 
 
+# --paged-values: the v_token_minor values of bench_paged's v_layouts
+PAGED_VALUES = {"tokens-minor": (True,), "token-major": (False,), "both": (False, True)}
+
+
 def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_int8=(None,), vary=({},),
                 v_layouts=(False,)):
     """Kernel over the body, contiguous vs through a shuffled page table, per ``Config.unpack``
@@ -441,9 +445,10 @@ def main(argv=None):
     ap.add_argument("--paged", type=int, default=0,
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
-    ap.add_argument("--v-token-minor", action="store_true",
-                    help="with --paged: also time values stored tokens-minor ([Dp, tokens] per page, as "
-                         "kvq.serve.PagedKVCache stores them; same data)")
+    ap.add_argument("--paged-values", default="tokens-minor", choices=tuple(PAGED_VALUES),
+                    help="with --paged: the value layout timed: tokens-minor ([Dp, tokens] per page, as "
+                         "kvq.serve.PagedKVCache stores them), token-major (as the contiguous KVCache), or both "
+                         "(same data)")
     ap.add_argument("--gpus", type=int, default=0,
                     help="also time kvq.sharding.shard_attend over 1, 2, 4, ... up to this many devices")
     ap.add_argument("--sharded-shape", default="8x32768")
@@ -478,7 +483,7 @@ def main(argv=None):
         B, S = (int(x) for x in a.paged_shape.split("x"))
         rows += bench_paged(B, S, 32, 8, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
                             unpacks=a.unpack.split(","), qk_int8=qk, vary=vary,
-                            v_layouts=(False, True) if a.v_token_minor else (False,))
+                            v_layouts=PAGED_VALUES[a.paged_values])
         save(rows)
     if a.gpus:
         B, S = (int(x) for x in a.sharded_shape.split("x"))
