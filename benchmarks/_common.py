@@ -144,6 +144,7 @@ def profile_steps(advance, steps: int, log_dir: str, top: int = 25) -> dict:
     import glob
     import gzip
     import json
+    import shutil
     from collections import defaultdict
 
     os.makedirs(log_dir, exist_ok=True)
@@ -153,6 +154,7 @@ def profile_steps(advance, steps: int, log_dir: str, top: int = 25) -> dict:
             out = advance(1 + i)
         jax.block_until_ready(out)
     path = max(glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True), key=os.path.getmtime)
+    path = shutil.copy(path, os.path.join(log_dir, "trace.json.gz"))  # beside the profiler's nested folders
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace

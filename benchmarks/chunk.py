@@ -60,7 +60,8 @@ def main(argv=None):
         del kp, vp
         runs = {"xla": dict(impl="xla")}
         for rt in map(int, a.row_tiles.split(",")):  # the default launch config at each row tile
-            cfg = decode._choose(cache.spec, B * H * decode._row_tiles(T * (Hq // H), rt)[1], cache.body_capacity)
+            tile, tiles = decode._row_tiles(T * (Hq // H), rt)
+            cfg = decode._choose(cache.spec, B * H * tiles, cache.body_capacity, row_tile=tile)
             runs[f"pallas rt{rt}"] = dict(impl="pallas", interpret=interpret,
                                           config=dataclasses.replace(cfg, row_tile=rt))
         r = res["presets"].setdefault(preset, {})

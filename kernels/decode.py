@@ -738,8 +738,8 @@ class Config:
 def choose_config(cache: KVCache, rows: int) -> Config:
     """Heuristic launch config for this cache shape and ``rows = T * G`` query rows per KV
     head (B * Hkv * row tiles * splits fills the SMs)."""
-    return _choose(cache.spec, cache.batch * cache.num_kv_heads * _row_tiles(rows, Config.row_tile)[1],
-                   cache.body_capacity)
+    rt, nr = _row_tiles(rows, Config.row_tile)
+    return _choose(cache.spec, cache.batch * cache.num_kv_heads * nr, cache.body_capacity, row_tile=rt)
 
 
 def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
@@ -751,10 +751,20 @@ def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
     return row_tile, -(-rows // row_tile)
 
 
-def _choose(spec, programs: int, S: int) -> Config:
-    # per-channel keys: one token group per block (several per block measured slower, run E)
-    block_k = spec.token_group if spec.channel_keys else 64
-    block_k = min(block_k, _next_pow2(S))
+def default_block_k(spec, row_tile: int) -> int:
+    """Tokens per block for programs of ``row_tile`` query rows: a token group for per-channel
+    keys (several groups per block measured slower, run E); 128 in decode (``row_tile`` 16) for
+    sub-byte keys with per-token scales (paged B=16 S=32K, run J: int4 426 -> 377 us, the same
+    in an earlier run); else 64."""
+    if spec.channel_keys:
+        return spec.token_group
+    return 128 if spec.k.quantized and spec.k.bits < 8 and row_tile <= 16 else 64
+
+
+def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile: int = 16) -> Config:
+    block_k = min(default_block_k(spec, row_tile), _next_pow2(S))
+    if page_size:  # a block lies in one page
+        block_k = min(block_k, _pow2_divisor(page_size))
     nblk = -(-S // block_k)
     splits = 1
     while programs * splits < 4 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
@@ -799,7 +809,10 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         if page_table.ndim != 2 or page_table.shape[0] != B or page_table.dtype != jnp.int32:
             raise ValueError(f"page_table: expected int32[{B}, max_pages], got {page_table.dtype}{list(page_table.shape)}")
         S = page_table.shape[1] * page_size
-    cfg = config or _choose(spec, B * H * _row_tiles(rows, Config.row_tile)[1], S)
+    if config is None:
+        rt, nr = _row_tiles(rows, Config.row_tile)
+        config = _choose(spec, B * H * nr, S, page_size, rt)
+    cfg = config
     rt, nr = _row_tiles(rows, cfg.row_tile)  # rows per program, row tiles (chunked prefill: many)
     mp = rt * nr
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)

@@ -398,10 +398,28 @@ def test_paged_body_equals_contiguous(name):
     spec, cache, q = _case(name, FORMATS[name], 4, 64, 4, seed=zlib.crc32(name.encode()))
     qg, qpos, scale = _body_inputs(spec, cache, q)
     paged, table = _paged(cache, 64, rng)
-    want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)
-    got, lse = decode.body_attention(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table)
+    cfg = decode.Config(64, 2)  # the same blocks both ways (the default for the contiguous cache may be wider)
+    want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
+    got, lse = decode.body_attention(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table,
+                                     config=cfg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
+
+
+def test_default_block_k_fits_pages_and_rows():
+    """The default config: 128-token blocks for sub-byte per-token keys in decode, 64 for wider
+    keys and for prefill row tiles, a token group for per-channel keys, never more than a
+    page holds; and a small page with the default config reads as the contiguous cache does."""
+    spec = {n: kvq.KVSpec.parse(n) for n in ("int4", "int2", "int8", "k8v4", "int4-kivi")}
+    assert [decode._choose(spec[n], 128, 32768).block_k for n in spec] == [128, 128, 64, 64, 32]
+    assert decode._choose(spec["int4"], 128, 32768, row_tile=64).block_k == 64
+    assert decode._choose(spec["int4"], 128, 32768, page_size=48).block_k == 16
+    sp, cache, q = _case("int4", "int4", 4, 64, 1, seed=5)
+    qg, qpos, scale = _body_inputs(sp, cache, q)
+    paged, table = _paged(cache, 16, np.random.default_rng(5))
+    want, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)  # 64-token blocks
+    got, _ = decode.body_attention(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table)  # 16
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_k,splits,split_pages_max", [(32, 3, 128), (32, 1, 128), (64, 5, 128), (32, 3, 0)])
