@@ -123,18 +123,23 @@ def paged_kernel(out):
 
 
 def serving(out):
-    one = _load("serve-h200-final-2026-11-30.json")["presets"]
-    two = _load("serve-h200x2-final-2026-11-30.json")["presets"]
+    """Engine decode per GPU on 1 GPU, 2 GPUs tensor-parallel and 2 GPUs data-parallel (run J),
+    and capacity."""
+    one = _load("serve-h200-runJ-final-2026-11-30.json")["presets"]
+    tp = dict(_load("serve-h200x2-runJ-final-2026-11-30.json")["presets"])
+    tp["bf16"] = _load("serve-h200x2-runJ-order-2026-11-30.json")["presets"]["bf16"]  # see BENCHMARKS.md, run J
+    dp = _load("serve-h200x2-runJ-replicas-2026-11-30.json")["presets"]
     runs = _load("sharded-h200x2-8b-2026-11-29b.json")["runs"]
     presets = ["bf16", "int8", "int4"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (label, src, n) in enumerate((("1 GPU", one, 1), ("2 GPUs", two, 2))):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, src, n) in enumerate((("1 GPU", one, 1), ("2 GPUs tensor-parallel", tp, 2),
+                                         ("2 GPUs data-parallel", dp, 2))):
         vals = [src[p]["tokens_per_s"] / n for p in presets]
-        a1.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=f"{label} (per GPU)")
+        a1.bar([j + (i - 1) * 0.27 for j in range(3)], vals, 0.27, label=f"{label} (per GPU)")
     a1.set_xticks(range(3), presets)
     a1.set_ylabel("decode tokens/s per GPU")
-    a1.set_title("Engine decode, 16 x 32K, Llama-3-8B shape")
-    a1.legend()
+    a1.set_title("Engine decode, 16 x 32K per engine, Llama-3-8B shape")
+    a1.legend(fontsize=8)
     for i, n in enumerate((1, 2)):
         vals = [next(r["sessions"] for r in runs if r["gpus"] == n and r["preset"] == p) for p in presets]
         a2.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=f"{n} GPU" + ("s" if n > 1 else ""))
