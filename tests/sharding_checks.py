@@ -431,6 +431,50 @@ def check_engine_mesh_errors():
     _expect_value_error(lambda: Engine(_tiny_model(4), kv="int8", page_size=16, mesh=ks.make_mesh(2, 2)), "mesh:")
 
 
+def check_replicated_engine():
+    """Data parallel: one engine per device (weights copied there, pools there), requests
+    spread by outstanding tokens, the same greedy tokens as one engine; clear errors."""
+    from kvq_jax.serve import Engine, ReplicatedEngine
+
+    page = 16
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, 320, n).astype(np.int32) for n in (70, 23, 41, 5, 33)]
+    news = (9, 4, 12, 6, 8)
+    kw = dict(kv="int4", max_batch=2, page_size=page, max_len=6 * page, prefill_chunk=2 * page, impl="xla")
+    model = _tiny_model(2)
+    devices = jax.devices()[1:3]  # not the default device: nothing may land there
+    reps = ReplicatedEngine(model, devices=devices, **kw)
+    one = Engine(_tiny_model(2), **kw)
+    for d, e in zip(devices, reps.engines):
+        for name, leaves in (("pool", jax.tree.leaves(e._kv)), ("weights", jax.tree.leaves(e._weights))):
+            if any(x.devices() != {d} for x in leaves):
+                _fail(f"replicated engine: a {name} leaf of the replica on {d} is elsewhere")
+    ids = [reps.submit(p, n) for p, n in zip(prompts, news)]
+    where = [reps.replica_of(r) for r in ids]
+    if sorted(set(where)) != [0, 1]:
+        _fail(f"replicated engine: requests not spread over the replicas: {where}")
+    # the first request (69 + 9 tokens) outweighs the next two together: both go to the other replica
+    if where[:3] != [0, 1, 1]:
+        _fail(f"replicated engine: expected the least loaded replica per request, got {where}")
+    dropped = reps.cancel(ids[4])
+    got = reps.run()
+    want_ids = [one.submit(p, n) for p, n in zip(prompts[:4], news[:4])]
+    want = one.run()
+    if dropped != [] or sorted(got) != ids[:4]:
+        _fail(f"replicated engine: finished {sorted(got)}, cancelled request gave {dropped}")
+    for a, b in zip(ids, want_ids):
+        if got[a] != want[b]:
+            _fail(f"replicated engine: request {a} gave {got[a]}, one engine {want[b]}")
+    if reps.num_active or reps.num_queued or reps.pending_tokens or any(e.allocator.num_used for e in reps.engines):
+        _fail("replicated engine: work or pages left after run")
+    if reps.stats["prefill_tokens"] != sum(map(len, prompts[:4])):
+        _fail(f"replicated engine: stats {reps.stats}")
+    _expect_value_error(lambda: ReplicatedEngine(model, mesh=ks.make_mesh(1, 2), **kw), "mesh:")
+    _expect_value_error(lambda: ReplicatedEngine(model, devices=[], **kw), "devices:")
+    _expect_value_error(lambda: ReplicatedEngine(model, devices=[devices[0]] * 2, **kw), "devices:")
+    _expect_value_error(lambda: reps.cancel(ids[0]), "rid:")
+
+
 # ----------------------------------------------------------------------------- weights
 
 

@@ -346,6 +346,13 @@ class Engine:
     def num_queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def pending_tokens(self) -> int:
+        """Work left: prompt tokens still to prefill plus tokens still to generate, over the
+        queued and running requests (`ReplicatedEngine` routes by it)."""
+        reqs = [*self._queue.values(), *(r for r in self._slots if r is not None)]
+        return sum(len(r.prompt) - r.done + r.max_new - len(r.out) for r in reqs)
+
     def pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
         """Pages a request of this prompt and generation length reserves (the most any layer's format needs)."""
         return max(pages_needed(s, prompt_len + max_new_tokens - 1, self.page_size) for s in self._groups)
