@@ -67,34 +67,37 @@ def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
     return most_that_fit(allocate, limit)
 
 
-def decode_speed(models, preset, batch, context, page_size, steps, impl, mesh=None, devices=None, profile_dir=None):
+def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=None, devices=None, profile_dir=None):
     """Seconds per step of the engine's jitted decode step (all layers, append through the page
     tables, attention, logits, greedy sampling) at ``batch`` sequences of ``context`` tokens,
     each step fed the previous step's ids on the device.
 
-    ``models``: one model (on ``mesh`` if given), or one replica per device of ``devices``
-    (data parallel: an engine per device, each with its own ``batch`` sequences; a step
-    dispatches every replica's step, then the time per step covers them all).
+    ``model`` runs on ``mesh`` if given; with ``devices``, data parallel: a
+    `kvq.serve.ReplicatedEngine` over them (an engine and a weight copy per device, each with
+    its own ``batch`` sequences); a step dispatches every replica's step in turn, and the time
+    per step covers them all.
     ``profile_dir``: also profile 5 more steps there (`profile_steps`: device time per kernel)."""
-    placed = list(zip(models, devices)) if devices else [(models[0], None)]
+    kw = dict(kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1, impl=impl)
+    if devices:
+        engines = kvq.serve.ReplicatedEngine(model, devices=devices, **kw).engines
+    else:
+        engines = [kvq.serve.Engine(model, mesh=mesh, **kw)]
     reps = []
-    for model, dev in placed:
+    for eng in engines:
+        dev = next(iter(eng._key.devices())) if devices else None
         put = (lambda x: x) if dev is None else (lambda x, dev=dev: jax.device_put(x, dev))  # committed to dev
-        with contextlib.nullcontext() if dev is None else jax.default_device(dev):  # pools made on dev
-            eng = kvq.serve.Engine(model, kv=preset, max_batch=batch, page_size=page_size,
-                                   max_len=context + 4 * steps + 1, impl=impl, mesh=mesh)
         per = eng.max_pages
         # engine._decode_step's slot rows: each step appends at position `context` (the stored
         # values do not change the work) and takes its token from the previous step's ids
         slots = np.zeros((batch, 7), np.int32)
         slots[:, 1], slots[:, 2], slots[:, 6] = context, 1, 1
         reps.append(dict(
-            kv=put(eng._kv), weights=put(eng._weights), key=put(eng._key), slots=put(jnp.asarray(slots)),
+            kv=eng._kv, weights=eng._weights, key=eng._key, slots=put(jnp.asarray(slots)),
             table=put(jnp.asarray(np.arange(batch * per, dtype=np.int32).reshape(batch, per))),
             tokens=put(jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, batch), jnp.int32)),
             kw=eng._static(None)))
         eng._kv = None
-        del eng
+    del engines
     greedy = (kvq.Sampler(temperature=0.0),)
 
     def advance(i):
@@ -108,7 +111,7 @@ def decode_speed(models, preset, batch, context, page_size, steps, impl, mesh=No
     prof = profile_steps(advance, 5, profile_dir) if profile_dir else None
     del reps
     gc.collect()
-    n = len(placed)
+    n = len(devices) if devices else 1
     out = dict(step_ms=step_s * 1e3, tokens_per_s=n * batch / step_s, compile_s=compile_s, replicas=n, devices=ran_on)
     if prof:
         out["profile"] = prof
@@ -187,14 +190,7 @@ def main(argv=None):
     devices = jax.devices()[:a.replicas] if a.replicas > 1 else None
     if devices and len(devices) < a.replicas:
         raise SystemExit(f"--replicas {a.replicas}: only {len(devices)} devices")
-    if devices:  # one model per device (the same random weights)
-        models = []
-        for d in devices:
-            with jax.default_device(d):
-                models.append(random_model(config))
-    else:
-        models = [random_model(config, mesh)]
-    model = models[0]
+    model = random_model(config, mesh)  # replicas (--replicas) copy it to their devices
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     dev = jax.devices()[0]
     print(f"{a.gpus} x {dev.device_kind}, {a.replicas} replica(s), jax {jax.__version__}, "
@@ -220,7 +216,7 @@ def main(argv=None):
         for preset in tqdm(presets, desc=part):
             r = res["presets"][preset]
             if part == "decode":
-                r.update(decode_speed(models, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices,
+                r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices,
                                      a.profile and os.path.join(a.profile, preset)))
             elif part == "prefix" and kvq.KVSpec.parse(preset).residual == 0:
                 r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)

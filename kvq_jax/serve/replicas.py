@@ -1,8 +1,9 @@
 """Data-parallel serving: one `Engine` per device, each with its own copy of the weights.
 
 For a model that fits one device this scales decode throughput with the device count
-without tensor parallelism's per-step collectives (BENCHMARKS.md, run J: two engines on two
-H200s kept 0.98 of one engine's tokens/s each, tensor parallel over the same two 0.75-0.83).
+without tensor parallelism's per-step collectives (BENCHMARKS.md, run J: the decode steps of
+two engines on two H200s ran at 0.98 of one engine's tokens/s each, tensor parallel over the
+same two at 0.75-0.83).
 A request runs entirely on one replica; the engines run their loops concurrently, one host
 thread each (JAX releases the GIL while a device works).
 
