@@ -3,7 +3,8 @@
 Llama-3-8B-shaped model with random bf16 weights (32 layers, Hq 32, Hkv 8, D 128,
 d 4096, ffn 14336) on one GPU, or with ``--gpus N`` tensor-parallel on N
 (``Engine(mesh=make_mesh(data=1, model=N))``; ``--model 70b`` for the 70B shape), or with
-``--replicas N`` data parallel (an engine and a copy of the weights per GPU, decode only):
+``--replicas N`` data parallel (`kvq.serve.ReplicatedEngine`: an engine and a copy of the weights
+per GPU; decode and ``--loop`` only):
 
 * sessions: the most concurrent ``--context``-token sessions whose pages can be
   allocated next to the weights, found by allocating: an `Engine` with ``max_batch=n``
@@ -12,12 +13,14 @@ d 4096, ffn 14336) on one GPU, or with ``--gpus N`` tensor-parallel on N
 * decode: tokens/s of the engine's jitted decode step (all layers, append through the
   page tables, attention over the paged cache, logits, sampling) at ``--batch`` sequences of
   ``--decode-context`` tokens each. Pages are assigned and lengths set directly (the
-  stored values do not change the work), so no prefill is needed.
+  stored values do not change the work), so no prefill is needed;
+* loop (``--loop``): generated tokens/s of ``Engine.run`` end to end (``ReplicatedEngine.run``
+  with ``--replicas``): ``--batch`` requests per engine, prefill and host loop included.
 
     python benchmarks/serve.py --out serve.json           # on the H200
     python benchmarks/serve.py --small                    # CPU smoke run
     python benchmarks/serve.py --gpus 2 --model 70b --batch 8 --skip prefix   # 2 GPUs
-    python benchmarks/serve.py --replicas 2 --skip sessions,prefix            # data parallel, 2 GPUs
+    python benchmarks/serve.py --replicas 2 --skip sessions,prefix --loop     # data parallel, 2 GPUs
 
 Prints a table; writes JSON to --out.
 """
@@ -118,6 +121,31 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=Non
     return out
 
 
+def loop_speed(model, preset, batch, prompt_len, new_tokens, page_size, impl, mesh=None, devices=None):
+    """End-to-end generated tokens/s of ``Engine.run`` (``ReplicatedEngine.run`` with ``devices``):
+    ``batch`` requests per engine of ``prompt_len`` random tokens and ``new_tokens`` greedy
+    tokens each, prefill included, host loop included. A first identical round compiles."""
+    kw = dict(kv=preset, max_batch=batch, page_size=page_size, max_len=prompt_len + new_tokens, impl=impl,
+              prefill_chunk=-(-prompt_len // page_size) * page_size)
+    eng = (kvq.serve.ReplicatedEngine(model, devices=devices, **kw) if devices
+           else kvq.serve.Engine(model, mesh=mesh, **kw))
+    n = batch * (len(devices) if devices else 1)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, model.config.vocab_size, prompt_len) for _ in range(n)]
+    out = {}
+    for _ in range(2):  # the first round compiles
+        for p in prompts:
+            eng.submit(p, new_tokens)
+        t0 = time.perf_counter()
+        done = eng.run()
+        dt = time.perf_counter() - t0
+        out = dict(loop_s=dt, loop_requests=n, loop_tokens=sum(map(len, done.values())))
+    out["loop_tokens_per_s"] = out["loop_tokens"] / out["loop_s"]
+    del eng
+    gc.collect()
+    return out
+
+
 def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, new_tokens=4, mesh=None):
     """A second request sharing a ``prompt_len``-token system prompt, with and without the prefix cache.
 
@@ -171,6 +199,11 @@ def main(argv=None):
     ap.add_argument("--replicas", type=int, default=1,
                     help="decode only: data parallel, one engine per device on this many devices, each with "
                          "--batch sequences (tokens/s counts them all)")
+    ap.add_argument("--loop", action="store_true",
+                    help="also time Engine.run end to end (ReplicatedEngine.run with --replicas): --batch requests "
+                         "per engine of --loop-prompt tokens and --loop-new new tokens")
+    ap.add_argument("--loop-prompt", type=int, default=None, help="prompt tokens per --loop request (default 1024)")
+    ap.add_argument("--loop-new", type=int, default=None, help="new tokens per --loop request (default 256)")
     ap.add_argument("--model", default="8b", choices=tuple(SHAPES))
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="decode: also profile 5 steps per preset under DIR/PRESET (device ms per kernel class)")
@@ -185,8 +218,8 @@ def main(argv=None):
     max_sessions = 8 if a.small else a.max_sessions
     config = LlamaConfig(**shape, rope_style="half", tie_embeddings=False, eos_token_ids=())
     skip = set(a.skip.split(",")) - {""}
-    if a.replicas > 1 and (a.gpus > 1 or "decode" in skip or not skip >= {"sessions", "prefix"}):
-        raise SystemExit("--replicas: measures decode only (with --gpus 1 and --skip sessions,prefix)")
+    if a.replicas > 1 and (a.gpus > 1 or not skip >= {"sessions", "prefix"}):
+        raise SystemExit("--replicas: measures decode and --loop only (with --gpus 1 and --skip sessions,prefix)")
     devices = jax.devices()[:a.replicas] if a.replicas > 1 else None
     if devices and len(devices) < a.replicas:
         raise SystemExit(f"--replicas {a.replicas}: only {len(devices)} devices")
@@ -210,14 +243,18 @@ def main(argv=None):
 
     # decode and prefix first: after a failed allocation of the sessions search, memory
     # may not come back (`most_that_fit`), which would starve any later measurement
-    for part in ("decode", "prefix", "sessions"):
-        if part in skip:
+    loop_prompt = a.loop_prompt or (64 if a.small else 1024)
+    loop_new = a.loop_new or (8 if a.small else 256)
+    for part in ("decode", "loop", "prefix", "sessions"):
+        if part in skip or (part == "loop" and not a.loop):
             continue
         for preset in tqdm(presets, desc=part):
             r = res["presets"][preset]
             if part == "decode":
                 r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices,
                                      a.profile and os.path.join(a.profile, preset)))
+            elif part == "loop":
+                r.update(loop_speed(model, preset, batch, loop_prompt, loop_new, a.page_size, a.impl, mesh, devices))
             elif part == "prefix" and kvq.KVSpec.parse(preset).residual == 0:
                 r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
             elif part == "sessions":
@@ -228,7 +265,8 @@ def main(argv=None):
             print(part, preset, {k: v for k, v in r.items() if k != "profile"}, flush=True)
             save()
     base = res["presets"].get("bf16")
-    print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8}")
+    print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8} "
+          f"{'run() tok/s':>12}")
     for p, r in res["presets"].items():
         def ratio(key):
             return f"{r[key] / base[key]:8.2f}" if base and base.get(key) and key in r else f"{'-':>8}"
@@ -237,7 +275,7 @@ def main(argv=None):
             return format(r[key], fmt) if key in r else "-"
 
         print(f"{p:<8} {r.get('sessions', '-'):>9} {ratio('sessions')} {num('tokens_per_s', '.1f'):>13} "
-              f"{ratio('tokens_per_s')} {num('step_ms', '.2f'):>8}")
+              f"{ratio('tokens_per_s')} {num('step_ms', '.2f'):>8} {num('loop_tokens_per_s', '.1f'):>12}")
     for p, r in res["presets"].items():
         for proc, d in r.get("profile", {}).get("devices", {}).items():
             cls = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["by_class"].items(), key=lambda kv: -kv[1]))
