@@ -135,8 +135,9 @@ def profile_steps(advance, steps: int, log_dir: str, top: int = 25) -> dict:
     """Device time per step of ``advance`` (see `time_steps`), by kernel, from a JAX profile.
 
     Runs ``steps`` chained calls under ``jax.profiler.trace(log_dir, create_perfetto_trace=True)``
-    and reads the trace back: every event of a ``/device:...`` process is a kernel (or copy) on
-    that device. Returns ``{"devices": {process: {"busy_ms", "by_class": {class: ms}, "top":
+    and reads the trace back: every event on a ``Stream`` line of a ``/device:...`` process is a
+    kernel (or copy) on that device (every event of the process where it has no such lines); the
+    trace is kept as ``log_dir/trace.json.gz``. Returns ``{"devices": {process: {"busy_ms", "by_class": {class: ms}, "top":
     [[name, ms, calls], ...]}}}``, all per step (the trace's total over ``steps``); classes by
     `KERNEL_CLASSES`. Device lanes that overlap (several streams) are summed, so busy_ms can
     exceed the step's wall time.

@@ -738,8 +738,13 @@ class Config:
 def choose_config(cache: KVCache, rows: int) -> Config:
     """Heuristic launch config for this cache shape and ``rows = T * G`` query rows per KV
     head (B * Hkv * row tiles * splits fills the SMs)."""
+    return _default_config(cache.spec, cache.batch * cache.num_kv_heads, rows, cache.body_capacity)
+
+
+def _default_config(spec, heads: int, rows: int, S: int, page_size: int | None = None) -> Config:
+    """`_choose` for ``heads`` (B * Hkv) programs' worth of ``rows`` query rows each."""
     rt, nr = _row_tiles(rows, Config.row_tile)
-    return _choose(cache.spec, cache.batch * cache.num_kv_heads * nr, cache.body_capacity, row_tile=rt)
+    return _choose(spec, heads * nr, S, page_size, rt)
 
 
 def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
@@ -809,10 +814,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         if page_table.ndim != 2 or page_table.shape[0] != B or page_table.dtype != jnp.int32:
             raise ValueError(f"page_table: expected int32[{B}, max_pages], got {page_table.dtype}{list(page_table.shape)}")
         S = page_table.shape[1] * page_size
-    if config is None:
-        rt, nr = _row_tiles(rows, Config.row_tile)
-        config = _choose(spec, B * H * nr, S, page_size, rt)
-    cfg = config
+    cfg = config or _default_config(spec, B * H, rows, S, page_size)
     rt, nr = _row_tiles(rows, cfg.row_tile)  # rows per program, row tiles (chunked prefill: many)
     mp = rt * nr
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
