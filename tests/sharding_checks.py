@@ -390,15 +390,17 @@ def check_no_empty_leaf_crosses_shard_map():
                     _fail(f"{what} {name}: a zero-size operand crosses shard_map: {sizes}")
 
 
-def _engine_case(spec, n_kv_heads, model_axis, impl, page=16):
+def _engine_case(spec, n_kv_heads, model_axis, impl, page=16, prefix_cache=None):
     """Engine on a ("data" 1, "model" M) mesh against the engine on one device: the same
-    greedy tokens; prompts longer than a prefill chunk (chunk attention per shard)."""
+    greedy tokens; prompts longer than a prefill chunk (chunk attention per shard); then a
+    prompt sharing the first one's first 4 pages (a prefix cache hit, when on)."""
     from kvq_jax.serve import Engine
 
     rng = np.random.default_rng(n_kv_heads)
     prompts = [rng.integers(1, 320, n).astype(np.int32) for n in (4 * page + 6, 23)]
     mesh = ks.make_mesh(1, model_axis)
-    kw = dict(kv=spec, max_batch=2, page_size=page, max_len=6 * page, prefill_chunk=2 * page, impl=impl)
+    kw = dict(kv=spec, max_batch=2, page_size=page, max_len=6 * page, prefill_chunk=2 * page, impl=impl,
+              prefix_cache=prefix_cache)
     one = Engine(_tiny_model(n_kv_heads), **kw)
     many = Engine(_tiny_model(n_kv_heads), mesh=mesh, **kw)
     heads = "model" if n_kv_heads % model_axis == 0 else None
@@ -413,16 +415,24 @@ def _engine_case(spec, n_kv_heads, model_axis, impl, page=16):
     for a, b in zip(got[0], want[0]):
         if got[1][a] != want[1][b]:
             _fail(f"{what}: tokens {got[1][a]} != one device {want[1][b]}")
+    again = np.concatenate([prompts[0][:4 * page + 2], rng.integers(1, 320, 5).astype(np.int32)])
+    hits = many.stats["prefix_hit_tokens"]
+    a, b = many.submit(again, 6), one.submit(again, 6)
+    if many.run()[a] != one.run()[b]:
+        _fail(f"{what}: tokens after a prefix hit differ from one device")
+    if many.prefix_cache and many.stats["prefix_hit_tokens"] - hits != 4 * page:
+        _fail(f"{what}: expected a {4 * page}-token prefix hit, stats {many.stats}")
     pa, pb = many.prefill(prompts[0]), one.prefill(prompts[0])
     if not np.allclose(pa, pb, rtol=1e-4, atol=1e-4 * np.abs(pb).max()):
         _fail(f"{what}: prefill logits differ by {np.abs(pa - pb).max()}")
+    many.clear_prefix_cache()
     if many.allocator.num_used:
         _fail(f"{what}: pages leaked")
 
 
 def check_engine_tensor_parallel():
     _engine_case("int8", 4, 2, "xla")  # KV heads split
-    _engine_case("int4-kivi", 2, 4, "xla", page=32)  # KV heads (and bf16 windows) replicated
+    _engine_case("int4-kivi", 2, 4, "xla", page=32, prefix_cache=True)  # KV heads (and bf16 windows) replicated
 
 
 def check_engine_mesh_errors():

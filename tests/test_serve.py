@@ -258,11 +258,8 @@ def test_engine_per_layer_policy_equals_generate(model, policy):
     eng = Engine(model, kv=policy, max_batch=2, page_size=32, max_len=160, prefill_chunk=64)
     specs = kvq.nn.resolve_policy(policy, model.num_layers)
     assert eng.spec is None and eng.specs == specs and len(eng._kv) == 2  # one stacked pool per format
-    # the residual window of the KIVI layer turns the prefix cache off; the other policy keeps it
+    # the residual window of the KIVI layer turns the default prefix cache off; the other policy keeps it
     assert eng.prefix_cache == all(s.residual == 0 and s.sinks == 0 for s in specs)
-    if not eng.prefix_cache:  # asked for explicitly, it is an error that names the window
-        with pytest.raises(ValueError, match="prefix_cache: not supported for specs with a bf16 residual window"):
-            Engine(model, kv=policy, max_batch=2, page_size=32, max_len=160, prefill_chunk=64, prefix_cache=True)
     prompts = _prompts((90, 33), seed=12)
     ids = [eng.submit(p, 6) for p in prompts]
     out = eng.run()
@@ -298,6 +295,69 @@ def test_prefix_cache_skips_prefill_and_gives_identical_tokens(model):
     assert fresh.stats["prefill_tokens"] == 78
     assert first != second and eng.allocator.num_used == 0 and eng.allocator.num_cached > 0
     eng.allocator.check()
+
+
+WINDOW_SPEC = "k=int4:c:asym,v=int4:t:g32:asym,tg=32,res=16,sinks=4"  # a body ending mid-page, sinks
+
+
+def _prefill_logits(eng) -> list:
+    """The logits each completed prefill samples its first token from, recorded from now on."""
+    seen, sample = [], eng._sample
+
+    def spy(logits, reqs):
+        seen.append(np.asarray(logits))
+        return sample(logits, reqs)
+
+    eng._sample = spy
+    return seen
+
+
+@pytest.mark.parametrize("kv", [WINDOW_SPEC, {0: WINDOW_SPEC, "default": "int8"}])
+def test_prefix_snapshots_for_window_specs_give_identical_tokens(model, kv):
+    """prefix_cache=True with a bf16 window and sinks: a second prompt sharing 128 tokens
+    starts from the first one's snapshot (one body page shared, the partly filled one copied,
+    window and sinks restored) and generates what a prefill from scratch gives."""
+    system = _prompts((150,), seed=21)[0]
+    users = _prompts((9, 14), seed=22)
+    kw = dict(kv=kv, max_batch=2, page_size=64, max_len=192, prefill_chunk=64)
+    eng = Engine(model, prefix_cache=True, **kw)
+    assert Engine(model, **kw).prefix_cache is False  # off by default for window specs
+    eng.submit(np.concatenate([system, users[0]]), 5)
+    eng.run()
+    assert eng.num_prefix_snapshots == 2  # after 64 and 128 prompt tokens
+    # with sinks 4, window 16, groups of 32: 128 tokens leave 96 in the body -> 1 full page, 1 partial
+    assert eng.allocator.num_used == 1 + 2  # page 0 (shared by the 128-token snapshot), each snapshot's copy
+    before = eng.stats["prefill_tokens"]
+    second = eng.submit(np.concatenate([system, users[1]]), 5)
+    logits = _prefill_logits(eng)
+    got = eng.run()[second]
+    assert eng.stats["prefill_tokens"] - before == 150 + 14 - 128 and eng.stats["prefix_hit_tokens"] == 128
+    fresh = Engine(model, prefix_cache=False, **kw)
+    fresh.submit(np.concatenate([system, users[1]]), 5)
+    want = _prefill_logits(fresh)
+    assert list(fresh.run().values())[0] == got
+    np.testing.assert_array_equal(logits[0], want[0])  # the same cache state: bit for bit
+    eng.allocator.check()
+    assert eng.clear_prefix_cache() == 3 and eng.allocator.num_used == 0 and eng.num_prefix_snapshots == 0
+
+
+def test_prefix_snapshots_give_way_to_requests():
+    """Snapshots hold pages; a request that needs them drops the least recently used ones,
+    and ``prefix_snapshots`` bounds their number."""
+    model = LlamaModel.from_params(CONFIG, init_random_params(CONFIG, seed=0))
+    kw = dict(kv=WINDOW_SPEC, max_batch=1, page_size=64, max_len=320, prefill_chunk=64, prefix_cache=True)
+    eng = Engine(model, num_pages=8, prefix_snapshots=3, **kw)
+    a, b = _prompts((300, 250), seed=23)
+    eng.submit(a, 2)  # 4 pages
+    eng.run()
+    assert eng.num_prefix_snapshots == 3  # 4 taken (64 ... 256 tokens), the oldest dropped
+    assert eng.allocator.num_used == 3 + 3 and eng.allocator.num_free == 2  # 3 shared body pages, 3 copies
+    rid = eng.submit(b, 60)  # needs 5 pages: the snapshots give theirs back
+    out = eng.run()
+    assert len(out[rid]) == 60 and eng.num_prefix_snapshots <= 3
+    eng.allocator.check()
+    with pytest.raises(ValueError, match="prefix_snapshots"):
+        Engine(model, prefix_snapshots=-1, **kw)
 
 
 @pytest.mark.parametrize("kv", ["bf16", "int4-kivi"])

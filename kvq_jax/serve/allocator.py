@@ -160,6 +160,17 @@ class PageAllocator:
                 else:
                     self._free.append(p)
 
+    def retain(self, pages: Sequence[int]) -> None:
+        """One more reference to each of ``pages``, all held already (a second holder of the
+        same KV, e.g. a prefix snapshot); `release` drops it. Raises ValueError (nothing is
+        changed) for a page nobody holds."""
+        pages = [self._check_page(p) for p in pages]
+        bad = [p for p in pages if self._ref[p] == 0]
+        if bad:
+            raise ValueError(f"pages: {bad} are not held; retain pages while holding them")
+        for p in pages:
+            self._ref[p] += 1
+
     # -- prefix cache -------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> list[int]:
         """The registered pages of the longest run of ``keys`` from the first one on.

@@ -44,6 +44,16 @@ pages, cut down to a multiple of ``prefill_chunk`` tokens (and to at most the pr
 minus one token), and prefills only the rest. Because chunks always start at
 multiples of ``prefill_chunk``, the shared pages and everything computed after them
 are what a prefill from scratch computes: results do not depend on hits.
+
+With a bf16 window or sinks (``prefix_cache=True``), the state after n prompt tokens is
+the body (which ends inside a page in general), the window and the sinks. When a prefill
+chunk ends at a multiple n of ``prefill_chunk``, a snapshot keyed by the hash of the first
+n tokens keeps it: a reference to the body pages every layer's format fills, copies of
+the pages some format fills only partly, and copies of the slot's windows and sinks. A
+later prompt with that prefix (the longest snapshotted one, at most the prompt minus one
+token) shares the full pages, gets the partly filled ones copied into its own pages and
+the window and sinks into its slot, and prefills the rest: again exactly what a prefill
+from scratch computes.
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvq_jax.cache import residual_capacity
+from kvq_jax.cache import residual_capacity, segment_lengths
 from kvq_jax.generate import GREEDY, Sampler, bucket_length
 from kvq_jax.nn import causal_attention, resolve_policy
 from kvq_jax.serve.allocator import OutOfPages, PageAllocator, prefix_keys
@@ -200,6 +210,44 @@ def _decode_step(weights, kv, slots, prev, table, base_key, *, samplers, **stati
     return _sample(logits, base_key, rids, steps, which, samplers=samplers), kv, over
 
 
+@partial(jax.jit, static_argnames=("num_pages",), donate_argnames=("kv",))
+def _copy_pages(kv, src, dst, *, num_pages):
+    """Pool pages ``src`` (``int32[n]``) copied onto pages ``dst`` in every layer (pool leaves
+    are ``[layers * num_pages, ...]``, layer i's page p at row ``i * num_pages + p``)."""
+    out = []
+    for kg in kv:
+        new = dict(kg)
+        for name in _POOL:
+            x = kg[name]
+            if x is None:
+                continue
+            base = (jnp.arange(x.shape[0] // num_pages, dtype=jnp.int32) * num_pages)[:, None]
+            new[name] = x.at[(base + dst[None]).reshape(-1)].set(x[(base + src[None]).reshape(-1)])
+        out.append(new)
+    return tuple(out)
+
+
+@jax.jit
+def _slot_window(kv, slot):
+    """Copies of one slot's bf16 window and sinks in every layer: per format ``{leaf: [L_g, Hkv, n, D]}``."""
+    return tuple({name: kg[name][:, slot] for name in _SEQ} for kg in kv)
+
+
+@partial(jax.jit, donate_argnames=("kv",))
+def _set_slot_window(kv, window, slot):
+    """`_slot_window`'s copies written into slot ``slot``."""
+    return tuple(dict(kg, **{name: kg[name].at[:, slot].set(w[name]) for name in _SEQ}) for kg, w in zip(kv, window))
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    """A prompt prefix's cache state for specs with a bf16 window or sinks (see `Engine`)."""
+    tokens: int  # prefix length n (a multiple of prefill_chunk)
+    shared: list  # full body pages of every layer: one reference held
+    copies: list  # copies of the pages some layer's body fills only partly (own pages)
+    window: tuple  # `_slot_window` at n
+
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -236,10 +284,16 @@ class Engine:
         sequences of ``max_len`` tokens.
       max_len: most tokens (prompt + generated) one request may hold.
       prefill_chunk: most prompt tokens run in one call (a multiple of page_size).
-      prefix_cache: share full prompt pages between requests with the same prefix. None
-        (default): on when no layer's spec has a bf16 residual window or sinks (their state
-        after n tokens is not just their first n quantized tokens), off otherwise; True with
-        such a spec is an error.
+      prefix_cache: reuse the cache of a prompt prefix another request computed. Specs
+        without a bf16 residual window or sinks share full prompt pages (kept, once no request
+        holds them, until the pool needs them). Specs with one keep snapshots instead (their
+        state after n tokens is not just their first n quantized tokens): at every multiple of
+        ``prefill_chunk`` within a prompt, the body pages (shared), copies of partly filled
+        pages, and a copy of the bf16 window and sinks, held outside the pool (per snapshot
+        ``layers x Hkv x (window + sinks) x D x 4`` bytes). None (default): on for specs
+        without a window or sinks, off otherwise; True / False: on / off.
+      prefix_snapshots: most snapshots kept, least recently used dropped first (also when
+        the pool runs short of pages for a new request).
       eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
       impl: how decode steps and prefill chunks after the first read the cache: "pallas"
         (the fused-dequant kernel through the page tables), "xla", or "auto" (pallas on GPU).
@@ -262,7 +316,8 @@ class Engine:
 
     def __init__(self, model, kv="int8", max_batch: int = 8, page_size: int = 64, num_pages: int | None = None,
                  *, max_len: int = 4096, prefill_chunk: int = 512, prefix_cache: bool | None = None, eos_id=None,
-                 impl: str = "auto", prefill_block: int | None = 2048, seed: int = 0, mesh=None):
+                 impl: str = "auto", prefill_block: int | None = 2048, seed: int = 0, mesh=None,
+                 prefix_snapshots: int = 8):
         specs = resolve_policy(kv, model.num_layers)
         groups = tuple(dict.fromkeys(specs))  # the distinct formats, in layer order
         for name, val in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
@@ -297,11 +352,13 @@ class Engine:
         if not isinstance(num_pages, (int, np.integer)) or num_pages <= 0:
             raise ValueError(f"num_pages: expected a positive int or None, got {num_pages!r}")
         self.num_pages = int(num_pages)
-        windowed = [str(s) for s in groups if residual_capacity(s) or s.sinks]
-        if prefix_cache and windowed:
-            raise ValueError(f"prefix_cache: not supported for specs with a bf16 residual window or sinks "
-                             f"({'; '.join(windowed)}); pass None (on where supported) or False")
+        windowed = any(residual_capacity(s) or s.sinks for s in groups)
         self.prefix_cache = not windowed if prefix_cache is None else bool(prefix_cache)
+        if not isinstance(prefix_snapshots, (int, np.integer)) or prefix_snapshots < 0:
+            raise ValueError(f"prefix_snapshots: expected a non-negative int, got {prefix_snapshots!r}")
+        self.prefix_snapshots = int(prefix_snapshots)
+        self._snapshots: OrderedDict[bytes, _Snapshot] = OrderedDict()  # by prefix key, least recent first
+        self._windowed = windowed
         self._salt = f"{'/'.join(map(str, specs))}|{page_size}|{id(model)}".encode()
         if eos_id is None:
             eos_id = tuple(getattr(model, "eos_token_ids", ()) or ())
@@ -352,6 +409,20 @@ class Engine:
         queued and running requests (`ReplicatedEngine` routes by it)."""
         reqs = [*self._queue.values(), *(r for r in self._slots if r is not None)]
         return sum(len(r.prompt) - r.done + r.max_new - len(r.out) for r in reqs)
+
+    @property
+    def num_prefix_snapshots(self) -> int:
+        """Prefix snapshots held (specs with a bf16 window or sinks; see ``prefix_snapshots``)."""
+        return len(self._snapshots)
+
+    def clear_prefix_cache(self) -> int:
+        """Forget every cached prefix: drop the snapshots, evict the cached pages. Returns the
+        pages that became free (pages still held by requests stay theirs)."""
+        free = self.allocator.num_free
+        for key in list(self._snapshots):
+            self._drop_snapshot(key)
+        self.allocator.clear_cache()
+        return self.allocator.num_free - free
 
     def pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
         """Pages a request of this prompt and generation length reserves (the most any layer's format needs)."""
@@ -495,8 +566,17 @@ class Engine:
                 return
             r = self._queue[rid]
             need = self.pages_for(len(r.prompt), r.max_new)
-            hit_pages = []
-            if self.prefix_cache:
+            hit_pages, snap = [], None
+            if self.prefix_cache and self._windowed:  # snapshots at multiples of prefill_chunk
+                r.keys = prefix_keys(r.prompt, self.prefill_chunk, len(r.prompt) // self.prefill_chunk, salt=self._salt)
+                usable = (len(r.prompt) - 1) // self.prefill_chunk
+                hit = next((k for k in reversed(r.keys[:usable]) if k in self._snapshots), None)
+                if hit is not None:
+                    self._snapshots.move_to_end(hit)
+                    snap = self._snapshots[hit]
+                    hit_pages = list(snap.shared)
+                    self.allocator.retain(hit_pages)
+            elif self.prefix_cache:
                 n_full = len(r.prompt) // self.page_size
                 r.keys = prefix_keys(r.prompt, self.page_size, n_full, salt=self._salt)
                 usable = (len(r.prompt) - 1) // self.prefill_chunk * self.prefill_chunk // self.page_size
@@ -505,18 +585,64 @@ class Engine:
                 self.allocator.release(hit_pages[keep:])
                 hit_pages = hit_pages[:keep]
             try:
-                fresh = self.allocator.alloc(need - len(hit_pages))
+                fresh = self._alloc(need - len(hit_pages), keep=snap)
             except OutOfPages:
                 self.allocator.release(hit_pages)
                 return  # first come, first served: wait for pages
             del self._queue[rid]
             slot = self._slots.index(None)
             r.slot, r.pages = slot, hit_pages + fresh
-            r.hit = r.done = len(hit_pages) * self.page_size
+            r.hit = r.done = snap.tokens if snap else len(hit_pages) * self.page_size
             self.stats["prefix_hit_tokens"] += r.hit
             self._slots[slot] = r
             self._set_pages(slot, r.pages)
             self._lengths[slot] = r.done
+            if snap:  # the partly filled pages into the request's own, the window into its slot
+                if snap.copies:
+                    self._kv = _copy_pages(self._kv, jnp.asarray(snap.copies, jnp.int32),
+                                           jnp.asarray(fresh[:len(snap.copies)], jnp.int32), num_pages=self.num_pages)
+                self._kv = _set_slot_window(self._kv, snap.window, slot)
+
+    def _alloc(self, n: int, keep: _Snapshot | None = None) -> list[int]:
+        """`PageAllocator.alloc`, dropping prefix snapshots (least recently used first, never
+        ``keep``) while the free and evictable pages are short; OutOfPages if still short."""
+        while n > self.allocator.num_available:
+            victim = next((k for k, v in self._snapshots.items() if v is not keep), None)
+            if victim is None:
+                break
+            self._drop_snapshot(victim)
+        return self.allocator.alloc(n)
+
+    def _drop_snapshot(self, key: bytes):
+        snap = self._snapshots.pop(key)
+        self.allocator.release(snap.shared + snap.copies)
+
+    def _snapshot(self, r: _Request):
+        """Keep request ``r``'s cache state after its first ``r.done`` prompt tokens (a multiple
+        of prefill_chunk) for later prompts with the same prefix: its body pages that every
+        layer's format fills (shared), copies of the pages some format fills only partly, and
+        copies of its bf16 windows and sinks."""
+        key = r.keys[r.done // self.prefill_chunk - 1]
+        if key in self._snapshots:
+            self._snapshots.move_to_end(key)
+            return
+        if not self.prefix_snapshots:
+            return
+        body = [int(segment_lengths(g, np.asarray([r.done]))[1][0]) for g in self._groups]
+        n_shared = min(body) // self.page_size
+        n_touched = max(-(-q // self.page_size) for q in body)
+        try:
+            copies = self._alloc(n_touched - n_shared)
+        except OutOfPages:
+            return  # no room: no snapshot
+        if copies:
+            self._kv = _copy_pages(self._kv, jnp.asarray(r.pages[n_shared:n_touched], jnp.int32),
+                                   jnp.asarray(copies, jnp.int32), num_pages=self.num_pages)
+        shared = r.pages[:n_shared]
+        self.allocator.retain(shared)
+        self._snapshots[key] = _Snapshot(r.done, shared, copies, _slot_window(self._kv, r.slot))
+        while len(self._snapshots) > self.prefix_snapshots:
+            self._drop_snapshot(next(iter(self._snapshots)))
 
     def _static(self, fresh: bool | None) -> dict:
         """The static arguments of `_forward` for this engine (also used by benchmarks/serve.py);
@@ -557,7 +683,10 @@ class Engine:
         start = r.done
         n = min(self.prefill_chunk - start % self.prefill_chunk, len(r.prompt) - start)
         logits = self._run_chunk(r, start, n)
-        if self.prefix_cache:
+        if self.prefix_cache and self._windowed:
+            if r.done % self.prefill_chunk == 0:
+                self._snapshot(r)
+        elif self.prefix_cache:
             for p in range(start // self.page_size, r.done // self.page_size):
                 self.allocator.register(r.keys[p], r.pages[p])
         if not r.prefilling:
