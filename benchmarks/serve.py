@@ -255,7 +255,7 @@ def main(argv=None):
                                      a.profile and os.path.join(a.profile, preset)))
             elif part == "loop":
                 r.update(loop_speed(model, preset, batch, loop_prompt, loop_new, a.page_size, a.impl, mesh, devices))
-            elif part == "prefix" and kvq.KVSpec.parse(preset).residual == 0:
+            elif part == "prefix":
                 r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
             elif part == "sessions":
                 n, nbytes, exact = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)

@@ -48,8 +48,9 @@ are what a prefill from scratch computes: results do not depend on hits.
 With a bf16 window or sinks (``prefix_cache=True``), the state after n prompt tokens is
 the body (which ends inside a page in general), the window and the sinks. When a prefill
 chunk ends at a multiple n of ``prefill_chunk``, a snapshot keyed by the hash of the first
-n tokens keeps it: a reference to the body pages every layer's format fills, copies of
-the pages some format fills only partly, and copies of the slot's windows and sinks. A
+n tokens keeps it: a reference to the body pages every layer's format fills, and copies
+(outside the pool) of the pages some format fills only partly and of the slot's windows
+and sinks. A
 later prompt with that prefix (the longest snapshotted one, at most the prompt minus one
 token) shares the full pages, gets the partly filled ones copied into its own pages and
 the window and sinks into its slot, and prefills the rest: again exactly what a prefill
@@ -210,21 +211,25 @@ def _decode_step(weights, kv, slots, prev, table, base_key, *, samplers, **stati
     return _sample(logits, base_key, rids, steps, which, samplers=samplers), kv, over
 
 
+def _page_rows(x, pages, num_pages):
+    """Rows of stacked pool leaf ``x`` (``[layers * num_pages, ...]``, layer i's page p at row
+    ``i * num_pages + p``) that hold ``pages`` (``int32[n]``) in every layer, layer-major."""
+    base = (jnp.arange(x.shape[0] // num_pages, dtype=jnp.int32) * num_pages)[:, None]
+    return (base + pages[None]).reshape(-1)
+
+
+@partial(jax.jit, static_argnames=("num_pages",))
+def _read_pages(kv, pages, *, num_pages):
+    """Copies of pool pages ``pages`` in every layer: per format ``{leaf: [layers * n, ...]}``."""
+    return tuple({name: None if kg[name] is None else kg[name][_page_rows(kg[name], pages, num_pages)]
+                  for name in _POOL} for kg in kv)
+
+
 @partial(jax.jit, static_argnames=("num_pages",), donate_argnames=("kv",))
-def _copy_pages(kv, src, dst, *, num_pages):
-    """Pool pages ``src`` (``int32[n]``) copied onto pages ``dst`` in every layer (pool leaves
-    are ``[layers * num_pages, ...]``, layer i's page p at row ``i * num_pages + p``)."""
-    out = []
-    for kg in kv:
-        new = dict(kg)
-        for name in _POOL:
-            x = kg[name]
-            if x is None:
-                continue
-            base = (jnp.arange(x.shape[0] // num_pages, dtype=jnp.int32) * num_pages)[:, None]
-            new[name] = x.at[(base + dst[None]).reshape(-1)].set(x[(base + src[None]).reshape(-1)])
-        out.append(new)
-    return tuple(out)
+def _write_pages(kv, pages, data, *, num_pages):
+    """`_read_pages`'s copies written into pool pages ``pages``."""
+    return tuple(dict(kg, **{name: kg[name].at[_page_rows(kg[name], pages, num_pages)].set(d[name])
+                             for name in _POOL if kg[name] is not None}) for kg, d in zip(kv, data))
 
 
 @jax.jit
@@ -243,8 +248,9 @@ def _set_slot_window(kv, window, slot):
 class _Snapshot:
     """A prompt prefix's cache state for specs with a bf16 window or sinks (see `Engine`)."""
     tokens: int  # prefix length n (a multiple of prefill_chunk)
-    shared: list  # full body pages of every layer: one reference held
-    copies: list  # copies of the pages some layer's body fills only partly (own pages)
+    shared: list  # the body pages every layer's format fills: one reference held
+    partial: int  # the next pages, which some format's body fills only partly: how many,
+    partial_data: tuple | None  # and their `_read_pages` copies
     window: tuple  # `_slot_window` at n
 
 
@@ -288,10 +294,11 @@ class Engine:
         without a bf16 residual window or sinks share full prompt pages (kept, once no request
         holds them, until the pool needs them). Specs with one keep snapshots instead (their
         state after n tokens is not just their first n quantized tokens): at every multiple of
-        ``prefill_chunk`` within a prompt, the body pages (shared), copies of partly filled
-        pages, and a copy of the bf16 window and sinks, held outside the pool (per snapshot
-        ``layers x Hkv x (window + sinks) x D x 4`` bytes). None (default): on for specs
-        without a window or sinks, off otherwise; True / False: on / off.
+        ``prefill_chunk`` within a prompt, the body pages (shared), and copies of the partly
+        filled pages and of the bf16 window and sinks, held outside the pool (per snapshot
+        about a page of every layer plus ``layers x Hkv x (window + sinks) x D x 4`` bytes).
+        None (default): on for specs without a window or sinks, off otherwise; True / False:
+        on / off.
       prefix_snapshots: most snapshots kept, least recently used dropped first (also when
         the pool runs short of pages for a new request).
       eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
@@ -598,9 +605,9 @@ class Engine:
             self._set_pages(slot, r.pages)
             self._lengths[slot] = r.done
             if snap:  # the partly filled pages into the request's own, the window into its slot
-                if snap.copies:
-                    self._kv = _copy_pages(self._kv, jnp.asarray(snap.copies, jnp.int32),
-                                           jnp.asarray(fresh[:len(snap.copies)], jnp.int32), num_pages=self.num_pages)
+                if snap.partial:
+                    self._kv = _write_pages(self._kv, jnp.asarray(fresh[:snap.partial], jnp.int32),
+                                            snap.partial_data, num_pages=self.num_pages)
                 self._kv = _set_slot_window(self._kv, snap.window, slot)
 
     def _alloc(self, n: int, keep: _Snapshot | None = None) -> list[int]:
@@ -614,14 +621,13 @@ class Engine:
         return self.allocator.alloc(n)
 
     def _drop_snapshot(self, key: bytes):
-        snap = self._snapshots.pop(key)
-        self.allocator.release(snap.shared + snap.copies)
+        self.allocator.release(self._snapshots.pop(key).shared)
 
     def _snapshot(self, r: _Request):
         """Keep request ``r``'s cache state after its first ``r.done`` prompt tokens (a multiple
         of prefill_chunk) for later prompts with the same prefix: its body pages that every
         layer's format fills (shared), copies of the pages some format fills only partly, and
-        copies of its bf16 windows and sinks."""
+        copies of its bf16 windows and sinks (both outside the pool)."""
         key = r.keys[r.done // self.prefill_chunk - 1]
         if key in self._snapshots:
             self._snapshots.move_to_end(key)
@@ -631,16 +637,12 @@ class Engine:
         body = [int(segment_lengths(g, np.asarray([r.done]))[1][0]) for g in self._groups]
         n_shared = min(body) // self.page_size
         n_touched = max(-(-q // self.page_size) for q in body)
-        try:
-            copies = self._alloc(n_touched - n_shared)
-        except OutOfPages:
-            return  # no room: no snapshot
-        if copies:
-            self._kv = _copy_pages(self._kv, jnp.asarray(r.pages[n_shared:n_touched], jnp.int32),
-                                   jnp.asarray(copies, jnp.int32), num_pages=self.num_pages)
+        data = None
+        if n_touched > n_shared:
+            data = _read_pages(self._kv, jnp.asarray(r.pages[n_shared:n_touched], jnp.int32), num_pages=self.num_pages)
         shared = r.pages[:n_shared]
         self.allocator.retain(shared)
-        self._snapshots[key] = _Snapshot(r.done, shared, copies, _slot_window(self._kv, r.slot))
+        self._snapshots[key] = _Snapshot(r.done, shared, n_touched - n_shared, data, _slot_window(self._kv, r.slot))
         while len(self._snapshots) > self.prefix_snapshots:
             self._drop_snapshot(next(iter(self._snapshots)))
 
@@ -713,7 +715,9 @@ class Engine:
         self._pending = None
         if live:
             if self._table_dev is None:
-                self._table_dev = jax.device_put(self._table)
+                # a copy: device_put may alias or copy the host array later (CPU), and the host
+                # table changes (admissions) while this step is still in flight
+                self._table_dev = jax.device_put(self._table.copy())
             nxt, self._kv, over = _decode_step(self._weights, self._kv, jax.device_put(slots),
                                                prev[0] if prev else self._no_prev, self._table_dev, self._key,
                                                samplers=samplers, **self._static(None))
