@@ -50,11 +50,10 @@ the body (which ends inside a page in general), the window and the sinks. When a
 chunk ends at a multiple n of ``prefill_chunk``, a snapshot keyed by the hash of the first
 n tokens keeps it: a reference to the body pages every layer's format fills, and copies
 (outside the pool) of the pages some format fills only partly and of the slot's windows
-and sinks. A
-later prompt with that prefix (the longest snapshotted one, at most the prompt minus one
-token) shares the full pages, gets the partly filled ones copied into its own pages and
-the window and sinks into its slot, and prefills the rest: again exactly what a prefill
-from scratch computes.
+and sinks. A later prompt with that prefix (the longest snapshotted one, at most the
+prompt minus one token) shares the full pages, gets the partly filled ones copied into its
+own pages and the window and sinks into its slot, and prefills the rest: again exactly
+what a prefill from scratch computes.
 """
 
 from __future__ import annotations
