@@ -28,7 +28,6 @@ Prints a table; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -38,7 +37,6 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -87,17 +85,17 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=Non
         engines = [kvq.serve.Engine(model, mesh=mesh, **kw)]
     reps = []
     for eng in engines:
-        dev = next(iter(eng._key.devices())) if devices else None
-        put = (lambda x: x) if dev is None else (lambda x, dev=dev: jax.device_put(x, dev))  # committed to dev
+        # the step's inputs where the engine puts them (`Engine._put`): on its device, or replicated over the mesh
+        put = eng._put
         per = eng.max_pages
         # engine._decode_step's slot rows: each step appends at position `context` (the stored
         # values do not change the work) and takes its token from the previous step's ids
         slots = np.zeros((batch, 7), np.int32)
         slots[:, 1], slots[:, 2], slots[:, 6] = context, 1, 1
         reps.append(dict(
-            kv=eng._kv, weights=eng._weights, key=eng._key, slots=put(jnp.asarray(slots)),
-            table=put(jnp.asarray(np.arange(batch * per, dtype=np.int32).reshape(batch, per))),
-            tokens=put(jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, batch), jnp.int32)),
+            kv=eng._kv, weights=eng._weights, key=eng._key, slots=put(slots),
+            table=put(np.arange(batch * per, dtype=np.int32).reshape(batch, per)),
+            tokens=put(np.random.default_rng(0).integers(0, model.config.vocab_size, batch).astype(np.int32)),
             kw=eng._static(None)))
         eng._kv = None
     del engines

@@ -418,6 +418,13 @@ def _engine_case(spec, n_kv_heads, model_axis, impl, page=16, prefix_cache=None)
     again = np.concatenate([prompts[0][:4 * page + 2], rng.integers(1, 320, 5).astype(np.int32)])
     hits = many.stats["prefix_hit_tokens"]
     a, b = many.submit(again, 6), one.submit(again, 6)
+    while many._pending is None:  # up to the first pipelined decode step
+        many.step()
+    # the decode step's small inputs and its ids live replicated on the mesh: nothing to reshard per step
+    for name, x in (("page tables", many._table_dev), ("key", many._key), ("no-prev ids", many._no_prev),
+                    ("ids", many._pending[0])):
+        if not (x.sharding.is_fully_replicated and len(x.devices()) == model_axis):
+            _fail(f"{what}: the step's {name} are not replicated over the mesh: {x.sharding}")
     if many.run()[a] != one.run()[b]:
         _fail(f"{what}: tokens after a prefix hit differ from one device")
     if many.prefix_cache and many.stats["prefix_hit_tokens"] - hits != 4 * page:

@@ -207,7 +207,10 @@ def _decode_step(weights, kv, slots, prev, table, base_key, *, samplers, **stati
     tokens = jnp.where(from_prev == 1, prev, tokens)
     rows = jnp.arange(slots.shape[0], dtype=jnp.int32)
     logits, kv, over = _forward(weights, kv, tokens[:, None], rows, n_old, n_valid, table, fresh=False, **static)
-    return _sample(logits, base_key, rids, steps, which, samplers=samplers), kv, over
+    ids = _sample(logits, base_key, rids, steps, which, samplers=samplers)
+    if static["mesh"] is not None:  # replicated, as the next step takes them (no resharding between steps)
+        ids = jax.lax.with_sharding_constraint(ids, NamedSharding(static["mesh"], P()))
+    return ids, kv, over
 
 
 def _page_rows(x, pages, num_pages):
@@ -387,12 +390,12 @@ class Engine:
         self._table = np.full((self.max_batch, self.max_pages), -1, np.int32)
         self._table_dev = None  # device copy of _table for decode steps; None after a change
         self._pending = None  # (ids, overflow, {slot: request}) of the last decode step, not yet read
-        self._no_prev = jnp.zeros((self.max_batch,), jnp.int32)
+        self._no_prev = self._put(np.zeros((self.max_batch,), np.int32))
         self._lengths = np.zeros((self.max_batch,), np.int32)
         self._slots: list[_Request | None] = [None] * self.max_batch
         self._queue: OrderedDict[int, _Request] = OrderedDict()
         self._next_id = 0
-        self._key = jax.random.key(int(seed))
+        self._key = self._put(jax.random.key(int(seed)))
         self.stats = dict(prefill_tokens=0, prefix_hit_tokens=0, prefill_calls=0, decode_steps=0)
 
     # -- public API -------------------------------------------------------------
@@ -429,6 +432,11 @@ class Engine:
             self._drop_snapshot(key)
         self.allocator.clear_cache()
         return self.allocator.num_free - free
+
+    def _put(self, x):
+        """Host array ``x`` on the device, or replicated over the mesh: where the jitted steps
+        take their small inputs (an input on another device would be copied every step)."""
+        return jax.device_put(x) if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, P()))
 
     def pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
         """Pages a request of this prompt and generation length reserves (the most any layer's format needs)."""
@@ -655,8 +663,8 @@ class Engine:
     def _call(self, tokens, rows, n_valid, fresh):
         rows = np.asarray(rows, np.int32)
         logits, self._kv, over = _forward(
-            self._weights, self._kv, jnp.asarray(tokens, jnp.int32), jnp.asarray(rows),
-            jnp.asarray(self._lengths[rows]), jnp.asarray(n_valid, jnp.int32), jnp.asarray(self._table[rows]),
+            self._weights, self._kv, self._put(np.asarray(tokens, np.int32)), self._put(rows),
+            self._put(self._lengths[rows]), self._put(np.asarray(n_valid, np.int32)), self._put(self._table[rows]),
             **self._static(fresh))
         if bool(np.any(np.asarray(over))):  # pages are reserved at admission: this is a bug, never silent
             raise RuntimeError(f"page overflow in slots {rows[np.asarray(over)].tolist()}")
@@ -716,8 +724,8 @@ class Engine:
             if self._table_dev is None:
                 # a copy: device_put may alias or copy the host array later (CPU), and the host
                 # table changes (admissions) while this step is still in flight
-                self._table_dev = jax.device_put(self._table.copy())
-            nxt, self._kv, over = _decode_step(self._weights, self._kv, jax.device_put(slots),
+                self._table_dev = self._put(self._table.copy())
+            nxt, self._kv, over = _decode_step(self._weights, self._kv, self._put(slots),
                                                prev[0] if prev else self._no_prev, self._table_dev, self._key,
                                                samplers=samplers, **self._static(None))
             self._pending = (nxt, over, live)
