@@ -466,6 +466,9 @@ def check_replicated_engine():
         for name, leaves in (("pool", jax.tree.leaves(e._kv)), ("weights", jax.tree.leaves(e._weights))):
             if any(x.devices() != {d} for x in leaves):
                 _fail(f"replicated engine: a {name} leaf of the replica on {d} is elsewhere")
+    for d, e in zip(devices, reps.engines):  # and the steps' small inputs with them
+        if e._put(np.zeros(3, np.int32)).devices() != {d} or e._key.devices() != {d}:
+            _fail(f"replicated engine: the replica on {d} puts its step inputs elsewhere")
     ids = [reps.submit(p, n) for p, n in zip(prompts, news)]
     where = [reps.replica_of(r) for r in ids]
     if sorted(set(where)) != [0, 1]:

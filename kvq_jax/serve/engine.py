@@ -386,6 +386,8 @@ class Engine:
 
         # the cache, per format: pool leaves of its layers stacked, per-slot windows [L_g, max_batch, ...]
         self._kv = tuple(self._group_cache(g, specs.count(g), H, D) for g in groups)
+        # without a mesh: the device the pools are on (the default device when the engine was built)
+        self._device = None if mesh is not None else next(iter(jax.tree.leaves(self._kv)[0].devices()))
         self.allocator = PageAllocator(self.num_pages)
         self._table = np.full((self.max_batch, self.max_pages), -1, np.int32)
         self._table_dev = None  # device copy of _table for decode steps; None after a change
@@ -434,9 +436,9 @@ class Engine:
         return self.allocator.num_free - free
 
     def _put(self, x):
-        """Host array ``x`` on the device, or replicated over the mesh: where the jitted steps
-        take their small inputs (an input on another device would be copied every step)."""
-        return jax.device_put(x) if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, P()))
+        """Host array ``x`` on the pools' device, or replicated over the mesh: where the jitted
+        steps take their small inputs (an input elsewhere would be copied every step)."""
+        return jax.device_put(x, self._device if self.mesh is None else NamedSharding(self.mesh, P()))
 
     def pages_for(self, prompt_len: int, max_new_tokens: int) -> int:
         """Pages a request of this prompt and generation length reserves (the most any layer's format needs)."""
