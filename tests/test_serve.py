@@ -353,10 +353,9 @@ def test_prefix_snapshots_for_window_specs_give_identical_tokens(model, kv):
     assert eng.clear_prefix_cache() == 1 and eng.allocator.num_used == 0 and eng.num_prefix_snapshots == 0
 
 
-def test_prefix_snapshots_give_way_to_requests():
+def test_prefix_snapshots_give_way_to_requests(model):
     """Snapshots hold pages; a request that needs them drops the least recently used ones,
     and ``prefix_snapshots`` bounds their number."""
-    model = LlamaModel.from_params(CONFIG, init_random_params(CONFIG, seed=0))
     kw = dict(kv=WINDOW_SPEC, max_batch=1, page_size=64, max_len=320, prefill_chunk=64, prefix_cache=True)
     eng = Engine(model, num_pages=6, prefix_snapshots=3, **kw)
     a, b = _prompts((300, 250), seed=23)
