@@ -81,19 +81,22 @@ def time_steps(advance, steps: int, reps: int = 3) -> tuple[float, float]:
     """Seconds per step of ``advance`` and the seconds of its first (compiling) call.
 
     ``advance(i)`` runs step i (each step consuming the previous one's output) and returns
-    an array to wait on. Call 0 compiles; then ``reps`` batches of ``steps`` chained calls,
+    an array to wait on. Call 0 compiles; one untimed batch of ``steps`` chained calls warms
+    up (a second input layout, lazy set-up: a first 2-GPU measurement once ran 1.6-1.8x slow
+    for a whole process's first preset); then ``reps`` batches of ``steps`` chained calls,
     one sync per batch; the median batch gives the time per step.
     """
     t0 = time.perf_counter()
     jax.block_until_ready(advance(0))
     compile_s = time.perf_counter() - t0
     times = []
-    for rep in range(reps):
+    for rep in range(-1, reps):
         t0 = time.perf_counter()
         for i in range(steps):
-            out = advance(1 + rep * steps + i)
+            out = advance(1 + (rep + 1) * steps + i)
         jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / steps)
+        if rep >= 0:
+            times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times), compile_s
 
 

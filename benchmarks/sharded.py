@@ -82,9 +82,9 @@ def sessions_that_fit(model, preset, context, mesh, limit):
 
 
 def decode_speed(model, preset, batch, context, mesh, steps, impl):
-    """Seconds per decode step (median of 3 runs of ``steps`` chained steps) and compile time."""
+    """Seconds per decode step (`time_steps`: median of 3 timed batches of ``steps`` chained steps) and compile time."""
     graphdef, state = nnx.split(model)
-    caches = make_caches(model, preset, batch, context + 3 * steps + 8, mesh, lengths=context)
+    caches = make_caches(model, preset, batch, context + 4 * steps + 8, mesh, lengths=context)  # time_steps: 1 + 4 batches
     tokens = kvq.sharding.global_array(np.ones((batch, 1), np.int32), mesh, P(kvq.sharding.DATA, None))
 
     def one_step(state, caches, tokens):  # greedy: the next token feeds the next step
