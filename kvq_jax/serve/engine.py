@@ -213,7 +213,7 @@ def _decode_step(weights, kv, slots, prev, table, base_key, *, samplers, **stati
     return ids, kv, over
 
 
-def _page_rows(x, pages, num_pages):
+def _stacked_rows(x, pages, num_pages):
     """Rows of stacked pool leaf ``x`` (``[layers * num_pages, ...]``, layer i's page p at row
     ``i * num_pages + p``) that hold ``pages`` (``int32[n]``) in every layer, layer-major."""
     base = (jnp.arange(x.shape[0] // num_pages, dtype=jnp.int32) * num_pages)[:, None]
@@ -223,14 +223,14 @@ def _page_rows(x, pages, num_pages):
 @partial(jax.jit, static_argnames=("num_pages",))
 def _read_pages(kv, pages, *, num_pages):
     """Copies of pool pages ``pages`` in every layer: per format ``{leaf: [layers * n, ...]}``."""
-    return tuple({name: None if kg[name] is None else kg[name][_page_rows(kg[name], pages, num_pages)]
+    return tuple({name: None if kg[name] is None else kg[name][_stacked_rows(kg[name], pages, num_pages)]
                   for name in _POOL} for kg in kv)
 
 
 @partial(jax.jit, static_argnames=("num_pages",), donate_argnames=("kv",))
 def _write_pages(kv, pages, data, *, num_pages):
     """`_read_pages`'s copies written into pool pages ``pages``."""
-    return tuple(dict(kg, **{name: kg[name].at[_page_rows(kg[name], pages, num_pages)].set(d[name])
+    return tuple(dict(kg, **{name: kg[name].at[_stacked_rows(kg[name], pages, num_pages)].set(d[name])
                              for name in _POOL if kg[name] is not None}) for kg, d in zip(kv, data))
 
 
@@ -584,7 +584,9 @@ class Engine:
             need = self.pages_for(len(r.prompt), r.max_new)
             hit_pages, snap = [], None
             if self.prefix_cache and self._windowed:  # snapshots at multiples of prefill_chunk
-                r.keys = prefix_keys(r.prompt, self.prefill_chunk, len(r.prompt) // self.prefill_chunk, salt=self._salt)
+                if not r.keys:  # once per request, not per admission attempt
+                    r.keys = prefix_keys(r.prompt, self.prefill_chunk, len(r.prompt) // self.prefill_chunk,
+                                         salt=self._salt)
                 usable = (len(r.prompt) - 1) // self.prefill_chunk
                 hit = next((k for k in reversed(r.keys[:usable]) if k in self._snapshots), None)
                 if hit is not None:
@@ -593,8 +595,8 @@ class Engine:
                     hit_pages = list(snap.shared)
                     self.allocator.retain(hit_pages)
             elif self.prefix_cache:
-                n_full = len(r.prompt) // self.page_size
-                r.keys = prefix_keys(r.prompt, self.page_size, n_full, salt=self._salt)
+                if not r.keys:  # once per request, not per admission attempt
+                    r.keys = prefix_keys(r.prompt, self.page_size, len(r.prompt) // self.page_size, salt=self._salt)
                 usable = (len(r.prompt) - 1) // self.prefill_chunk * self.prefill_chunk // self.page_size
                 hit_pages = self.allocator.lookup(r.keys[:usable])
                 keep = len(hit_pages) * self.page_size // self.prefill_chunk * self.prefill_chunk // self.page_size
