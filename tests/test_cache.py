@@ -247,6 +247,7 @@ def split_runs(kv):
     return runs
 
 
+@pytest.mark.xdist_group("split-runs")  # one worker computes the module's `split_runs`
 @pytest.mark.parametrize("name", [c[0] for c in SPLIT_CASES])
 def test_split_matches_the_documented_semantics(kv, split_runs, name):
     r = split_runs[name]
@@ -285,6 +286,7 @@ def test_split_matches_the_documented_semantics(kv, split_runs, name):
                 assert np.all(np.abs(Xq - Oq) <= e + 1e-5 * (np.abs(Oq) + e)), name
 
 
+@pytest.mark.xdist_group("split-runs")  # one worker computes the module's `split_runs`
 @pytest.mark.parametrize("name", [c[0] for c in SPLIT_CASES])
 def test_one_token_at_a_time_equals_all_at_once(kv, split_runs, name):
     r = split_runs[name]
@@ -339,6 +341,7 @@ def test_one_token_at_a_time_equals_all_at_once_for_f32_inputs(kv):
     _leaves_equal(c, whole)
 
 
+@pytest.mark.xdist_group("split-runs")  # one worker computes the module's `split_runs`
 @pytest.mark.parametrize("name", ["int4-kivi", "k=int4:c:asym,v=int4:g16:asym,tg=8,res=16,sinks=3",
                                   "k=int8,v=int8,sinks=4,res=16"])
 def test_ragged_chunks_equal_all_at_once(kv, split_runs, name):

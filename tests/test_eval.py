@@ -58,6 +58,7 @@ def test_make_windows_spread_and_errors():
         pp.make_windows(toks, 100, 11)
 
 
+@pytest.mark.xdist_group("eval-results")  # one worker computes the module's `results`
 def test_evaluate_returns_every_metric(results):
     assert list(results) == ["bf16", "int8", "int2", "int4-kivi", "mixed-8-2"]
     for r in results.values():
@@ -72,11 +73,13 @@ def test_evaluate_returns_every_metric(results):
         (results["int8"]["bits_per_element"] + results["int2"]["bits_per_element"]) / 2)
 
 
+@pytest.mark.xdist_group("eval-results")  # one worker computes the module's `results`
 def test_bf16_against_itself_is_exact(results):
     r = results["bf16"]
     assert r["delta_ppl_pct"] == 0.0 and r["kl_mean"] == 0.0 and r["kl_p99"] == 0.0 and r["top1"] == 1.0
 
 
+@pytest.mark.xdist_group("eval-results")  # one worker computes the module's `results`
 def test_a_cache_that_stays_bf16_matches_bf16_to_rounding(results):
     # every token of these windows stays in int4-kivi's bf16 residual window
     r = results["int4-kivi"]
@@ -84,6 +87,7 @@ def test_a_cache_that_stays_bf16_matches_bf16_to_rounding(results):
     assert r["top1"] == 1.0 and abs(r["delta_ppl_pct"]) < 1e-3
 
 
+@pytest.mark.xdist_group("eval-results")  # one worker computes the module's `results`
 def test_int8_is_close_and_int2_is_further(results):
     i8, i2 = results["int8"], results["int2"]
     assert 0.0 < i8["kl_mean"] < 1e-3 and i8["top1"] > 0.95 and abs(i8["delta_ppl_pct"]) < 1.0

@@ -28,12 +28,12 @@ SCRIPT = pathlib.Path(__file__).with_name("sharding_checks.py")
 CHECKS = re.findall(r"^def (check_\w+)\(", SCRIPT.read_text(), re.M)
 # Checks sharing state (sharding_checks._first_turn) stay in one process; the groups
 # are balanced by compile time.
-GROUPS = ([c for c in CHECKS if not c.startswith("check_generate")],
-          [c for c in CHECKS if c.startswith("check_generate")])
+SECOND = ("check_generate", "check_engine_tensor_parallel")  # ~70 s of ~140 s on 2 cores
+GROUPS = ([c for c in CHECKS if not c.startswith(SECOND)], [c for c in CHECKS if c.startswith(SECOND)])
 TIMEOUT_S = 600
-# `--dist loadgroup` keeps this module in one worker on pytest versions where xdist's
-# grouping works; with pytest 9.2 it silently does not (pytest-xdist issue #1386), so the
-# fixture below also makes the workers of one run share a single run of the checks.
+# `--dist loadgroup` keeps this module in one worker (the test extra pins pytest below 9.2:
+# with 9.2 xdist's grouping silently does not happen, pytest-xdist issue #1386); should it not,
+# the fixture below also makes the workers of one run share a single run of the checks.
 pytestmark = pytest.mark.xdist_group("sharding")
 
 
