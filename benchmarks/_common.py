@@ -21,56 +21,6 @@ SHAPES = {
 }
 
 
-# preset-label suffixes that replace the kernel's default choice of an int8 dot (benchmarks only):
-# "+qk8" / "+pv8": the int8 q·k / p @ v dot wherever the cache can take it, "-qk8" / "-pv8": nowhere
-KERNEL_MODES = {"qk8": "default_qk_int8", "pv8": "default_pv_int8"}
-
-
-def split_label(label: str) -> tuple[str, dict]:
-    """``"int8+pv8-qk8"`` -> ``("int8", {"pv8": True, "qk8": False})``: a preset and its kernel modes."""
-    import re
-
-    parts = re.split(r"([+-](?:%s))(?=[+-]|$)" % "|".join(KERNEL_MODES), label)
-    preset, modes = parts[0], {}
-    for tok in filter(None, parts[1:]):
-        if tok[1:] not in KERNEL_MODES:
-            raise SystemExit(f"preset label {label!r}: unknown suffix {tok!r} (kernel modes: {sorted(KERNEL_MODES)})")
-        modes[tok[1:]] = tok[0] == "+"
-    return preset, modes
-
-
-class kernel_modes:
-    """Context manager: the decode kernel's default int8-dot choices replaced per ``modes``
-    (`split_label`), jax's trace caches cleared on entry and exit so every jitted function
-    traces the kernel anew under them."""
-
-    def __init__(self, modes: dict):
-        self.modes = modes
-
-    def __enter__(self):
-        from kvq_jax.kernels import decode
-
-        supported = {"default_qk_int8": lambda spec, lay: decode.qk_int8_supported(spec, lay),
-                     "default_pv_int8": lambda spec, lay: decode.pv_int8_supported(spec, lay)}
-        self.saved = {}
-        for mode, on in self.modes.items():
-            name = KERNEL_MODES[mode]
-            self.saved[name] = getattr(decode, name)
-            setattr(decode, name, supported[name] if on else (lambda spec, lay: False))
-        if self.modes:
-            jax.clear_caches()
-        return self
-
-    def __exit__(self, *exc):
-        from kvq_jax.kernels import decode
-
-        for name, fn in self.saved.items():
-            setattr(decode, name, fn)
-        if self.modes:
-            jax.clear_caches()
-        return False
-
-
 def is_oom(e: Exception) -> bool:
     """True for a device out-of-memory error."""
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()

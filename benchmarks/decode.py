@@ -133,9 +133,9 @@ def bench_sharded(B, S, Hq, H, D, presets, key, gpus):
 
 # -- correctness ---------------------------------------------------------------
 
-def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), pv_int8=(None,)):
-    """Our GPU kernel (each ``Config.unpack`` of ``unpacks``, ``Config.qk_int8`` of ``qk_int8`` and
-    ``Config.pv_int8`` of ``pv_int8``) vs reference.py on the same quantized data; returns rows of results."""
+def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,)):
+    """Our GPU kernel (each ``Config.unpack`` of ``unpacks`` and ``Config.qk_int8`` of ``qk_int8``)
+    vs reference.py on the same quantized data; returns rows of results."""
     rows = []
     key = jax.random.key(1)
     shapes = [(2, 8, 4, 128, 1), (3, 2, 1, 64, 4), (2, 4, 8, 256, 1), (2, 2, 3, 128, 16)]
@@ -150,18 +150,17 @@ def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), pv_int8
             cache = build_cache(spec, B, 3072, H, D, key, lengths)
             q = jax.random.normal(kq, (B, T, H * G, D), jnp.float32)
             ref = kvq.attend(q, cache, impl="xla")
-            for unpack, qk, pv, precise in itertools.product(unpacks, qk_int8, pv_int8, (False, True)):
-                cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack, qk_int8=qk, pv_int8=pv)
-                if qk_int8_unsupported(qk, spec, D, unpack) or int8_pv_unsupported(pv, spec, D, cfg):
+            for unpack, qk, precise in itertools.product(unpacks, qk_int8, (False, True)):
+                cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack, qk_int8=qk)
+                if qk_int8_unsupported(qk, spec, D, unpack):
                     continue
                 out = jax.jit(lambda q, c: _attend_pallas(q, c, precise, cfg))(q, cache)
                 err = float(jnp.max(jnp.abs(out - ref)))
                 rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
                 ok = bool(jnp.all(jnp.isfinite(out))) and rel < (2e-5 if precise else 1e-2)
                 rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise, unpack=unpack,
-                                 qk_int8=qk, pv_int8=pv, max_abs=err, rel=rel, ok=ok))
-                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} "
-                      f"pv_int8={pv!s:5s} precise={precise!s:5s} "
+                                 qk_int8=qk, max_abs=err, rel=rel, ok=ok))
+                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} precise={precise!s:5s} "
                       f"max|d|={err:.2e} rel={rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
@@ -220,13 +219,6 @@ def qk_int8_unsupported(qk, spec, D, unpack) -> bool:
     return bool(qk) and not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, unpack))
 
 
-def int8_pv_unsupported(pv, spec, D, cfg) -> bool:
-    """True when ``Config.pv_int8=pv`` asks for the int8 p @ v dot that ``spec``'s values (or ``cfg``'s
-    blocks) cannot take."""
-    return bool(pv) and not (decode.pv_int8_supported(spec, decode.make_layout(spec.v, D, cfg.unpack))
-                             and cfg.block_k % 32 == 0)
-
-
 def parse_vary(arg: str) -> list[dict]:
     """``"block_k=128,num_stages=4;v_fp16=1"`` -> ``[{}, {"block_k": 128, "num_stages": 4}, {"v_fp16": True}]``:
     `decode.Config` field overrides, each timed beside the base config (the empty set)."""
@@ -271,7 +263,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
             cfg = dataclasses.replace(cfg, **{"unpack": cfg.unpack if unpack == "auto" else unpack, "qk_int8": qk, **var})
             if page_size % cfg.block_k:
                 continue
-            if qk_int8_unsupported(qk, spec, D, cfg.unpack) or int8_pv_unsupported(cfg.pv_int8, spec, D, cfg):
+            if qk_int8_unsupported(qk, spec, D, cfg.unpack):
                 continue
             a = jax.jit(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt))(q, c_v)
             b = jax.jit(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt))(q, p_v, table, c_v)
@@ -406,8 +398,7 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=(
                    dataclasses.replace(base, **{"unpack": base.unpack if u == "auto" else u, "v_dequant": vd,
                                                 "qk_int8": qk, **var})
                    for u in unpacks for vd in v_dequant for qk in qk_int8 for var in vary
-                   if not qk_int8_unsupported(qk, spec, D, base.unpack if u == "auto" else u)
-                   and not int8_pv_unsupported(var.get("pv_int8"), spec, D, dataclasses.replace(base, **var))]
+                   if not qk_int8_unsupported(qk, spec, D, base.unpack if u == "auto" else u)]
         if sweep and name != "bf16":
             configs += [dataclasses.replace(base, block_k=bk, num_splits=ns, num_warps=nw,
                                             unpack=base.unpack if u == "auto" else u)
@@ -448,9 +439,6 @@ def main(argv=None):
                     help="comma-separated Config.v_dequant values timed per preset: auto (None), 0, 1")
     ap.add_argument("--qk-int8", default="auto",
                     help="comma-separated Config.qk_int8 values checked and timed per preset: auto (None), 0, 1")
-    ap.add_argument("--pv-int8", default="auto",
-                    help="comma-separated Config.pv_int8 values checked per preset: auto (None), 0, 1 "
-                         "(timed: --vary pv_int8=1)")
     ap.add_argument("--vary", default="",
                     help="Config overrides timed beside the base config: 'field=value,...;field=value' "
                          "(e.g. 'block_k=128;num_stages=4;v_fp16=1')")
@@ -474,7 +462,7 @@ def main(argv=None):
     vary = parse_vary(a.vary)
     if not a.no_check:
         result["check"] = check(a.quick, a.check_presets.split(",") if a.check_presets else None,
-                                unpacks=a.unpack.split(","), qk_int8=qk, pv_int8=flags(a.pv_int8))
+                                unpacks=a.unpack.split(","), qk_int8=qk)
         if not all(r["ok"] for r in result["check"]):
             print("CHECK FAILED", flush=True)
     key = jax.random.key(0)

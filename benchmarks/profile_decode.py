@@ -94,15 +94,16 @@ def ptxas_usage(ptx_file: str, entry: str, arch: str = "sm_90a") -> str:
     return "; ".join(out) or (r.stderr.strip().splitlines() or [""])[-1]
 
 
-def _kernel_call(name, unpack, batch, seq, key):
+def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False):
     """A B x S cache of random keys/values in preset ``name``, a query, and the jitted
     ``kvq.attend(impl="pallas")`` over them with ``choose_config``'s launch config
-    (``unpack`` replaced unless None): ``(f, q, cache, cfg)``."""
+    (``unpack`` replaced unless None): ``(f, q, cache, cfg)``. With ``v_token_minor``, the
+    kernel over the body with the values stored tokens-minor, as the serving pools hold them."""
     import jax
     import jax.numpy as jnp
 
     import kvq_jax as kvq
-    from decode import build_cache
+    from decode import build_cache, contiguous_body
     from kvq_jax.kernels import decode
 
     cache = build_cache(kvq.KVSpec.parse(name), batch, seq, 8, 128, key)
@@ -110,6 +111,9 @@ def _kernel_call(name, unpack, batch, seq, key):
     if unpack:
         cfg = dataclasses.replace(cfg, unpack=unpack)
     q = jax.random.normal(key, (batch, 1, 32, 128), jnp.bfloat16)
+    if v_token_minor:
+        cache = dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2))
+        return jax.jit(lambda q, c: contiguous_body(q, c, cfg, True)), q, cache, cfg
     return jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", config=cfg)), q, cache, cfg
 
 
@@ -154,6 +158,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--launches", type=int, default=4)
+    ap.add_argument("--v-token-minor", action="store_true",
+                    help="the kernel over the body with values stored tokens-minor (as the serving pools)")
     ap.add_argument("--ptx", default=None, help="folder: dump and count the compiled kernel's PTX per variant")
     a = ap.parse_args(argv)
     if a.ptx:
@@ -167,7 +173,7 @@ def main(argv=None):
 
     import jax
 
-    f, q, cache, cfg = _kernel_call(a.preset, a.unpack, a.batch, a.seq, jax.random.key(0))
+    f, q, cache, cfg = _kernel_call(a.preset, a.unpack, a.batch, a.seq, jax.random.key(0), a.v_token_minor)
     for _ in range(a.launches):
         jax.block_until_ready(f(q, cache))
     print(f"{a.preset} {cfg}: {a.launches} launches done")

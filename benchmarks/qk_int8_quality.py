@@ -1,20 +1,17 @@
-"""Quality cost of the decode kernel's int8 dots (`Config.qk_int8`, `Config.pv_int8`) on a real model.
+"""Quality cost of the decode kernel's int8 q·k dot (`Config.qk_int8`) on a real model.
 
-Scores the same windows of a text through each preset's cache several ways and reports KL to
+Scores the same windows of a text through each preset's cache three ways and reports KL to
 the bf16 cache, perplexity and top-1 agreement (`kvq_jax.eval.perplexity.evaluate`):
 
-* ``pallas-16bit``: the Pallas kernel with 16-bit q·k and p @ v dots everywhere;
-* ``pallas-qk-int8``: the int8 q·k dot wherever the keys can take it (p @ v 16-bit);
-* ``pallas-pv-int8``: the int8 p @ v dot wherever the values can take it (q·k 16-bit);
-* ``pallas-int8-dots``: both int8 dots wherever they can run;
+* ``pallas-qk-int8``: the Pallas kernel with the int8 q·k dot wherever the keys can take it;
+* ``pallas-16bit-qk``: the Pallas kernel with the 16-bit q·k path everywhere;
 * ``xla``: the XLA path (f32 math on the same quantized cache).
 
-The kernel's defaults (`kernels.decode.default_qk_int8`, `default_pv_int8`) are replaced for
-each run (`_common.kernel_modes`, which clears jax's caches so each run traces anew). Off a
-GPU the kernel runs in Pallas interpret mode (slow: ~6 minutes per run for SmolLM2 at the
-defaults on 2 cores).
+The kernel's default (`kernels.decode.default_qk_int8`) is replaced for each run, and jax's
+caches are cleared between runs so each traces anew. Off a GPU the kernel runs in Pallas
+interpret mode (slow: ~6 minutes per run for SmolLM2 at the defaults on 2 cores).
 
-    python benchmarks/qk_int8_quality.py --text emma.txt --out int8_dots_quality.json --png int8_dots_quality.png
+    python benchmarks/qk_int8_quality.py --text emma.txt --out qk_int8_quality.json --png qk_int8_quality.png
 """
 
 from __future__ import annotations
@@ -26,27 +23,29 @@ import time
 
 import jax
 
-from _common import kernel_modes  # benchmarks/_common.py
 from kvq_jax.eval import perplexity
+from kvq_jax.kernels import decode
 from kvq_jax.models.model import load_model
 
-RUNS = {"pallas-16bit": ("pallas", {"qk8": False, "pv8": False}),
-        "pallas-qk-int8": ("pallas", {"qk8": True, "pv8": False}),
-        "pallas-pv-int8": ("pallas", {"qk8": False, "pv8": True}),
-        "pallas-int8-dots": ("pallas", {"qk8": True, "pv8": True}),
-        "xla": ("xla", {})}
+RUNS = (("pallas-qk-int8", "pallas", True), ("pallas-16bit-qk", "pallas", False), ("xla", "xla", None))
 
 
-def run(model, tokenizer, text, presets, context, windows, runs=tuple(RUNS)):
+def run(model, tokenizer, text, presets, context, windows):
     out = {}
-    for label in runs:
-        impl, modes = RUNS[label]
-        with kernel_modes(modes):
+    default = decode.default_qk_int8
+    try:
+        for label, impl, qk in RUNS:
+            if qk is not None:
+                decode.default_qk_int8 = (lambda spec, kl: decode.qk_int8_supported(spec, kl)) if qk else (
+                    lambda spec, kl: False)
+            jax.clear_caches()
             t0 = time.perf_counter()
             out[label] = perplexity.evaluate(model, tokenizer, text, presets, context=context, windows=windows,
                                              progress=False, batch_size=windows, impl=impl)
-        print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
-        print(perplexity.format_table(out[label]), flush=True)
+            print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
+            print(perplexity.format_table(out[label]), flush=True)
+    finally:
+        decode.default_qk_int8 = default
     return out
 
 
@@ -56,15 +55,14 @@ def plot(results, presets, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    w = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
     for i, label in enumerate(results):
         vals = [results[label][p]["kl_mean"] for p in presets]
-        ax.bar([j + (i - (len(results) - 1) / 2) * w for j in range(len(presets))], vals, w, label=label)
+        ax.bar([j + (i - 1) * 0.27 for j in range(len(presets))], vals, 0.27, label=label)
     ax.set_xticks(range(len(presets)), presets)
     ax.set_yscale("log")
     ax.set_ylabel("mean KL to the bf16 cache (nats, log scale)")
-    ax.set_title("Decode kernel's int8 dots (q·k, p @ v) vs 16-bit vs XLA")
+    ax.set_title("Decode kernel's q·k path: int8 dot vs 16-bit vs XLA")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -77,18 +75,14 @@ def main(argv=None):
     ap.add_argument("--presets", default="int8,k8v4,int4,int4-rot,int2")
     ap.add_argument("--context", type=int, default=512, help="tokens per window (half prefilled, half scored)")
     ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
-    ap.add_argument("--out", default="int8_dots_quality.json")
+    ap.add_argument("--out", default="qk_int8_quality.json")
     ap.add_argument("--png", default=None)
     a = ap.parse_args(argv)
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
     model, tokenizer = load_model(a.model)
     presets = a.presets.split(",")
-    runs = a.runs.split(",")
-    if unknown := set(runs) - set(RUNS):
-        raise SystemExit(f"--runs: unknown {sorted(unknown)}; expected some of {', '.join(RUNS)}")
-    results = run(model, tokenizer, text, presets, a.context, a.windows, runs)
+    results = run(model, tokenizer, text, presets, a.context, a.windows)
     doc = {"model": a.model, "text": os.path.basename(a.text), "context": a.context, "windows": a.windows,
            "jax": jax.__version__, "backend": jax.default_backend(), "kl": "KL(p_bf16 || p_preset), nats, per scored token",
            "runs": results}

@@ -41,8 +41,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import kvq_jax as kvq  # noqa: E402
-from _common import (SHAPES, kernel_modes, most_that_fit, profile_steps, random_model,  # noqa: E402  (benchmarks/_common.py)
-                     split_label, time_steps)
+from _common import SHAPES, most_that_fit, profile_steps, random_model, time_steps  # noqa: E402  (benchmarks/_common.py)
 from kvq_jax.models import LlamaConfig  # noqa: E402
 from kvq_jax.serve import engine as engine_mod  # noqa: E402
 
@@ -184,9 +183,7 @@ def prefix_saving(model, preset, prompt_len, page_size, impl, question_len=64, n
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="a small model and contexts (CPU smoke run)")
-    ap.add_argument("--presets", default="bf16,int8,int4",
-                    help="comma list of presets; a suffix +pv8 / +qk8 (-pv8 / -qk8) gives the kernel the int8 "
-                         "p @ v / q·k dot wherever the cache can take it (nowhere), e.g. int8+pv8+qk8")
+    ap.add_argument("--presets", default="bf16,int8,int4")
     ap.add_argument("--context", type=int, default=None, help="tokens per session (default 131072)")
     ap.add_argument("--batch", type=int, default=16, help="decode batch")
     ap.add_argument("--decode-context", type=int, default=None, help="tokens per decoding sequence (default 32768)")
@@ -246,32 +243,24 @@ def main(argv=None):
     # may not come back (`most_that_fit`), which would starve any later measurement
     loop_prompt = a.loop_prompt or (64 if a.small else 1024)
     loop_new = a.loop_new or (8 if a.small else 256)
-
-    def run_part(part, label, r):
-        preset, modes = split_label(label)
-        with kernel_modes(modes):
-            run_preset_part(part, preset, r, a.profile and os.path.join(a.profile, label.replace("+", "_p")))
-
-    def run_preset_part(part, preset, r, profile_dir):
-        if part == "decode":
-            r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices, profile_dir))
-        elif part == "loop":
-            r.update(loop_speed(model, preset, batch, loop_prompt, loop_new, a.page_size, a.impl, mesh, devices))
-        elif part == "prefix":
-            r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
-        elif part == "sessions":
-            n, nbytes, exact = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)
-            r.update(sessions=n, kv_bytes=nbytes, sessions_exact=exact)
-            if not exact:
-                print(f"{preset}: memory was not returned after a failed allocation; {n} sessions is a lower bound")
-
     for part in ("decode", "loop", "prefix", "sessions"):
         if part in skip or (part == "loop" and not a.loop):
             continue
-        for label in tqdm(presets, desc=part):
-            r = res["presets"][label]
-            run_part(part, label, r)
-            print(part, label, {k: v for k, v in r.items() if k != "profile"}, flush=True)
+        for preset in tqdm(presets, desc=part):
+            r = res["presets"][preset]
+            if part == "decode":
+                r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices,
+                                     a.profile and os.path.join(a.profile, preset)))
+            elif part == "loop":
+                r.update(loop_speed(model, preset, batch, loop_prompt, loop_new, a.page_size, a.impl, mesh, devices))
+            elif part == "prefix":
+                r["prefix"] = prefix_saving(model, preset, a.prefix_len, a.page_size, a.impl, mesh=mesh)
+            elif part == "sessions":
+                n, nbytes, exact = sessions_that_fit(model, preset, context, a.page_size, max_sessions, mesh)
+                r.update(sessions=n, kv_bytes=nbytes, sessions_exact=exact)
+                if not exact:
+                    print(f"{preset}: memory was not returned after a failed allocation; {n} sessions is a lower bound")
+            print(part, preset, {k: v for k, v in r.items() if k != "profile"}, flush=True)
             save()
     base = res["presets"].get("bf16")
     print(f"\n{'preset':<8} {'sessions':>9} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8} {'step ms':>8} "

@@ -192,21 +192,6 @@ def default_qk_int8(spec, kl: Layout) -> bool:
     return kl.bits < 8 and qk_int8_supported(spec, kl)
 
 
-def pv_int8_supported(spec, vl: Layout) -> bool:
-    """Whether values stored as ``spec.v`` and read as ``vl`` can enter the int8 p @ v dot
-    (`Config.pv_int8`): integer values with per-token scales, read as stored ("bytes", "asm"),
-    in natural chunks (one scale group each). The block's tokens are the dot's K: the wrapper
-    also needs ``block_k`` a multiple of 32 (the int8 MMA's K)."""
-    return (spec.v.format in ("int8", "int4", "int2") and spec.v.axis == "token" and vl.unpack in STORED
-            and all(pc.natural for pc in vl.pieces))
-
-
-def default_pv_int8(spec, vl: Layout) -> bool:
-    """Whether the default mode rounds p to int8 for an int8 p @ v dot: not yet for any format
-    (no GPU measurement of its speed and quality yet); ``Config.pv_int8=True`` asks for it."""
-    return False
-
-
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     """The kernel's tiling of a tensor stored as ``t`` with vectors of ``head_dim``.
 
@@ -419,16 +404,6 @@ def _quantize_rows(q):
     return jnp.floor(q / s[:, None] + 0.5).astype(jnp.int8), s
 
 
-def _quantize_p(x):
-    """f32 ``[M, BK]`` of non-negative weights (p times value scales) -> int8 values
-    ``round(x / s)`` in ``[0, 127]`` and the f32 row scale ``s = max x / 127`` (1 for all-zero
-    rows), by one reciprocal per row: ``|x - s * x_i8| <= s / 2`` (to f32 rounding)."""
-    amax = jnp.max(x, axis=1)
-    pos = amax > 0
-    inv = jnp.where(pos, 127.0 / jnp.where(pos, amax, 1.0), 0.0)
-    return jnp.floor(x * inv[:, None] + 0.5).astype(jnp.int8), jnp.where(pos, amax / 127.0, 1.0)
-
-
 def _unpack(words, pc: Piece, lay: Layout, dtype):
     """uint32 words ``[BK, wr]`` -> values ``[BK, width]`` of piece ``pc`` in ``dtype``.
 
@@ -506,7 +481,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
-                   pv_int8: bool, v_token_minor: bool, interpret: bool):
+                   v_token_minor: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
@@ -544,8 +519,6 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         k_flip, k_off = int8_offset(kl.bits, kl.signed)
         kq_i8 = [_quantize_rows(q) for q in kq]  # (int8 [Mp, width], f32 row scale [Mp])
         kq_off = [k_off * qi.astype(jnp.float32).sum(axis=1) for qi, _ in kq_i8] if k_off else None
-    if pv_int8:
-        v_flip, v_off = int8_offset(vl.bits, vl.signed)
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -673,27 +646,11 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         p = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
         l_new = corr * l_prev + p.sum(axis=1)
 
-        wc, pq, new_os = {}, {}, []
+        wc, new_os = {}, []
         for n, pc in enumerate(vl.pieces):
-            tb = v_token_minor  # the dots take the value tile transposed
-            acc = corr[:, None] * os[n]
-            if pv_int8:  # p times the group's value scales, rounded to int8 per row: an int8 dot
-                grp = pc.segs[0][0]
-                if grp not in pq:
-                    pi, s_p = _quantize_p(p * col_scale(vs_ref, at, grp, sc, "vs")[None, :])
-                    pq[grp] = (pi, s_p, v_off * pi.astype(jnp.float32).sum(axis=1) if v_off else None)
-                pi, s_p, p_off = pq[grp]
-                vi = _int8_tile(stored(v_ref, at, pc, vl, wc, tb), vl, pc.c, v_flip, interpret)
-                dims = (((1,), (1,)) if tb else ((1,), (0,)), ((), ()))
-                part = lax.dot_general(pi, vi, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
-                if p_off is not None:  # |part| <= BK * 127 * 128 < 2**24: exact
-                    part = part + p_off[:, None]
-                acc = acc + part * s_p[:, None]
-                if v_zero:
-                    acc = acc + (p * col_scale(vz_ref, at, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
-                new_os.append(acc)
-                continue
             vt = tile(v_ref, at, pc, vl, wc, vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
+            tb = v_token_minor  # the dots take vt transposed
+            acc = corr[:, None] * os[n]
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, masked to its columns
                 for (grp, a, b) in pc.segs:
                     cm = (vcols[n] >= a) & (vcols[n] < b)
@@ -770,9 +727,6 @@ class Config:
     row_tile: int = 64  # query rows (T * G) per program when there are more (chunked prefill)
     qk_int8: bool | None = None  # default mode: q rounded to int8 (per row and key chunk) and q·k as an
     # int8 dot on the raw key integers (`qk_int8_supported`); None = `default_qk_int8`
-    pv_int8: bool | None = None  # default mode: p times the value scales rounded to int8 (per row, block
-    # and value scale group) and p @ v as an int8 dot on the raw value integers (`pv_int8_supported`);
-    # None = `default_pv_int8`
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -874,14 +828,6 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
                 f"or 'asm') in chunks of a multiple of 32 columns; got keys {spec.k}, unpack {kl.unpack!r}, "
                 f"chunks {sorted({pc.width for pc in kl.pieces})}")
         qk_int8 = False
-    pv_int8 = cfg.pv_int8 if cfg.pv_int8 is not None else default_pv_int8(spec, vl)
-    if pv_int8 and not (pv_int8_supported(spec, vl) and cfg.block_k % 32 == 0):
-        if cfg.pv_int8:
-            raise ValueError(
-                f"config: pv_int8 needs integer values with per-token scales read as stored (unpack 'bytes' or "
-                f"'asm') and block_k a multiple of 32; got values {spec.v}, unpack {vl.unpack!r}, "
-                f"block_k {cfg.block_k}")
-        pv_int8 = False
     if (page_size or S) % cfg.block_k:
         what = f"the page size {page_size}" if page_size else f"the body capacity {S}"
         raise ValueError(f"config: block_k {cfg.block_k} must divide {what}")
@@ -949,8 +895,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
         token_group=spec.token_group,
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
-        qk_int8=qk_int8 and not precise, pv_int8=pv_int8 and not precise, v_token_minor=v_token_minor,
-        interpret=interpret)
+        qk_int8=qk_int8 and not precise, v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns, nr),

@@ -31,8 +31,7 @@ import numpy as np
 import pytest
 
 import kvq_jax as kvq
-from kvq_jax import quant, reference
-from kvq_jax.cache import segment_lengths
+from kvq_jax import reference
 from kvq_jax.kernels import decode
 
 FORMATS = {  # every format and scale layout the kernel reads
@@ -330,104 +329,6 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
     op, lp = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
                                    config=dataclasses.replace(base, qk_int8=True))
     np.testing.assert_allclose(np.asarray(op), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
-
-
-def _pv_int8_term(qg, cache, qpos, scale, block_k):
-    """The int8 p @ v dot's error (Config.pv_int8), largest over rows and columns: per block of
-    ``block_k`` body tokens, p times the value scales is rounded to int8 per row and scale group
-    (step ``max_blk(p s) / 127``, p normalized), so the output moves by at most
-    ``sum_blk max_blk(p s) / 254 * sum_{j in blk} |v_int_j|`` (the integers as stored)."""
-    spec = cache.spec
-    k_hat, _ = reference.dequantize_body(cache)
-    B, H, S, D = k_hat.shape
-    tv = spec.v
-    ones = jnp.ones_like(cache.v_scale)
-    v_int = quant.dequantize(quant.Quantized(cache.v, ones, None if cache.v_zero is None else jnp.zeros_like(ones)), tv)
-    s_col = jnp.repeat(cache.v_scale.astype(jnp.float32), D // cache.v_scale.shape[-1], axis=-1)  # [B, H, S, D]
-    _, q_len, _ = segment_lengths(spec, cache.lengths)
-    vis = jnp.clip(qpos - spec.sinks + 1, 0, q_len[:, None])  # [B, T]
-    logits = scale * jnp.einsum("bthgd,bhsd->bthgs", qg, k_hat, precision="highest")
-    visible = jnp.arange(S)[None, None, None, None, :] < vis[:, :, None, None, None]
-    p = jnp.nan_to_num(jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1))  # [B, T, H, G, S]; 0: none visible
-    nb = S // block_k
-    ps = (p[..., None] * s_col[:, None, :, None]).reshape(*p.shape[:-1], nb, block_k, D)
-    vsum = jnp.abs(v_int).reshape(B, H, nb, block_k, D).sum(axis=3)  # [B, H, nb, D]
-    term = jnp.sum(jnp.max(ps, axis=-2) / 254 * vsum[:, None, :, None], axis=-2)  # [B, T, H, G, D]
-    return float(jnp.max(term))
-
-
-# every value field kind (signed and unsigned int8, int4, int2) and G / D / T
-@pytest.mark.parametrize("name,shape", [("int8", (4, 128, 1)), ("int8-g32-asym", (3, 64, 4)), ("int4", (8, 128, 1)),
-                                        ("int4-tok-asym", (4, 256, 1)), ("int2", (1, 128, 4)), ("k8v4", (4, 64, 1)),
-                                        ("int2-kivi", (4, 128, 1))], ids=str)
-def test_int8_pv_dot_stays_within_its_bound(name, shape):
-    """Config.pv_int8: p times the value scales rounded to int8 per row, block and scale group, p @ v
-    an int8 dot on the raw value integers. Held to the logit part of the default mode's bound plus
-    `_pv_int8_term`, and within that term of the 16-bit path (but not equal to it: the int8 dot ran)."""
-    G, D, T = shape
-    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"pv{name}{shape}".encode()))
-    qg, qpos, scale = _body_inputs(spec, cache, q)
-    base = decode.choose_config(cache, G * T)
-    o_ref, _ = reference.body_attention(qg, cache, qpos, scale)
-    k_hat, v_hat = reference.dequantize_body(cache)
-    vmax = float(jnp.max(jnp.abs(v_hat)))
-    o8, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(base, pv_int8=True))
-    o16, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(base, pv_int8=False))
-    qk = jnp.einsum("bthgd,bhsd->bthgs", jnp.abs(qg), jnp.abs(k_hat), precision="highest")
-    delta = 2.0**-7 * scale * float(jnp.max(qk)) + (_q_int8_delta(qg, k_hat, scale) if _uses_qk_int8(spec, D, base) else 0.0)
-    term = _pv_int8_term(qg, cache, qpos, scale, base.block_k)
-    bound = (math.expm1(2 * delta) + 1e-5) * vmax + math.exp(2 * delta) * term * 1.001
-    err = float(jnp.max(jnp.abs(o8 - o_ref)))
-    assert 0 < err <= bound, f"{name}: error {err:.3e}, bound {bound:.3e} (p rounding term {term:.3e})"
-    # against the 16-bit path on the same logits: only the p rounding (and that path's bf16 p) apart
-    diff = float(jnp.max(jnp.abs(o8 - o16)))
-    assert 0 < diff <= math.exp(2 * delta) * term * 1.001 + 2.0**-8 * vmax, (diff, term)
-
-
-@pytest.mark.parametrize("name", ["int8-g32-asym", "int4"])
-def test_int8_pv_dot_reads_every_value_layout_alike(name):
-    """Config.pv_int8 gives the same bits with values stored tokens-minor, contiguous and through
-    pages, as token-major; precise mode ignores it."""
-    rng = np.random.default_rng(zlib.crc32(f"pvl{name}".encode()))
-    spec, cache, q = _case(name, FORMATS[name], 4, 128, 1, seed=zlib.crc32(f"pvl{name}".encode()))
-    qg, qpos, scale = _body_inputs(spec, cache, q)
-    cfg8 = dataclasses.replace(decode.choose_config(cache, 4), pv_int8=True)
-    o8, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg8)
-    minor = dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2))
-    paged, table = _paged(cache, 128, rng)
-    paged_minor = types.SimpleNamespace(**dict(vars(paged), v=jnp.swapaxes(paged.v, -1, -2)))
-    for c, kw in ((minor, {}), (paged_minor, dict(page_table=table))):
-        got, _ = decode.body_attention(qg, c, qpos, scale, interpret=True, config=cfg8, v_token_minor=True, **kw)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(o8))
-    o_prec, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)
-    o_prec8, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg8)
-    np.testing.assert_array_equal(np.asarray(o_prec8), np.asarray(o_prec))
-
-
-def test_int8_pv_dot_lowers_for_cuda():
-    """Config.pv_int8 through Triton for every value field kind, values token-major and tokens-minor."""
-    for fmt in ("int8", "k=int8:asym,v=int8:asym", "int4", "int2-kivi"):
-        spec, cache, q = _case(fmt, fmt, 4, 128, 1, seed=6)
-        qg, qpos, scale = _body_inputs(spec, cache, q)
-        cfg = dataclasses.replace(decode.choose_config(cache, 4), pv_int8=True)
-        for c, minor in ((cache, False), (dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2)), True)):
-            f = jax.jit(lambda qg, c, cfg=cfg, minor=minor: decode.body_attention(
-                qg, c, qpos, scale, interpret=False, config=cfg, v_token_minor=minor))
-            text = f.trace(qg, c).lower(lowering_platforms=("cuda",)).as_text()
-            assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), (fmt, minor)
-
-
-@pytest.mark.parametrize("name,unpack,block_k", [("fp8", "auto", 64), ("bf16", "auto", 64), ("kbf16-v4", "join", 64),
-                                                 ("int4", "split", 64), ("int8", "auto", 16)])
-def test_int8_pv_dot_on_other_values_is_a_clear_error(name, unpack, block_k):
-    """Values the int8 p @ v dot cannot read (fp8, bf16, the 32-bit word views) or blocks below
-    the int8 MMA's K are not given it by default, and asking for it is an error naming the setting."""
-    spec, cache, q = _case(name, FORMATS[name], 4, 128, 1, seed=4)
-    qg, qpos, scale = _body_inputs(spec, cache, q)
-    cfg = dataclasses.replace(decode.choose_config(cache, 4), unpack=unpack, block_k=block_k)
-    assert not decode.default_pv_int8(spec, decode.make_layout(spec.v, 128, unpack))
-    with pytest.raises(ValueError, match="config: pv_int8 needs integer values with per-token scales"):
-        decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(cfg, pv_int8=True))
 
 
 @pytest.mark.parametrize("name,unpack", [("fp8", "auto"), ("int4-kivi", "auto"), ("bf16", "auto"),
