@@ -41,8 +41,10 @@ OURS = ["bf16", "fp8", "int8", "int4", "int2", "k8v4", "int4-kivi", "int2-kivi"]
 
 # -- timing ------------------------------------------------------------------
 
-def time_jax(fn, *args, n=20, reps=5):
-    """Median seconds per call of ``fn(*args) -> array`` (n chained calls in one jit)."""
+def chained(fn, *args, n=20):
+    """A compiled run of ``n`` chained calls of ``fn(*args) -> array`` (each call depends on the
+    previous one: no hoisting, no overlap), called once to compile; calling the result runs them
+    and returns seconds per call."""
     first = args[0]
 
     @jax.jit
@@ -50,17 +52,34 @@ def time_jax(fn, *args, n=20, reps=5):
         def body(i, carry):
             x, acc = carry
             out = fn(x, *a[1:])
-            # each call depends on the previous one: no hoisting, no overlap
             return x + (jnp.sum(out[..., :1]) * 0.0).astype(x.dtype), acc + out[..., :1].astype(jnp.float32).sum()
         return jax.lax.fori_loop(0, n, body, (a[0], jnp.float32(0)))[1]
 
     jax.block_until_ready(many(first, *args[1:]))
-    ts = []
-    for _ in range(reps):
+
+    def run():
         t = time.perf_counter()
         jax.block_until_ready(many(first, *args[1:]))
-        ts.append((time.perf_counter() - t) / n)
-    return statistics.median(ts)
+        return (time.perf_counter() - t) / n
+
+    return run
+
+
+def time_jax(fn, *args, n=20, reps=5):
+    """Median seconds per call of ``fn(*args) -> array`` (n chained calls in one jit)."""
+    run = chained(fn, *args, n=n)
+    return statistics.median(run() for _ in range(reps))
+
+
+def time_interleaved(runs: dict, rounds: int, reps: int = 5) -> dict:
+    """``{label: run}`` (`chained`) timed round-robin: each of ``rounds`` rounds times every run
+    ``reps`` times back to back (median), so drifts of the device's speed spread over all of
+    them alike. Returns ``{label: [seconds per call of each round]}``."""
+    out = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            out[label].append(statistics.median(run() for _ in range(reps)))
+    return out
 
 
 def time_torch(fn, n=20, reps=5):
@@ -240,10 +259,11 @@ PAGED_VALUES = {"tokens-minor": (True,), "token-major": (False,), "both": (False
 
 
 def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_int8=(None,), vary=({},),
-                v_layouts=(False,)):
+                v_layouts=(False,), rounds=1):
     """Kernel over the body, contiguous vs through a shuffled page table, per ``Config.unpack``
     of ``unpacks`` (and values stored tokens-minor for ``True`` in ``v_layouts``): equal
-    outputs, both times."""
+    outputs, both times. With ``rounds`` > 1, a preset's variants are timed interleaved
+    (`time_interleaved`): each row gets the median over rounds and every round's time."""
     rows = []
     for name in presets:
         spec = kvq.KVSpec.parse(name)
@@ -257,6 +277,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
         if True in v_layouts:  # the same values, each page (each sequence's body) stored [Dp, tokens]
             token_minor[True] = (dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2)),
                                  dict(pools, v=jnp.swapaxes(pools["v"], -1, -2)))
+        variants = []  # (what, outputs equal, [(row, run) contiguous, (row, run) paged]): timed together below
         for unpack, qk, var, vt in itertools.product(unpacks, qk_int8, vary, v_layouts):
             c_v, p_v = token_minor[vt]
             cfg = decode.choose_config(cache, Hq // H)
@@ -270,16 +291,26 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
             same = bool(jnp.array_equal(a, b))
             if vt:  # and equal to the token-major layout's output
                 same = same and bool(jnp.array_equal(a, jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)))
-            t_c = time_jax(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt), q, c_v)
-            t_p = time_jax(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt), q, p_v, table, c_v)
             tag = "-vT" if vt else ""
-            for impl, t in ((f"kvq-{name}-body{tag}", t_c), (f"kvq-{name}-paged{page_size}{tag}", t_p)):
-                rows.append(dict(impl=impl, t=t, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg),
-                                 tbs=nbytes / t / 1e12, equal=same, vs_torch=None))
-            print(f"paged B={B} S={S} {name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{' v tokens-minor' if vt else ''} "
-                  f"page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
-                  f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x), outputs equal: {same}", flush=True)
-        del cache, pools, token_minor
+            runs = (chained(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt), q, c_v),
+                    chained(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt), q, p_v, table, c_v))
+            variants.append((f"{name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{' v tokens-minor' if vt else ''}", same,
+                             [(dict(impl=impl, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg), equal=same,
+                                    vs_torch=None), run)
+                              for impl, run in zip((f"kvq-{name}-body{tag}", f"kvq-{name}-paged{page_size}{tag}"), runs)]))
+        timed = time_interleaved({(i, j): run for i, (_, _, pair) in enumerate(variants)
+                                  for j, (_, run) in enumerate(pair)}, rounds)
+        for i, (what, same, pair) in enumerate(variants):
+            ts = [timed[(i, j)] for j in range(2)]
+            for (row, _), t_rounds in zip(pair, ts):
+                t = statistics.median(t_rounds)
+                rows.append(dict(row, t=t, tbs=nbytes / t / 1e12, **({"rounds_t": t_rounds} if rounds > 1 else {})))
+            t_c, t_p = (statistics.median(t) for t in ts)
+            spread = (" (rounds: " + " / ".join(f"{min(t) * 1e6:.1f}-{max(t) * 1e6:.1f}" for t in ts) + " us)"
+                      if rounds > 1 else "")
+            print(f"paged B={B} S={S} {what} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
+                  f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x){spread}, outputs equal: {same}", flush=True)
+        del cache, pools, token_minor, variants
     return rows
 
 
@@ -445,6 +476,9 @@ def main(argv=None):
     ap.add_argument("--paged", type=int, default=0,
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --paged: time each preset's variants interleaved over this many rounds "
+                         "(median per variant; resolves differences below the run-to-run drift)")
     ap.add_argument("--paged-values", default="tokens-minor", choices=tuple(PAGED_VALUES),
                     help="with --paged: the value layout timed: tokens-minor ([Dp, tokens] per page, as "
                          "kvq.serve.PagedKVCache stores them), token-major (as the contiguous KVCache), or both "
@@ -483,7 +517,7 @@ def main(argv=None):
         B, S = (int(x) for x in a.paged_shape.split("x"))
         rows += bench_paged(B, S, 32, 8, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
                             unpacks=a.unpack.split(","), qk_int8=qk, vary=vary,
-                            v_layouts=PAGED_VALUES[a.paged_values])
+                            v_layouts=PAGED_VALUES[a.paged_values], rounds=a.rounds)
         save(rows)
     if a.gpus:
         B, S = (int(x) for x in a.sharded_shape.split("x"))
