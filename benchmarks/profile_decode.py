@@ -6,7 +6,9 @@ count the instruction mix of its compiled code per variant.
     python benchmarks/profile_decode.py --ptx DIR --preset int8,int4 --unpack auto,bytes
 
 Builds a B x S cache of random keys/values in the preset's format and runs
-``kvq.attend(impl="pallas")`` ``--launches`` times (the first compiles). With ``--ptx``,
+``kvq.attend(impl="pallas")`` ``--launches`` times (the first compiles); with
+``--v-token-minor``, the kernel over the body with the values stored tokens-minor, as the
+serving engine's pools hold them. With ``--ptx``,
 each (preset, unpack) is compiled with an XLA dump under DIR instead, and the kernel's
 PTX is counted: tensor-core ops (``mma.sync`` / ``wgmma``), shared-memory traffic
 (``st.shared``, ``ld.shared``, ``ldmatrix``, ``cp.async``), global loads, conversions
@@ -117,7 +119,7 @@ def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False):
     return jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", config=cfg)), q, cache, cfg
 
 
-def count_variants(presets, unpacks, out_dir, batch, seq):
+def count_variants(presets, unpacks, out_dir, batch, seq, v_token_minor=False):
     """Compile each (preset, unpack) with XLA dumping into ``out_dir``; print and return the
     PTX instruction counts of the kernel in the files each compilation added."""
     import jax
@@ -129,7 +131,7 @@ def count_variants(presets, unpacks, out_dir, batch, seq):
     for name in presets:
         for unpack in unpacks:
             tag = f"{name}-{unpack}"
-            f, q, cache, _ = _kernel_call(name, unpack, batch, seq, key)
+            f, q, cache, _ = _kernel_call(name, unpack, batch, seq, key, v_token_minor)
             before = set(glob.glob(os.path.join(out_dir, "*.ptx")))
             jax.block_until_ready(f(q, cache))
             new = sorted(set(glob.glob(os.path.join(out_dir, "*.ptx"))) - before)
@@ -166,7 +168,8 @@ def main(argv=None):
         os.makedirs(a.ptx, exist_ok=True)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={a.ptx}"
                                    " --xla_dump_emitter_re=.*").strip()
-        rows = count_variants(a.preset.split(","), (a.unpack or "auto").split(","), a.ptx, a.batch, a.seq)
+        rows = count_variants(a.preset.split(","), (a.unpack or "auto").split(","), a.ptx, a.batch, a.seq,
+                              a.v_token_minor)
         with open(os.path.join(a.ptx, "counts.json"), "w") as fh:
             json.dump(rows, fh, indent=1)
         return
