@@ -395,7 +395,10 @@ def stream_floor(B, S, H, words, key, block_k=128, splits=8, num_warps=4, num_st
 # -- main --------------------------------------------------------------------
 
 def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=("auto",), v_dequant=(None,),
-                qk_int8=(None,), vary=({},)):
+                qk_int8=(None,), vary=({},), rounds=1):
+    """Peers and our kernel at one shape: per preset the base config and the variants asked for
+    (``unpacks``, ``v_dequant``, ``qk_int8``, ``vary``; the launch sweep with ``sweep``), timed
+    interleaved over ``rounds`` (`time_interleaved`)."""
     rows = []
     bf16_bytes = B * S * H * D * 2 * 2
     t_torch = None
@@ -438,15 +441,17 @@ def bench_shape(B, S, Hq, H, D, presets, key, peers=True, sweep=False, unpacks=(
                         for nw in (4, 8)
                         for u in unpacks
                         if (bk, ns, nw) != (base.block_k, base.num_splits, base.num_warps)]
-        for cfg in configs:
+        runs = {}  # timed together below (interleaved over `rounds`)
+        for i, cfg in enumerate(configs):
             try:
-                t = time_jax(lambda q, c, cfg=cfg: _attend_pallas(q, c, config=cfg), q, cache)
+                runs[i] = chained(lambda q, c, cfg=cfg: _attend_pallas(q, c, config=cfg), q, cache)
             except Exception as e:  # noqa: BLE001
                 print(f"ours {name} {cfg} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
-                continue
-            cfg_used = cfg or decode.choose_config(cache, 16)
-            rows.append(dict(impl=f"kvq-{name}", cfg=str(cfg_used) if cfg else "auto", t=t, bytes=nbytes))
-        del cache
+        for i, ts in time_interleaved(runs, rounds).items():
+            cfg = configs[i]
+            rows.append(dict(impl=f"kvq-{name}", cfg=str(cfg) if cfg else "auto", t=statistics.median(ts), bytes=nbytes,
+                             **({"rounds_t": ts} if rounds > 1 else {})))
+        del cache, runs
     for r in rows:
         r.update(B=B, S=S, Hq=Hq, H=H, D=D, tbs=r["bytes"] / r["t"] / 1e12,
                  vs_torch=(r["t"] / t_torch) if t_torch else None)
@@ -477,8 +482,9 @@ def main(argv=None):
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
     ap.add_argument("--paged-shape", default="8x32768")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with --paged: time each preset's variants interleaved over this many rounds "
-                         "(median per variant; resolves differences below the run-to-run drift)")
+                    help="time each preset's kernel variants (at every shape, and with --paged) interleaved over "
+                         "this many rounds (median per variant, every round kept): for differences below the "
+                         "run-to-run drift")
     ap.add_argument("--paged-values", default="tokens-minor", choices=tuple(PAGED_VALUES),
                     help="with --paged: the value layout timed: tokens-minor ([Dp, tokens] per page, as "
                          "kvq.serve.PagedKVCache stores them), token-major (as the contiguous KVCache), or both "
@@ -511,7 +517,8 @@ def main(argv=None):
         main = (B, S) == (8, 32768)
         presets = a.presets.split(",") + (a.main_presets.split(",") if main and a.main_presets else [])
         rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main,
-                            unpacks=a.unpack.split(","), v_dequant=flags(a.v_dequant), qk_int8=qk, vary=vary)
+                            unpacks=a.unpack.split(","), v_dequant=flags(a.v_dequant), qk_int8=qk, vary=vary,
+                            rounds=a.rounds)
         save(rows)
     if a.paged:
         B, S = (int(x) for x in a.paged_shape.split("x"))
