@@ -492,8 +492,14 @@ def main(argv=None):
     ap.add_argument("--gpus", type=int, default=0,
                     help="also time kvq.sharding.shard_attend over 1, 2, 4, ... up to this many devices")
     ap.add_argument("--sharded-shape", default="8x32768")
+    ap.add_argument("--heads", default="32,8",
+                    help="query heads and KV heads of the timed shapes and --paged (e.g. 16,4: one device's share "
+                         "of the 8B shape on 2 GPUs, tensor parallel); --gpus keeps 32,8 and shards them")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
+    hq, hkv = (int(x) for x in a.heads.split(","))
+    if hq % hkv:
+        raise SystemExit(f"--heads: query heads {hq} must be a multiple of KV heads {hkv}")
     os.makedirs(a.out, exist_ok=True)
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
     result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d")}
@@ -516,13 +522,13 @@ def main(argv=None):
         B, S = (int(x) for x in shp.split("x"))
         main = (B, S) == (8, 32768)
         presets = a.presets.split(",") + (a.main_presets.split(",") if main and a.main_presets else [])
-        rows += bench_shape(B, S, 32, 8, 128, presets, key, sweep=a.sweep and main,
+        rows += bench_shape(B, S, hq, hkv, 128, presets, key, sweep=a.sweep and main,
                             unpacks=a.unpack.split(","), v_dequant=flags(a.v_dequant), qk_int8=qk, vary=vary,
                             rounds=a.rounds)
         save(rows)
     if a.paged:
         B, S = (int(x) for x in a.paged_shape.split("x"))
-        rows += bench_paged(B, S, 32, 8, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
+        rows += bench_paged(B, S, hq, hkv, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
                             unpacks=a.unpack.split(","), qk_int8=qk, vary=vary,
                             v_layouts=PAGED_VALUES[a.paged_values], rounds=a.rounds)
         save(rows)
