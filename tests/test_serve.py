@@ -202,6 +202,24 @@ def _prompts(lengths, seed):
     return [rng.integers(0, V, n).astype(np.int32) for n in lengths]
 
 
+def test_engine_dispatch_flattens_plain_weights_and_engines_share_compiled_steps(model):
+    """The step's weights are plain nested dicts of the model's own arrays (flattened in C++ at every
+    dispatch, no Python call per Variable), and the static arguments hash once: a second engine of
+    the same model and settings reuses the first one's compiled decode step."""
+    from kvq_jax.serve import engine as engine_mod
+
+    engines = [Engine(model, kv="int8", max_batch=2, page_size=16, max_len=64) for _ in range(2)]
+    treedef = jax.tree.structure(engines[0]._weights)
+    assert "State" not in str(treedef) and "Param" not in str(treedef), str(treedef)[:200]
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(engines[0]._weights))
+    assert jax.tree.leaves(engines[0]._weights)[0] is jax.tree.leaves(engines[1]._weights)[0]  # not copied
+    before = engine_mod._decode_step._cache_size()
+    for eng in engines:
+        eng.submit(_prompts((5,), seed=2)[0], 3)
+        eng.run()
+    assert engine_mod._decode_step._cache_size() <= before + 1
+
+
 def test_engine_greedy_equals_generate_with_requests_joining(model):
     eng = Engine(model, kv="int8", max_batch=2, page_size=16, max_len=160, prefill_chunk=64)
     prompts = _prompts((5, 37, 20, 50), seed=1)
