@@ -806,7 +806,8 @@ class Engine:
 
 @partial(jax.jit, static_argnames=("graphdef", "fresh", "impl"))
 def _model_call(graphdef, state, caches, tokens, positions, lengths, *, fresh, impl):
-    model = nnx.merge(graphdef, state)
+    """One model call: ``graphdef`` a `_Static` GraphDef, ``state`` its plain-dict weights."""
+    model = nnx.merge(graphdef.value, state)
     logits, caches = model(tokens, positions, caches, prefill=fresh, lengths=lengths, impl=impl)
     return logits, caches
 
@@ -859,8 +860,8 @@ def speculative_generate(target, draft, tokens, k: int = 4, max_new_tokens: int 
         (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(e) for e in eos_id))
     models = {}
     for name, m, spec in (("t", target, kv), ("d", draft, kv if draft_kv is None else draft_kv)):
-        gd, st = nnx.split(m)
-        models[name] = [gd, st, m.init_caches(spec, 1, max_len)]
+        gd, st = nnx.split(m)  # as the engine holds them: cheap to dispatch at every call
+        models[name] = [_Static(gd), nnx.to_pure_dict(st), m.init_caches(spec, 1, max_len)]
 
     def call(name, x, pos, n, fresh=False):
         gd, st, caches = models[name]
