@@ -606,10 +606,10 @@ class Engine:
             r = self._queue[rid]
             need = self.pages_for(len(r.prompt), r.max_new)
             hit_pages, snap = [], None
+            if self.prefix_cache and not r.keys:  # once per request, not per admission attempt
+                unit = self.prefill_chunk if self._windowed else self.page_size  # snapshots' step | full pages
+                r.keys = prefix_keys(r.prompt, unit, len(r.prompt) // unit, salt=self._salt)
             if self.prefix_cache and self._windowed:  # snapshots at multiples of prefill_chunk
-                if not r.keys:  # once per request, not per admission attempt
-                    r.keys = prefix_keys(r.prompt, self.prefill_chunk, len(r.prompt) // self.prefill_chunk,
-                                         salt=self._salt)
                 usable = (len(r.prompt) - 1) // self.prefill_chunk
                 hit = next((k for k in reversed(r.keys[:usable]) if k in self._snapshots), None)
                 if hit is not None:
@@ -618,8 +618,6 @@ class Engine:
                     hit_pages = list(snap.shared)
                     self.allocator.retain(hit_pages)
             elif self.prefix_cache:
-                if not r.keys:  # once per request, not per admission attempt
-                    r.keys = prefix_keys(r.prompt, self.page_size, len(r.prompt) // self.page_size, salt=self._salt)
                 usable = (len(r.prompt) - 1) // self.prefill_chunk * self.prefill_chunk // self.page_size
                 hit_pages = self.allocator.lookup(r.keys[:usable])
                 keep = len(hit_pages) * self.page_size // self.prefill_chunk * self.prefill_chunk // self.page_size
