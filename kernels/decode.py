@@ -37,8 +37,10 @@ q is rounded to int8 once per row and key chunk (``s_q = max|q| / 127``), the st
 integers enter the tensor cores as int8 without any conversion (8-bit as stored; sub-byte
 fields masked out with one ``lop3`` per four bytes, `asm_int8_text`, and offset so they fit
 int8, `int8_offset`), the int32 result is exact, and ``s_q`` and the key scale multiply it.
-Each logit moves by at most ``s_q / 2 * sum|k|`` beyond the 16-bit path; ``precise=True``
-keeps the exact path.
+Each logit moves by at most ``s_q / 2 * sum|k|`` beyond the 16-bit path. With two terms
+(``Config.qk_terms``, the default for 8-bit keys) q's rounding error is rounded to int8 too
+and a second int8 dot adds it in int32 (``254 * q1·k + q2·k``): at most ``s_q / 508 *
+sum|k|``, finer than q rounded to fp16. ``precise=True`` keeps the exact path.
 
 Through a page table, each split's page ids are read once, before the loop, into registers
 (up to `SPLIT_PAGES_MAX` pages), so no table read sits on the path of a tile's address.
@@ -190,6 +192,13 @@ def default_qk_int8(spec, kl: Layout) -> bool:
     (413 -> 382 us, one q scale per 128 columns) but KL 0.92e-3 -> 1.38e-3, so 8-bit keys keep
     the 16-bit path unless ``Config.qk_int8=True``."""
     return kl.bits < 8 and qk_int8_supported(spec, kl)
+
+
+def default_qk_terms(kl: Layout) -> int:
+    """int8 terms of q in the int8 q·k dot (`Config.qk_terms`): two for 8-bit keys, whose
+    KL on SmolLM2 rose 0.92e-3 -> 1.38e-3 with one (BENCHMARKS.md, run I), so that the dot is
+    finer than the 16-bit path; one for sub-byte keys, whose own rounding hides q's (run I)."""
+    return 2 if kl.bits == 8 else 1
 
 
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
@@ -396,12 +405,26 @@ def _int8_tile(x, lay: Layout, c: int, flip: int, interpret: bool):
     return _byte_asm(asm_int8_text(lay.bits, c, flip), x, "=r,r", jnp.int8)
 
 
-def _quantize_rows(q):
-    """f32 ``[M, W]`` -> int8 values ``round(q / s)`` and the f32 row scale ``s = max|q| / 127``
-    (1 for all-zero rows): ``|q - s * q_i8| <= s / 2``."""
+Q_LO = 254  # weight of q's first int8 term against its second (`_quantize_rows`)
+
+
+def _quantize_rows(q, terms: int = 1):
+    """f32 ``[M, W]`` -> int8 terms of q per row and the f32 row scale ``s = max|q| / 127``
+    (1 for all-zero rows).
+
+    One term: ``q1 = round(q / s)``, ``|q - s * q1| <= s / 2``. Two terms: also
+    ``q2 = round(Q_LO * (q / s - q1))`` (``|q / s - q1| <= 1/2``, so ``|q2| <= 127``), and
+    ``|q - s * (q1 + q2 / Q_LO)| <= s / (2 * Q_LO)``, i.e. ``max|q| / 64516``: finer than
+    q rounded to fp16 (``|q| / 2048``) wherever ``|q| > max|q| / 32``.
+    Returns ``(int8 terms, s)``."""
     amax = jnp.max(jnp.abs(q), axis=1)
     s = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.floor(q / s[:, None] + 0.5).astype(jnp.int8), s
+    x = q / s[:, None]
+    q1 = jnp.floor(x + 0.5)
+    if terms == 1:
+        return (q1.astype(jnp.int8),), s
+    q2 = jnp.floor((x - q1) * Q_LO + 0.5)
+    return (q1.astype(jnp.int8), q2.astype(jnp.int8)), s
 
 
 def _unpack(words, pc: Piece, lay: Layout, dtype):
@@ -480,7 +503,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
-                   page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
+                   page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool, qk_terms: int,
                    v_token_minor: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
@@ -517,8 +540,10 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
     if qk_int8:  # q rounded to int8 per row and key chunk: q·k in int32 on the raw key integers
         k_flip, k_off = int8_offset(kl.bits, kl.signed)
-        kq_i8 = [_quantize_rows(q) for q in kq]  # (int8 [Mp, width], f32 row scale [Mp])
-        kq_off = [k_off * qi.astype(jnp.float32).sum(axis=1) for qi, _ in kq_i8] if k_off else None
+        q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
+        kq_i8 = [_quantize_rows(q, qk_terms) for q in kq]  # (int8 terms [Mp, width], f32 row scale [Mp])
+        kq_off = [k_off * sum(w * t.astype(jnp.float32).sum(axis=1) for w, t in zip(q_w, ts))
+                  for ts, _ in kq_i8] if k_off else None
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -623,12 +648,15 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 continue
             if qk_int8:
                 ki = _int8_tile(stored(k_ref, at, pc, kl, wc), kl, pc.c, k_flip, interpret)
-                qi, s_q = kq_i8[n]
-                acc_i = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-                part = acc_i.astype(jnp.float32)  # |q_i8 . k_i8| < 2**24: exact
+                terms, s_q = kq_i8[n]
+                acc_i = None
+                for w, qi in zip(q_w, terms):  # sum_t w_t (q_t . k): |.| <= 255 * 127 * 128 * width < 2**31
+                    d = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+                    acc_i = d * w if acc_i is None else acc_i + (d * w if w != 1 else d)
+                part = acc_i.astype(jnp.float32)  # exact below 2**24 (one term); two: within 2**-24 relative
                 if kq_off:
                     part = part + kq_off[n][:, None]
-                part = part * s_q[:, None]
+                part = part * (s_q if q_w[0] == 1 else s_q / q_w[0])[:, None]
             else:
                 part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
             if k_mode == "token":
@@ -727,12 +755,16 @@ class Config:
     row_tile: int = 64  # query rows (T * G) per program when there are more (chunked prefill)
     qk_int8: bool | None = None  # default mode: q rounded to int8 (per row and key chunk) and q·k as an
     # int8 dot on the raw key integers (`qk_int8_supported`); None = `default_qk_int8`
+    qk_terms: int | None = None  # int8 terms of q in that dot: 1 (q rounded once) or 2 (q and its rounding
+    # error, two int8 dots summed in int32: finer than the 16-bit path); None = `default_qk_terms`
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
             raise ValueError(f"unpack: expected one of {UNPACKS}, got {self.unpack!r}")
         if self.row_tile < 16 or self.row_tile & (self.row_tile - 1):
             raise ValueError(f"row_tile: expected a power of two >= 16, got {self.row_tile}")
+        if self.qk_terms not in (None, 1, 2):
+            raise ValueError(f"qk_terms: expected None, 1 or 2, got {self.qk_terms!r}")
 
 
 def choose_config(cache: KVCache, rows: int) -> Config:
@@ -895,7 +927,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
         token_group=spec.token_group,
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
-        qk_int8=qk_int8 and not precise, v_token_minor=v_token_minor, interpret=interpret)
+        qk_int8=qk_int8 and not precise, qk_terms=cfg.qk_terms or default_qk_terms(kl),
+        v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns, nr),

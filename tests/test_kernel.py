@@ -10,7 +10,8 @@ Two modes:
   |o - o_ref| <= (exp(2Δ) - 1 + 2 eps) * max|v̂| (the softmax perturbation bound of
   test_attend_xla.py). That bound is what the default mode is held to. Where q meets
   integer keys in an int8 dot (Config.qk_int8), q is rounded to int8 instead, and Δ grows
-  by scale * max|q_row| / 254 * max_t Σ_d |k̂_td| (`_q_int8_delta`).
+  by scale * max|q_row| / 254 * max_t Σ_d |s k_td| over the scaled key integers (two int8
+  terms of q, Config.qk_terms: / 64516 instead of / 254; `_q_int8_delta`).
 
 Every format and scale layout meets G in {1, 3, 8}, D in {64, 128, 256}, T in {1, 4},
 and lengths 1, block non-multiples and max_len, ragged across the batch. The compiled
@@ -98,7 +99,7 @@ def _check_kernel(name, shape, seed_key, config=None, fast=True):
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse_ref)[finite], rtol=2e-5, atol=2e-5)
     if fast:
         o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
-        bound = _fast_bound(qg, k_hat, scale, vmax, q_int8=_uses_qk_int8(spec, D, cfg))
+        bound = _fast_bound(qg, k_hat, scale, vmax, q_delta=_q_delta(spec, cache, qg, scale, cfg))
         err = float(jnp.max(jnp.abs(o_fast - o_ref)))
         assert err <= bound, f"{name}: fast-mode error {err:.3e} above its bound {bound:.3e}"
 
@@ -110,12 +111,28 @@ def test_kernel_matches_reference(name, shape):
     _check_kernel(name, shape, f"{name}{shape}", fast=shape == SHAPES[1])
 
 
-def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8, q_int8=False):
+def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8, q_delta=0.0):
     """The default mode's error bound (module docstring): logits move by <= delta, values by
-    eps; with ``q_int8`` (Config.qk_int8) the logits also by `_q_int8_delta`."""
+    eps; where q is rounded to int8 (Config.qk_int8) the logits also by ``q_delta``
+    (`_q_delta`)."""
     qk = jnp.einsum("bthgd,bhsd->bthgs", jnp.abs(qg), jnp.abs(k_hat), precision="highest")
-    delta = 2 * eps * scale * float(jnp.max(qk)) + (_q_int8_delta(qg, k_hat, scale) if q_int8 else 0.0)
+    delta = 2 * eps * scale * float(jnp.max(qk)) + q_delta
     return (math.expm1(2 * delta) + 2 * eps) * vmax
+
+
+def _q_delta(spec, cache, qg, scale, cfg) -> float:
+    """The logit error of the int8 rounding of q this spec and config run (0 when they do not)."""
+    if not _uses_qk_int8(spec, qg.shape[-1], cfg):
+        return 0.0
+    cfg = cfg or decode.Config(64, 1)
+    terms = cfg.qk_terms or decode.default_qk_terms(decode.make_layout(spec.k, qg.shape[-1], cfg.unpack))
+    return _q_int8_delta(qg, _key_ints(cache), scale, terms)
+
+
+def _key_ints(cache):
+    """The keys' stored integers times their scales, ``f32[B, H, S, D]`` (k̂ without zero points:
+    what q's rounding error multiplies in the int8 dot)."""
+    return kvq.quant.dequantize(kvq.quant.Quantized(cache.k, cache.k_scale, None), cache.spec.k)
 
 
 def _uses_qk_int8(spec, D, cfg) -> bool:
@@ -137,7 +154,7 @@ def test_value_tiles_dequantized_in_registers_stay_within_the_bound(name):
     o, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
     err = float(jnp.max(jnp.abs(o - o_ref)))
     assert 0 < err <= _fast_bound(qg, k_hat, scale, float(jnp.max(jnp.abs(v_hat))),
-                                  q_int8=_uses_qk_int8(spec, 128, cfg))
+                                  q_delta=_q_delta(spec, cache, qg, scale, cfg))
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-kivi", "k8v4"])
@@ -200,10 +217,13 @@ def test_stored_byte_unpackings_lower_for_cuda(unpack):
     for fmt in ("int8", "fp8", "k=int8:g32:asym,v=int8:g32:asym", "int4", "int4-kivi", "int2"):
         cache = kvq.init_cache(fmt, 2, 512, 2, 128)
         q = jnp.zeros((2, 1, 8, 128), jnp.bfloat16)
-        cfg = decode.Config(64, 4, unpack=unpack)
-        f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", interpret=False, config=cfg))
-        text = f.trace(q, cache).lower(lowering_platforms=("cuda",)).as_text()
-        assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), fmt
+        cfgs = [decode.Config(64, 4, unpack=unpack)]
+        if fmt in ("int8", "int4", "int2"):  # the int8 q·k dot, q in one and in two int8 terms
+            cfgs += [decode.Config(64, 4, unpack=unpack, qk_int8=True, qk_terms=t) for t in (1, 2)]
+        for cfg in cfgs:
+            f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", interpret=False, config=cfg))
+            text = f.trace(q, cache).lower(lowering_platforms=("cuda",)).as_text()
+            assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text), (fmt, cfg)
 
 
 def _exec_ptx(asm: str, reg: dict, fdt=np.float16) -> dict:
@@ -294,12 +314,13 @@ def test_int8_key_tiles_give_every_field_value(bits, signed):
             np.testing.assert_array_equal(got + off, want[i:i + 4], err_msg=f"{bits} {signed} {c} {data[i:i + 4]}")
 
 
-def _q_int8_delta(qg, k_hat, scale):
+def _q_int8_delta(qg, k_int, scale, terms=1):
     """Logit error of rounding q to int8 per row (and key chunk): each element of q moves by
-    at most max|q_row| / 254, so a logit by scale * max|q_row| / 254 * sum_d |k̂_d|."""
+    at most max|q_row| / 254 (one term), max|q_row| / (127 * 508) (two terms), so a logit by
+    that times scale * sum_d |k_d| over the scaled key integers ``k_int`` (`_key_ints`)."""
     qmax = jnp.max(jnp.abs(qg), axis=-1)  # [B, T, H, G]
-    ksum = jnp.sum(jnp.abs(k_hat), axis=-1)  # [B, H, S]
-    return float(scale * jnp.max(qmax[..., None] * ksum[:, None, :, None, :]) / 254)
+    ksum = jnp.sum(jnp.abs(k_int), axis=-1)  # [B, H, S]
+    return float(scale * jnp.max(qmax[..., None] * ksum[:, None, :, None, :]) / (254 if terms == 1 else 127 * 508))
 
 
 @pytest.mark.parametrize("shape", [(4, 128, 1), (3, 64, 4), (8, 256, 1)], ids=lambda s: f"G{s[0]}-D{s[1]}-T{s[2]}")
@@ -322,10 +343,25 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
     k_hat, v_hat = reference.dequantize_body(cache)
     vmax = float(jnp.max(jnp.abs(v_hat)))
     o8, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(base, qk_int8=True))
-    o16, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(base, qk_int8=False))
+    o16, lse16 = decode.body_attention(qg, cache, qpos, scale, interpret=True,
+                                       config=dataclasses.replace(base, qk_int8=False))
+    k_int = _key_ints(cache)
     err = float(jnp.max(jnp.abs(o8 - o_ref)))
-    assert err <= _fast_bound(qg, k_hat, scale, vmax, q_int8=True)
+    assert err <= _fast_bound(qg, k_hat, scale, vmax, q_delta=_q_int8_delta(qg, k_int, scale))
     assert not np.array_equal(np.asarray(o8), np.asarray(o16))
+    # both term counts: lse depends on the logits alone (m and l stay f32), so it is held to
+    # the int8 rounding of q, plus f32 rounding; two terms beat the 16-bit path's fp16 q
+    finite = np.isfinite(np.asarray(lse_ref))
+    lse_err = {}
+    for terms in (1, 2):
+        o_t, lse_t = decode.body_attention(qg, cache, qpos, scale, interpret=True,
+                                           config=dataclasses.replace(base, qk_int8=True, qk_terms=terms))
+        lse_err[terms] = float(np.max(np.abs(np.asarray(lse_t - lse_ref)[finite])))
+        delta = _q_int8_delta(qg, k_int, scale, terms)
+        assert lse_err[terms] <= delta + 1e-5, (terms, lse_err[terms], delta)
+        assert float(jnp.max(jnp.abs(o_t - o_ref))) <= _fast_bound(qg, k_hat, scale, vmax, q_delta=delta)
+    assert lse_err[2] < lse_err[1] / 4, lse_err
+    assert lse_err[2] < float(np.max(np.abs(np.asarray(lse16 - lse_ref)[finite]))), lse_err
     op, lp = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
                                    config=dataclasses.replace(base, qk_int8=True))
     np.testing.assert_allclose(np.asarray(op), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
@@ -369,6 +405,10 @@ def test_natural_chunks_follow_scale_groups():
         == [False, False, False, True, True, True]
     with pytest.raises(ValueError, match="unpack"):
         decode.Config(64, 1, unpack="shuffle")
+    with pytest.raises(ValueError, match="qk_terms: expected None, 1 or 2"):
+        decode.Config(64, 1, qk_terms=3)
+    assert [decode.default_qk_terms(decode.make_layout(kvq.KVSpec.parse(n).k, 128)) for n in ("int8", "int4", "int2")] \
+        == [2, 1, 1]
 
 
 def _paged(cache, page_size, rng):
