@@ -201,12 +201,6 @@ def default_qk_terms(kl: Layout) -> int:
     return 2 if kl.bits == 8 else 1
 
 
-def default_split_scales(spec) -> bool:
-    """Whether scale tiles of several groups are split into columns (`Config.split_scales`):
-    not yet measured on a GPU, so off."""
-    return False
-
-
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     """The kernel's tiling of a tensor stored as ``t`` with vectors of ``head_dim``.
 
@@ -510,7 +504,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool, qk_terms: int,
-                   split_scales: bool, v_token_minor: bool, interpret: bool):
+                   v_token_minor: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
@@ -596,9 +590,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
 
     def col_scale(ref, at, grp, cache, key):
         """f32 ``[BK]`` scale (or zero) column ``grp`` of this block: the block's
-        ``[BK, groups]`` tile is loaded once, contiguously, and columns are picked in registers by
-        masked sums; with ``split_scales``, by splitting the tile into its columns (``tt.split``),
-        whose layout Triton matches to their users': no column moves through shared memory."""
+        ``[BK, groups]`` tile is loaded once, contiguously, and columns are picked in registers."""
         if (key, grp) not in cache:
             ngroups = ref.shape[-1]
             if (key, "tile") not in cache:
@@ -606,9 +598,6 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             tile_ = cache[(key, "tile")]
             if ngroups == 1:
                 cache[(key, grp)] = tile_.reshape(block_k)
-            elif split_scales and ngroups == _pow2_divisor(ngroups):
-                for g, part in enumerate(jnp.split(tile_, ngroups, axis=1)):
-                    cache[(key, g)] = part.reshape(block_k)
             else:
                 col = lax.broadcasted_iota(jnp.int32, (1, ngroups), 1)
                 cache[(key, grp)] = jnp.sum(jnp.where(col == grp, tile_, 0.0), axis=1)
@@ -768,9 +757,6 @@ class Config:
     # int8 dot on the raw key integers (`qk_int8_supported`); None = `default_qk_int8`
     qk_terms: int | None = None  # int8 terms of q in that dot: 1 (q rounded once) or 2 (q and its rounding
     # error, two int8 dots summed in int32: finer than the 16-bit path); None = `default_qk_terms`
-    split_scales: bool | None = None  # per-token scales of several groups: the block's [BK, groups] tile split
-    # into its columns (no layout moves through shared memory) instead of masked sums; None =
-    # `default_split_scales`
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -942,7 +928,6 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         token_group=spec.token_group,
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
         qk_int8=qk_int8 and not precise, qk_terms=cfg.qk_terms or default_qk_terms(kl),
-        split_scales=cfg.split_scales if cfg.split_scales is not None else default_split_scales(spec),
         v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,

@@ -212,22 +212,6 @@ def test_asm_unpacking_in_interpret_mode_reads_like_bytes():
         np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(out[1]))
 
 
-@pytest.mark.parametrize("name", ["int4", "int8-g32-asym", "k8v4", "int4-kivi", "int2"])
-def test_split_scale_tiles_give_the_same_result(name):
-    """Config.split_scales: a block's per-token scale tile of several groups split into its columns
-    gives the masked sums' output (keys and values of several groups, zero points, per-channel keys
-    beside per-token values), in both modes: the same scales, so equal to f32 rounding (the CPU
-    may fuse a tile's multiply-add into one FMA in one program and not the other)."""
-    spec, cache, q = _case(name, FORMATS[name], 4, 128, 1, seed=11)
-    qg, qpos, scale = _body_inputs(spec, cache, q)
-    base = decode.choose_config(cache, 16)
-    for precise in (False, True):
-        want, got = (decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=precise,
-                                           config=dataclasses.replace(base, split_scales=sp)) for sp in (False, True))
-        for a, b in zip(want, got):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("unpack", ["bytes", "asm"])
 def test_stored_byte_unpackings_lower_for_cuda(unpack):
     for fmt in ("int8", "fp8", "k=int8:g32:asym,v=int8:g32:asym", "int4", "int4-kivi", "int2"):
@@ -236,8 +220,6 @@ def test_stored_byte_unpackings_lower_for_cuda(unpack):
         cfgs = [decode.Config(64, 4, unpack=unpack)]
         if fmt in ("int8", "int4", "int2"):  # the int8 q·k dot, q in one and in two int8 terms
             cfgs += [decode.Config(64, 4, unpack=unpack, qk_int8=True, qk_terms=t) for t in (1, 2)]
-        cfgs.append(decode.Config(64, 4, unpack=unpack, split_scales=True))
-
         for cfg in cfgs:
             f = jax.jit(lambda q, c, cfg=cfg: kvq.attend(q, c, impl="pallas", interpret=False, config=cfg))
             text = f.trace(q, cache).lower(lowering_platforms=("cuda",)).as_text()
