@@ -152,9 +152,9 @@ def bench_sharded(B, S, Hq, H, D, presets, key, gpus):
 
 # -- correctness ---------------------------------------------------------------
 
-def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,)):
-    """Our GPU kernel (each ``Config.unpack`` of ``unpacks`` and ``Config.qk_int8`` of ``qk_int8``)
-    vs reference.py on the same quantized data; returns rows of results."""
+def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), vary=({},)):
+    """Our GPU kernel (each ``Config.unpack`` of ``unpacks``, ``Config.qk_int8`` of ``qk_int8`` and
+    override set of ``vary``) vs reference.py on the same quantized data; returns rows of results."""
     rows = []
     key = jax.random.key(1)
     shapes = [(2, 8, 4, 128, 1), (3, 2, 1, 64, 4), (2, 4, 8, 256, 1), (2, 2, 3, 128, 16)]
@@ -169,8 +169,8 @@ def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,)):
             cache = build_cache(spec, B, 3072, H, D, key, lengths)
             q = jax.random.normal(kq, (B, T, H * G, D), jnp.float32)
             ref = kvq.attend(q, cache, impl="xla")
-            for unpack, qk, precise in itertools.product(unpacks, qk_int8, (False, True)):
-                cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack, qk_int8=qk)
+            for unpack, qk, var, precise in itertools.product(unpacks, qk_int8, vary, (False, True)):
+                cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack, qk_int8=qk, **var)
                 if qk_int8_unsupported(qk, spec, D, unpack):
                     continue
                 out = jax.jit(lambda q, c: _attend_pallas(q, c, precise, cfg))(q, cache)
@@ -178,8 +178,8 @@ def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,)):
                 rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
                 ok = bool(jnp.all(jnp.isfinite(out))) and rel < (2e-5 if precise else 1e-2)
                 rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise, unpack=unpack,
-                                 qk_int8=qk, max_abs=err, rel=rel, ok=ok))
-                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} precise={precise!s:5s} "
+                                 qk_int8=qk, vary=var, max_abs=err, rel=rel, ok=ok))
+                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} {var} precise={precise!s:5s} "
                       f"max|d|={err:.2e} rel={rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
@@ -476,7 +476,7 @@ def main(argv=None):
     ap.add_argument("--qk-int8", default="auto",
                     help="comma-separated Config.qk_int8 values checked and timed per preset: auto (None), 0, 1")
     ap.add_argument("--vary", default="",
-                    help="Config overrides timed beside the base config: 'field=value,...;field=value' "
+                    help="Config overrides checked and timed beside the base config: 'field=value,...;field=value' "
                          "(e.g. 'block_k=128;num_stages=4;v_fp16=1')")
     ap.add_argument("--paged", type=int, default=0,
                     help="also time the kernel through a page table of this page size (at --paged-shape)")
@@ -508,7 +508,7 @@ def main(argv=None):
     vary = parse_vary(a.vary)
     if not a.no_check:
         result["check"] = check(a.quick, a.check_presets.split(",") if a.check_presets else None,
-                                unpacks=a.unpack.split(","), qk_int8=qk)
+                                unpacks=a.unpack.split(","), qk_int8=qk, vary=vary)
         if not all(r["ok"] for r in result["check"]):
             print("CHECK FAILED", flush=True)
     key = jax.random.key(0)
