@@ -224,12 +224,13 @@ def paged_body(q, pools, table, cache, config=None, v_token_minor=False):
                                  page_table=table, config=config, v_token_minor=v_token_minor)[0]
 
 
-def contiguous_body(q, cache, config=None, v_token_minor=False):
+def contiguous_body(q, cache, config=None, v_token_minor=False, interpret=None):
     B, T, Hq, D = q.shape
     H = cache.num_kv_heads
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     return decode.body_attention(qg, cache, cache.lengths[:, None] - 1, 1.0 / math.sqrt(D),
-                                 interpret=jax.default_backend() != "gpu", config=config,
+                                 interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+                                 config=config,
                                  v_token_minor=v_token_minor)[0]
 
 

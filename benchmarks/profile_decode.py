@@ -4,6 +4,7 @@ count the instruction mix of its compiled code per variant.
     ncu --clock-control none --kernel-name regex:kvq_decode --launch-skip 2 --launch-count 1 \\
         python benchmarks/profile_decode.py --preset int4 --unpack join
     python benchmarks/profile_decode.py --ptx DIR --preset int8,int4 --unpack auto,bytes
+    python benchmarks/profile_decode.py --sm90 DIR --preset int8,int4 --v-token-minor --vary "block_k=64"
 
 Builds a B x S cache of random keys/values in the preset's format and runs
 ``kvq.attend(impl="pallas")`` ``--launches`` times (the first compiles); with
@@ -13,6 +14,13 @@ each (preset, unpack) is compiled with an XLA dump under DIR instead, and the ke
 PTX is counted: tensor-core ops (``mma.sync`` / ``wgmma``), shared-memory traffic
 (``st.shared``, ``ld.shared``, ``ldmatrix``, ``cp.async``), global loads, conversions
 and shuffles; plus registers and spills from ``ptxas -v`` when ptxas is found.
+
+``--sm90`` needs no GPU: the kernel's Triton IR (as the Pallas lowering hands it to XLA) is
+compiled for sm_90 by the ``triton`` package (``pip install triton``; not a dependency of the
+library), and the same counts are printed for the whole kernel and for its block loop (the
+longest backward branch of the PTX: per-block instruction mix, the issue budget of a block),
+with ptxas's registers. XLA compiles the IR with its own Triton build, so numbers can differ a
+little from the GPU's (int4 tokens-minor: 168 registers both; int8: 120 here, 110 on the H200).
 """
 
 from __future__ import annotations
@@ -96,11 +104,88 @@ def ptxas_usage(ptx_file: str, entry: str, arch: str = "sm_90a") -> str:
     return "; ".join(out) or (r.stderr.strip().splitlines() or [""])[-1]
 
 
-def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False):
+def loop_body(body: str) -> str:
+    """The longest region of a PTX function body that a branch jumps back to the start of: the
+    kernel's loop over the blocks of its split."""
+    lines = body.splitlines()
+    labels = {}
+    for i, ln in enumerate(lines):
+        m = re.match(r"^\$(\w+):", ln.strip())
+        if m:
+            labels[m.group(1)] = i
+    best = (0, -1)
+    for i, ln in enumerate(lines):
+        m = re.search(r"bra(?:\.uni)?\s+\$(\w+);", ln)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], i)
+    return "\n".join(lines[best[0]:best[1] + 1])
+
+
+def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=False):
+    """Lower each (preset, unpack, overrides) for CUDA on this machine, compile its Triton IR for
+    sm_90 with the ``triton`` package, write ``.ttir`` / ``.ttgir`` / ``.ptx`` under ``out_dir``
+    and print and return the PTX counts of the kernel and of its block loop, with registers."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        raise SystemExit("--sm90: needs the triton package (pip install triton)")
+    import jax
+    from jax._src.pallas.triton import lowering  # private: where the kernel's Triton module is built
+
+    captured = []
+    build = lowering.lower_jaxpr_to_triton_module
+
+    def spy(*args, **kwargs):
+        res = build(*args, **kwargs)
+        captured.append(res.module.operation.get_asm(print_generic_op_form=True))
+        return res
+
+    ptxas = next((os.path.join(r, f) for r, _, fs in os.walk(os.path.dirname(triton.__file__))
+                  for f in fs if f == "ptxas"), None)
+    rows = []
+    lowering.lower_jaxpr_to_triton_module = spy
+    try:
+        for name in presets:
+            for unpack in unpacks:
+                for var in vary:
+                    f, q, cache, cfg = _kernel_call(name, unpack, batch, seq, jax.random.key(0), v_token_minor,
+                                                    interpret=False, overrides=var)
+                    captured.clear()
+                    f.trace(q, cache).lower(lowering_platforms=("cuda",))
+                    tag = re.sub(r"[^\w.-]+", "_", "-".join([name, unpack] + [f"{k}{v}" for k, v in var.items()]))
+                    base = os.path.join(out_dir, tag)
+                    with open(base + ".ttir", "w") as fh:
+                        fh.write(captured[-1])
+                    k = triton.compile(base + ".ttir", target=GPUTarget("cuda", 90, 32),
+                                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                    for ext in ("ttgir", "ptx"):
+                        with open(f"{base}.{ext}", "w") as fh:
+                            fh.write(k.asm[ext])
+                    regs = ""
+                    if ptxas:
+                        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-o", os.devnull, base + ".ptx"],
+                                           capture_output=True, text=True)
+                        regs = "; ".join(ln.split("info    :")[-1].strip() for ln in r.stderr.splitlines()
+                                         if "registers" in ln or "spill" in ln)
+                    [body] = _ptx_entries(k.asm["ptx"]).values()
+                    row = dict(preset=name, unpack=unpack, vary=var, cfg=str(cfg), kernel=ptx_counts(body),
+                               loop=ptx_counts(loop_body(body)), ptxas=regs, shared_bytes=k.metadata.shared)
+                    rows.append(row)
+                    print(f"{tag:28s} loop: " + " ".join(f"{o}={n}" for o, n in row["loop"].items() if n)
+                          + f" | {regs} | shared {k.metadata.shared} B", flush=True)
+    finally:
+        lowering.lower_jaxpr_to_triton_module = build
+    return rows
+
+
+def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False, interpret=None, overrides=None):
     """A B x S cache of random keys/values in preset ``name``, a query, and the jitted
     ``kvq.attend(impl="pallas")`` over them with ``choose_config``'s launch config
-    (``unpack`` replaced unless None): ``(f, q, cache, cfg)``. With ``v_token_minor``, the
-    kernel over the body with the values stored tokens-minor, as the serving pools hold them."""
+    (``unpack`` replaced unless None, then the Config fields of ``overrides``): ``(f, q, cache,
+    cfg)``. With ``v_token_minor``, the kernel over the body with the values stored tokens-minor,
+    as the serving pools hold them. ``interpret``: None runs the kernel compiled on a GPU and
+    interpreted elsewhere."""
     import jax
     import jax.numpy as jnp
 
@@ -110,13 +195,14 @@ def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False):
 
     cache = build_cache(kvq.KVSpec.parse(name), batch, seq, 8, 128, key)
     cfg = decode.choose_config(cache, 16)
-    if unpack:
+    if unpack and unpack != "auto":
         cfg = dataclasses.replace(cfg, unpack=unpack)
+    cfg = dataclasses.replace(cfg, **(overrides or {}))
     q = jax.random.normal(key, (batch, 1, 32, 128), jnp.bfloat16)
     if v_token_minor:
         cache = dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2))
-        return jax.jit(lambda q, c: contiguous_body(q, c, cfg, True)), q, cache, cfg
-    return jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", config=cfg)), q, cache, cfg
+        return jax.jit(lambda q, c: contiguous_body(q, c, cfg, True, interpret)), q, cache, cfg
+    return jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", config=cfg, interpret=interpret)), q, cache, cfg
 
 
 def count_variants(presets, unpacks, out_dir, batch, seq, v_token_minor=False):
@@ -163,7 +249,20 @@ def main(argv=None):
     ap.add_argument("--v-token-minor", action="store_true",
                     help="the kernel over the body with values stored tokens-minor (as the serving pools)")
     ap.add_argument("--ptx", default=None, help="folder: dump and count the compiled kernel's PTX per variant")
+    ap.add_argument("--sm90", default=None,
+                    help="folder: compile each variant for sm_90 here with the triton package (no GPU) and count "
+                         "its PTX, whole and per block (use a small --batch / --seq: the shapes do not change the code)")
+    ap.add_argument("--vary", default="", help="with --sm90: Config overrides, as benchmarks/decode.py --vary")
     a = ap.parse_args(argv)
+    if a.sm90:
+        from decode import parse_vary
+
+        os.makedirs(a.sm90, exist_ok=True)
+        rows = compile_sm90(a.preset.split(","), (a.unpack or "auto").split(","), parse_vary(a.vary), a.sm90,
+                            a.batch, a.seq, a.v_token_minor)
+        with open(os.path.join(a.sm90, "counts.json"), "w") as fh:
+            json.dump(rows, fh, indent=1)
+        return
     if a.ptx:
         os.makedirs(a.ptx, exist_ok=True)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={a.ptx}"
