@@ -36,6 +36,8 @@ def main(argv=None):
     ap.add_argument("--past", type=int, default=65536, help="tokens already in the cache")
     ap.add_argument("--chunk", type=int, default=1024, help="new tokens in the chunk")
     ap.add_argument("--row-tiles", default="32,64", help="query rows per kernel program")
+    ap.add_argument("--qk-int8", default="auto",
+                    help="comma-separated Config.qk_int8 values timed per row tile: auto (the default), 0, 1")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode (CPU smoke run)")
     ap.add_argument("--out", default=None)
@@ -62,8 +64,13 @@ def main(argv=None):
         for rt in map(int, a.row_tiles.split(",")):  # the default launch config at each row tile
             tile, tiles = decode._row_tiles(T * (Hq // H), rt)
             cfg = decode._choose(cache.spec, B * H * tiles, cache.body_capacity, row_tile=tile)
-            runs[f"pallas rt{rt}"] = dict(impl="pallas", interpret=interpret,
-                                          config=dataclasses.replace(cfg, row_tile=rt))
+            for qk in a.qk_int8.split(","):
+                if qk != "auto" and int(qk) and not decode.qk_int8_supported(
+                        cache.spec, decode.make_layout(cache.spec.k, D, cfg.unpack)):
+                    continue
+                label = f"pallas rt{rt}" + ("" if qk == "auto" else f" qk_int8={qk}")
+                runs[label] = dict(impl="pallas", interpret=interpret, config=dataclasses.replace(
+                    cfg, row_tile=rt, qk_int8=None if qk == "auto" else bool(int(qk))))
         r = res["presets"].setdefault(preset, {})
         want = None
         for name, kw in runs.items():

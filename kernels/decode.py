@@ -31,8 +31,8 @@ q and the output need no permutation) or *pieces*:
   pieces' column order once and un-permutes the tiny output after. Rows of fewer than 16
   words use byte-major chunks ``[BK, 4, wr]`` instead.
 
-Keys of integer formats with per-token scales (int8, int4, int2; `qk_int8_supported`) can meet
-q in an int8 dot (``Config.qk_int8``; the default for int4 and int2 keys, `default_qk_int8`):
+Keys of integer formats with per-token scales (int8, int4, int2; `qk_int8_supported`) meet
+q in an int8 dot (``Config.qk_int8``; the default, `default_qk_int8`):
 q is rounded to int8 once per row and key chunk (``s_q = max|q| / 127``), the stored key
 integers enter the tensor cores as int8 without any conversion (8-bit as stored; sub-byte
 fields masked out with one ``lop3`` per four bytes, `asm_int8_text`, and offset so they fit
@@ -186,18 +186,20 @@ def qk_int8_supported(spec, kl: Layout) -> bool:
 
 
 def default_qk_int8(spec, kl: Layout) -> bool:
-    """Whether the default mode rounds q to int8 for an int8 q·k dot: for sub-byte keys where
-    supported. Measured (BENCHMARKS.md, run I): paged B=16 S=32K int4 486 -> 455 us, int2
-    579 -> 565, no change in SmolLM2's KL to bf16 (int4 0.215 -> 0.201); int8 keys 8 % faster
-    (413 -> 382 us, one q scale per 128 columns) but KL 0.92e-3 -> 1.38e-3, so 8-bit keys keep
-    the 16-bit path unless ``Config.qk_int8=True``."""
-    return kl.bits < 8 and qk_int8_supported(spec, kl)
+    """Whether the default mode meets integer keys with an int8 q·k dot: wherever supported.
+    Measured (BENCHMARKS.md, runs I and M): paged B=16 S=32K int4 486 -> 455 us and int2
+    579 -> 565 with q in one int8 term, no change in SmolLM2's KL to bf16 (int4 0.215 -> 0.201);
+    8-bit keys with q in two terms (`default_qk_terms`): int8 386.9 -> 381.9 us, k8v4 521.8 ->
+    503.1, KL 0.92e-3 (16-bit q·k) -> 0.97e-3 (XLA's f32 path: 0.99e-3), where one term gave
+    1.38e-3."""
+    return qk_int8_supported(spec, kl)
 
 
 def default_qk_terms(kl: Layout) -> int:
-    """int8 terms of q in the int8 q·k dot (`Config.qk_terms`): two for 8-bit keys, whose
-    KL on SmolLM2 rose 0.92e-3 -> 1.38e-3 with one (BENCHMARKS.md, run I), so that the dot is
-    finer than the 16-bit path; one for sub-byte keys, whose own rounding hides q's (run I)."""
+    """int8 terms of q in the int8 q·k dot (`Config.qk_terms`): two for 8-bit keys, whose KL on
+    SmolLM2 rose 0.92e-3 -> 1.38e-3 with one (BENCHMARKS.md, run I) and is 0.97e-3 with two (run
+    M), at no cost in time (int8 381.9 us with two, 385.7 with one); one for sub-byte keys, whose
+    own rounding hides q's (run I) and where a second dot cost 20 % (int4 383.2 -> 458.5 us)."""
     return 2 if kl.bits == 8 else 1
 
 
