@@ -121,6 +121,23 @@ def loop_body(body: str) -> str:
     return "\n".join(lines[best[0]:best[1] + 1])
 
 
+def _triton_ir_passes(path: str, target) -> None:
+    """Run Triton's own TTIR passes (canonicalize, combine: e.g. ``c + dot(a, b, 0)`` -> ``dot(a, b,
+    c)``, ...) over the IR file in place: ``triton.compile`` starts after them for a ``.ttir`` file."""
+    from triton._C.libtriton import ir
+    from triton.compiler import make_backend
+
+    backend = make_backend(target)
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    mod = ir.parse_mlir_module(path, ctx)
+    mod.context = ctx  # as triton.compile sets it
+    backend.make_ttir(mod, {}, None, target.arch)
+    with open(path, "w") as fh:
+        fh.write(str(mod))
+
+
 def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=False):
     """Lower each (preset, unpack, overrides) for CUDA on this machine, compile its Triton IR for
     sm_90 with the ``triton`` package, write ``.ttir`` / ``.ttgir`` / ``.ptx`` under ``out_dir``
@@ -141,6 +158,7 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
         captured.append(res.module.operation.get_asm(print_generic_op_form=True))
         return res
 
+    target = GPUTarget("cuda", 90, 32)
     ptxas = next((os.path.join(r, f) for r, _, fs in os.walk(os.path.dirname(triton.__file__))
                   for f in fs if f == "ptxas"), None)
     rows = []
@@ -157,7 +175,8 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
                     base = os.path.join(out_dir, tag)
                     with open(base + ".ttir", "w") as fh:
                         fh.write(captured[-1])
-                    k = triton.compile(base + ".ttir", target=GPUTarget("cuda", 90, 32),
+                    _triton_ir_passes(base + ".ttir", target)  # what XLA runs before the TritonGPU passes
+                    k = triton.compile(base + ".ttir", target=target,
                                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
                     for ext in ("ttgir", "ptx"):
                         with open(f"{base}.{ext}", "w") as fh:

@@ -33,10 +33,12 @@ q and the output need no permutation) or *pieces*:
 
 Keys of integer formats with per-token scales (int8, int4, int2; `qk_int8_supported`) meet
 q in an int8 dot (``Config.qk_int8``; the default, `default_qk_int8`):
-q is rounded to int8 once per row and key chunk (``s_q = max|q| / 127``), the stored key
-integers enter the tensor cores as int8 without any conversion (8-bit as stored; sub-byte
-fields masked out with one ``lop3`` per four bytes, `asm_int8_text`, and offset so they fit
-int8, `int8_offset`), the int32 result is exact, and ``s_q`` and the key scale multiply it.
+q is rounded to int8 once per row (``s_q = max|q| / 127``, one scale for all key chunks), the
+stored key integers enter the tensor cores as int8 without any conversion (8-bit as stored;
+sub-byte fields masked out with one ``lop3`` per four bytes, `asm_int8_text`, and offset so
+they fit int8, `int8_offset`; the offset's term starts each dot's int32 accumulator), the
+int32 result is exact, each chunk's key scale multiplies it as it is summed, and ``s_q``
+multiplies the block's sum once.
 Each logit moves by at most ``s_q / 2 * sum|k|`` beyond the 16-bit path. With two terms
 (``Config.qk_terms``, the default for 8-bit keys) q's rounding error is rounded to int8 too
 and a second int8 dot adds it in int32 (``254 * q1·k + q2·k``): at most ``s_q / 508 *
@@ -410,17 +412,21 @@ def _int8_tile(x, lay: Layout, c: int, flip: int, interpret: bool):
 Q_LO = 254  # weight of q's first int8 term against its second (`_quantize_rows`)
 
 
-def _quantize_rows(q, terms: int = 1):
+def _row_scale(amax):
+    """The int8 scale ``max|q| / 127`` of rows whose ``max|q|`` is ``amax`` (1 for all-zero rows)."""
+    return jnp.where(amax > 0, amax / 127.0, 1.0)
+
+
+def _quantize_rows(q, terms: int = 1, amax=None):
     """f32 ``[M, W]`` -> int8 terms of q per row and the f32 row scale ``s = max|q| / 127``
-    (1 for all-zero rows).
+    (1 for all-zero rows; ``amax``: the rows' ``max|q|`` when ``q`` is a piece of longer rows).
 
     One term: ``q1 = round(q / s)``, ``|q - s * q1| <= s / 2``. Two terms: also
     ``q2 = round(Q_LO * (q / s - q1))`` (``|q / s - q1| <= 1/2``, so ``|q2| <= 127``), and
     ``|q - s * (q1 + q2 / Q_LO)| <= s / (2 * Q_LO)``, i.e. ``max|q| / 64516``: finer than
     q rounded to fp16 (``|q| / 2048``) wherever ``|q| > max|q| / 32``.
     Returns ``(int8 terms, s)``."""
-    amax = jnp.max(jnp.abs(q), axis=1)
-    s = jnp.where(amax > 0, amax / 127.0, 1.0)
+    s = _row_scale(jnp.max(jnp.abs(q), axis=1) if amax is None else amax)
     x = q / s[:, None]
     q1 = jnp.floor(x + 0.5)
     if terms == 1:
@@ -540,12 +546,15 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     # q columns of each key piece (loaded once, before the loop)
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
     qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
-    if qk_int8:  # q rounded to int8 per row and key chunk: q·k in int32 on the raw key integers
+    if qk_int8:  # q rounded to int8 per row (one scale for all key chunks): q·k in int32 on the key integers
         k_flip, k_off = int8_offset(kl.bits, kl.signed)
         q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
-        kq_i8 = [_quantize_rows(q, qk_terms) for q in kq]  # (int8 terms [Mp, width], f32 row scale [Mp])
-        kq_off = [k_off * sum(w * t.astype(jnp.float32).sum(axis=1) for w, t in zip(q_w, ts))
-                  for ts, _ in kq_i8] if k_off else None
+        q_amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(q), axis=1) for q in kq])
+        kq_i8 = [_quantize_rows(q, qk_terms, q_amax)[0] for q in kq]  # int8 terms [Mp, width] per chunk
+        s_row = _row_scale(q_amax) / q_w[0]  # f32 [Mp]: logit units per int32 unit
+        # the key offset's term k_off * sum(w q_t) per row and chunk, where each int32 dot starts (exact)
+        kq_off = [jnp.broadcast_to((k_off * sum(w * t.astype(jnp.int32).sum(axis=1) for w, t in zip(q_w, ts))
+                                    )[:, None], (mp, block_k)) for ts in kq_i8] if k_off else None
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -621,6 +630,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         mask = pos < lim[:, None]  # [Mp, BK]
 
         logits = jnp.zeros((mp, block_k), jnp.float32)
+        logits_z = None  # int8 q·k: zero-point terms, in logit units (logits is in s_row units until the end)
         wc, sc = {}, {}
         for n, pc in enumerate(kl.pieces):
             kt = None if qk_int8 else tile(k_ref, at, pc, kl, wc, kdt)
@@ -648,25 +658,30 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                     ks_ref if key == "s" else kz_ref, at, g, sc, key), k_zero)
                 logits = logits + _dot(kq[n], kt, precise, trans_b=True)
                 continue
-            if qk_int8:
+            if qk_int8:  # per-token scales (qk_int8_supported): logits += s_k * sum_t w_t (q_t . k_int)
                 ki = _int8_tile(stored(k_ref, at, pc, kl, wc), kl, pc.c, k_flip, interpret)
-                terms, s_q = kq_i8[n]
-                acc_i = None
-                for w, qi in zip(q_w, terms):  # sum_t w_t (q_t . k): |.| <= 255 * 127 * 128 * width < 2**31
+                acc_i = kq_off[n] if kq_off else None  # each dot adds to it (Triton: the MMA's accumulator)
+                for t, qi in enumerate(kq_i8[n]):  # off + 254 q1.k + q2.k: |.| <= 255 * 127 * 128 * width < 2**31
                     d = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-                    acc_i = d * w if acc_i is None else acc_i + (d * w if w != 1 else d)
-                part = acc_i.astype(jnp.float32)  # exact below 2**24 (one term); two: within 2**-24 relative
-                if kq_off:
-                    part = part + kq_off[n][:, None]
-                part = part * (s_q if q_w[0] == 1 else s_q / q_w[0])[:, None]
-            else:
-                part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
+                    if t + 1 < len(q_w):  # the first of two terms: weighted in int32
+                        d = d * q_w[t]
+                    acc_i = d if acc_i is None else acc_i + d  # addi(c, dot): Triton folds c into the dot
+                grp = pc.segs[0][0]
+                # exact below 2**24 (one term); two terms: within 2**-24 relative
+                logits = logits + acc_i.astype(jnp.float32) * col_scale(ks_ref, at, grp, sc, "s")[None, :]
+                if k_zero:
+                    z = qsum[n][:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
+                    logits_z = z if logits_z is None else logits_z + z
+                continue
+            part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
             if k_mode == "token":
                 grp = pc.segs[0][0]
                 part = part * col_scale(ks_ref, at, grp, sc, "s")[None, :]
                 if k_zero:
                     part = part + qsum[n][:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
             logits = logits + part
+        if qk_int8:
+            logits = logits * s_row[:, None] + (logits_z if logits_z is not None else 0.0)
         if k_fp8_fix != 1.0:
             logits = logits * k_fp8_fix
 
