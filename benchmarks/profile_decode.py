@@ -19,7 +19,7 @@ and shuffles; plus registers and spills from ``ptxas -v`` when ptxas is found.
 compiled for sm_90 by the ``triton`` package (``pip install triton``; not a dependency of the
 library), and the same counts are printed for the whole kernel and for its block loop (the
 longest backward branch of the PTX: per-block instruction mix, the issue budget of a block),
-with ptxas's registers. XLA compiles the IR with its own Triton build, so numbers can differ a
+with ptxas's registers and the loop's SASS opcodes (the instructions the SMs issue). XLA compiles the IR with its own Triton build, so numbers can differ a
 little from the GPU's (int4 tokens-minor: 168 registers both; int8: 120 here, 110 on the H200).
 """
 
@@ -121,6 +121,27 @@ def loop_body(body: str) -> str:
     return "\n".join(lines[best[0]:best[1] + 1])
 
 
+def sass_loop_ops(sass: str) -> dict:
+    """SASS (``cuobjdump -sass``) -> opcode counts of its longest backward-branch region, the
+    kernel's block loop, most frequent first."""
+    ins = []
+    for ln in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", ln)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    best = (0, -1)
+    for addr, txt in ins:
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", txt)
+        if m and int(m.group(1), 16) < addr and addr - int(m.group(1), 16) > best[1] - best[0]:
+            best = (int(m.group(1), 16), addr)
+    ops = {}
+    for addr, txt in ins:
+        if best[0] <= addr <= best[1]:
+            op = re.sub(r"^@!?U?P\w+\s+", "", txt).split()[0]
+            ops[op] = ops.get(op, 0) + 1
+    return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+
+
 def _triton_ir_passes(path: str, target) -> None:
     """Run Triton's own TTIR passes (canonicalize, combine: e.g. ``c + dot(a, b, 0)`` -> ``dot(a, b,
     c)``, ...) over the IR file in place: ``triton.compile`` starts after them for a ``.ttir`` file."""
@@ -159,8 +180,9 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
         return res
 
     target = GPUTarget("cuda", 90, 32)
-    ptxas = next((os.path.join(r, f) for r, _, fs in os.walk(os.path.dirname(triton.__file__))
-                  for f in fs if f == "ptxas"), None)
+    tools = {f: os.path.join(r, f) for r, _, fs in os.walk(os.path.dirname(triton.__file__))
+             for f in fs if f in ("ptxas", "cuobjdump")}
+    ptxas = tools.get("ptxas")
     rows = []
     lowering.lower_jaxpr_to_triton_module = spy
     try:
@@ -181,18 +203,28 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
                     for ext in ("ttgir", "ptx"):
                         with open(f"{base}.{ext}", "w") as fh:
                             fh.write(k.asm[ext])
-                    regs = ""
+                    regs, sass = "", {}
                     if ptxas:
-                        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-o", os.devnull, base + ".ptx"],
+                        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-o", base + ".cubin", base + ".ptx"],
                                            capture_output=True, text=True)
                         regs = "; ".join(ln.split("info    :")[-1].strip() for ln in r.stderr.splitlines()
                                          if "registers" in ln or "spill" in ln)
+                        if "cuobjdump" in tools and os.path.exists(base + ".cubin"):
+                            out = subprocess.run([tools["cuobjdump"], "-sass", base + ".cubin"], capture_output=True,
+                                                 text=True).stdout
+                            with open(base + ".sass", "w") as fh:
+                                fh.write(out)
+                            sass = sass_loop_ops(out)
                     [body] = _ptx_entries(k.asm["ptx"]).values()
                     row = dict(preset=name, unpack=unpack, vary=var, cfg=str(cfg), kernel=ptx_counts(body),
-                               loop=ptx_counts(loop_body(body)), ptxas=regs, shared_bytes=k.metadata.shared)
+                               loop=ptx_counts(loop_body(body)), sass_loop=sass, ptxas=regs,
+                               shared_bytes=k.metadata.shared)
                     rows.append(row)
-                    print(f"{tag:28s} loop: " + " ".join(f"{o}={n}" for o, n in row["loop"].items() if n)
+                    print(f"{tag:28s} loop PTX: " + " ".join(f"{o}={n}" for o, n in row["loop"].items() if n)
                           + f" | {regs} | shared {k.metadata.shared} B", flush=True)
+                    if sass:
+                        print(f"{'':28s} loop SASS: total={sum(sass.values())} "
+                              + " ".join(f"{o}={n}" for o, n in list(sass.items())[:16]), flush=True)
     finally:
         lowering.lower_jaxpr_to_triton_module = build
     return rows
