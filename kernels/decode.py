@@ -35,10 +35,9 @@ Keys of integer formats with per-token scales (int8, int4, int2; `qk_int8_suppor
 q in an int8 dot (``Config.qk_int8``; the default, `default_qk_int8`):
 q is rounded to int8 once per row (``s_q = max|q| / 127``, one scale for all key chunks), the
 stored key integers enter the tensor cores as int8 without any conversion (8-bit as stored;
-sub-byte fields masked out with one ``lop3`` per four bytes, `asm_int8_text`, and offset so
-they fit int8, `int8_offset`; the offset's term starts each dot's int32 accumulator), the
-int32 result is exact, each chunk's key scale multiplies it as it is summed, and ``s_q``
-multiplies the block's sum once.
+sub-byte fields moved to the top of their byte by one ``lop3`` per four bytes after a shift,
+`asm_int8_text`; unsigned codes centred, `int8_key_map`), the int32 result is exact, each
+chunk's key scale multiplies it as it is summed, and ``s_q`` multiplies the block's sum once.
 Each logit moves by at most ``s_q / 2 * sum|k|`` beyond the 16-bit path. With two terms
 (``Config.qk_terms``, the default for 8-bit keys) q's rounding error is rounded to int8 too
 and a second int8 dot adds it in int32 (``254 * q1·k + q2·k``): at most ``s_q / 508 *
@@ -348,26 +347,31 @@ def asm_text(bits: int, signed: bool, c: int, dtype) -> str:
     return "\n".join(asm)
 
 
-def int8_offset(bits: int, signed: bool) -> tuple[int, int]:
-    """``(flip, offset)`` of the int8 key tiles of the int8 q·k dot (`Config.qk_int8`): a stored
-    field ``f`` (8, 4 or 2 bits) enters the dot as the int8 ``f ^ flip`` and its integer value is
-    ``(f ^ flip) + offset``. Signed int8 as stored; uint8 (asymmetric int8) flips the top bit;
-    signed sub-byte fields flip their sign bit (offset binary, ``0 .. 2**bits - 1``)."""
-    if bits == 8:
-        return (0, 0) if signed else (0x80, 128)
-    bias = 1 << (bits - 1)
-    return (bias, -bias) if signed else (0, 0)
+def int8_key_map(bits: int, signed: bool) -> tuple[int, int]:
+    """``(scale, center)`` of the int8 key tiles of the int8 q·k dot (`Config.qk_int8`): a stored
+    field of integer value ``k`` (8, 4 or 2 bits; two's complement when ``signed``, else the
+    unsigned code) enters the dot as the int8 ``scale * (k - center)``. The field is moved to
+    the top bits of its byte (``scale = 2**(8 - bits)``: the sign of a signed field lands on the
+    byte's, no sign extension needed) and unsigned codes have the top bit flipped (``center =
+    2**(bits - 1)``), so every tile is centred: q's rounding error, multiplied by it, cancels
+    like q's own, where codes of one sign would add it up. The kernel adds ``center * sum(q)``
+    with the real q."""
+    return 1 << (8 - bits), (0 if signed else 1 << (bits - 1))
 
 
-def asm_int8_text(bits: int, c: int, flip: int) -> str:
+def asm_int8_text(bits: int, c: int, signed: bool) -> str:
     """PTX of `_int8_tile` for field ``c`` of ``bits``-bit values: ``$1`` holds four bytes, ``$0``
-    gets four int8 values ``((byte >> bits * c) & mask) ^ flip`` (one ``lop3``, after a shift)."""
-    mask = ((1 << bits) - 1) * 0x01010101
+    gets the four int8 values of `int8_key_map`: ``((byte << (8 - bits * (c + 1))) & top) ^ flip``
+    (``top`` the byte's ``bits`` top bits, ``flip`` its top bit for unsigned codes): one ``lop3``,
+    after a shift for all but the top field. Bits shifted across bytes fall outside ``top``."""
+    top = (((1 << bits) - 1) << (8 - bits)) * 0x01010101
+    flip = 0 if signed else 0x80808080
+    shift = 8 - bits * (c + 1)
     src, asm = "$1", ["{", ".reg .b32 t0;"]
-    if bits * c:
-        asm.append(f"shr.b32 t0, $1, {bits * c};")
+    if shift:
+        asm.append(f"shl.b32 t0, $1, {shift};")
         src = "t0"
-    asm += [f"lop3.b32 $0, {src}, {mask:#010x}, {flip * 0x01010101:#010x}, 0x6a;", "}"]
+    asm += [f"lop3.b32 $0, {src}, {top:#010x}, {flip:#010x}, 0x6a;", "}"]
     return "\n".join(asm)
 
 
@@ -398,15 +402,19 @@ def _asm_convert(x, lay: Layout, c: int, dtype):
     return _byte_asm(asm_text(lay.bits, lay.signed, c, dtype), x, "=r,=r,r", dtype)
 
 
-def _int8_tile(x, lay: Layout, c: int, flip: int, interpret: bool):
+def _int8_tile(x, lay: Layout, c: int, interpret: bool):
     """Stored bytes ``[BK, W]`` -> the int8 tile of field ``c`` for the int8 q·k dot
-    (`int8_offset`): signed int8 passes as stored; otherwise one inline-PTX ``lop3`` per four
-    bytes (`asm_int8_text`), or the same values from jnp ops in interpret mode."""
-    if lay.bits == 8 and not flip:
+    (`int8_key_map`): signed int8 passes as stored; otherwise one inline-PTX ``lop3`` per four
+    bytes, after a shift (`asm_int8_text`), or the same values from jnp ops in interpret mode."""
+    if lay.bits == 8 and lay.signed:
         return x
     if interpret:
-        return lax.bitcast_convert_type(_bit_plane(x, lay.bits, c) ^ jnp.uint8(flip), jnp.int8)
-    return _byte_asm(asm_int8_text(lay.bits, c, flip), x, "=r,r", jnp.int8)
+        scale, center = int8_key_map(lay.bits, lay.signed)
+        k = _bit_plane(x, lay.bits, c).astype(jnp.int32)
+        if lay.signed:  # two's complement field
+            k = jnp.where(k >= (1 << (lay.bits - 1)), k - (1 << lay.bits), k)
+        return (scale * (k - center)).astype(jnp.int8)
+    return _byte_asm(asm_int8_text(lay.bits, c, lay.signed), x, "=r,r", jnp.int8)
 
 
 Q_LO = 254  # weight of q's first int8 term against its second (`_quantize_rows`)
@@ -547,14 +555,13 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
     qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
     if qk_int8:  # q rounded to int8 per row (one scale for all key chunks): q·k in int32 on the key integers
-        k_flip, k_off = int8_offset(kl.bits, kl.signed)
+        k_mult, k_center = int8_key_map(kl.bits, kl.signed)
         q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
         q_amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(q), axis=1) for q in kq])
         kq_i8 = [_quantize_rows(q, qk_terms, q_amax)[0] for q in kq]  # int8 terms [Mp, width] per chunk
-        s_row = _row_scale(q_amax) / q_w[0]  # f32 [Mp]: logit units per int32 unit
-        # the key offset's term k_off * sum(w q_t) per row and chunk, where each int32 dot starts (exact)
-        kq_off = [jnp.broadcast_to((k_off * sum(w * t.astype(jnp.int32).sum(axis=1) for w, t in zip(q_w, ts))
-                                    )[:, None], (mp, block_k)) for ts in kq_i8] if k_off else None
+        s_row = _row_scale(q_amax) / (q_w[0] * k_mult)  # f32 [Mp]: logit units per int32 unit
+        if k_center and qsum is None:  # the centre's term k_center * sum(q) * s_k, with the real q
+            qsum = [q.sum(axis=1) for q in kq]
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -659,18 +666,20 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 logits = logits + _dot(kq[n], kt, precise, trans_b=True)
                 continue
             if qk_int8:  # per-token scales (qk_int8_supported): logits += s_k * sum_t w_t (q_t . k_int)
-                ki = _int8_tile(stored(k_ref, at, pc, kl, wc), kl, pc.c, k_flip, interpret)
-                acc_i = kq_off[n] if kq_off else None  # each dot adds to it (Triton: the MMA's accumulator)
-                for t, qi in enumerate(kq_i8[n]):  # off + 254 q1.k + q2.k: |.| <= 255 * 127 * 128 * width < 2**31
+                ki = _int8_tile(stored(k_ref, at, pc, kl, wc), kl, pc.c, interpret)
+                acc_i = None
+                for t, qi in enumerate(kq_i8[n]):  # 254 q1.k + q2.k: |.| <= 255 * 128 * 128 * width < 2**31
                     d = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
                     if t + 1 < len(q_w):  # the first of two terms: weighted in int32
                         d = d * q_w[t]
                     acc_i = d if acc_i is None else acc_i + d  # addi(c, dot): Triton folds c into the dot
                 grp = pc.segs[0][0]
+                s_k = col_scale(ks_ref, at, grp, sc, "s")
                 # exact below 2**24 (one term); two terms: within 2**-24 relative
-                logits = logits + acc_i.astype(jnp.float32) * col_scale(ks_ref, at, grp, sc, "s")[None, :]
-                if k_zero:
-                    z = qsum[n][:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
+                logits = logits + acc_i.astype(jnp.float32) * s_k[None, :]
+                if k_zero or k_center:  # sum(q) * (zero + k_center * s_k), per row and token
+                    shift = (col_scale(kz_ref, at, grp, sc, "z") if k_zero else 0.0) + (k_center * s_k if k_center else 0.0)
+                    z = qsum[n][:, None] * shift[None, :]
                     logits_z = z if logits_z is None else logits_z + z
                 continue
             part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]

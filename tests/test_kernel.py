@@ -130,9 +130,12 @@ def _q_delta(spec, cache, qg, scale, cfg) -> float:
 
 
 def _key_ints(cache):
-    """The keys' stored integers times their scales, ``f32[B, H, S, D]`` (k̂ without zero points:
-    what q's rounding error multiplies in the int8 dot)."""
-    return kvq.quant.dequantize(kvq.quant.Quantized(cache.k, cache.k_scale, None), cache.spec.k)
+    """The keys' stored integers, centred as the int8 dot reads them (`decode.int8_key_map`), times
+    their scales, ``f32[B, H, S, D]``: what q's rounding error multiplies in the int8 dot."""
+    t = cache.spec.k
+    center = decode.int8_key_map(t.bits, t.symmetric)[1]
+    zero = None if not center else -center * cache.k_scale.astype(jnp.float32)
+    return kvq.quant.dequantize(kvq.quant.Quantized(cache.k, cache.k_scale, zero), t)
 
 
 def _uses_qk_int8(spec, D, cfg) -> bool:
@@ -245,6 +248,8 @@ def _exec_ptx(asm: str, reg: dict, fdt=np.float16) -> dict:
         d, src = args[0], [val(a) for a in args[1:]]
         if op == "shr.b32":
             reg[d] = src[0] >> src[1]
+        elif op == "shl.b32":
+            reg[d] = (src[0] << src[1]) & 0xFFFFFFFF
         elif op == "mov.b32":
             reg[d] = src[0]
         elif op == "prmt.b32":  # bytes of {b, a}; selector nibble k picks result byte k
@@ -294,24 +299,28 @@ def test_asm_conversion_gives_every_field_value(bits, signed):
 @pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)])
 def test_int8_key_tiles_give_every_field_value(bits, signed):
     """The int8 key tiles of Config.qk_int8 (`asm_int8_text`'s PTX evaluated instruction by
-    instruction, and the interpret-mode jnp path) plus `int8_offset` give every field's value."""
-    flip, off = decode.int8_offset(bits, signed)
-    lay = types.SimpleNamespace(bits=bits)
+    instruction, and the interpret-mode jnp path) hold ``scale * (k - center)`` (`int8_key_map`)
+    for every field value k of every byte: centred, and within int8."""
+    scale, center = decode.int8_key_map(bits, signed)
+    assert center == (0 if signed else 1 << (bits - 1)) and scale == 1 << (8 - bits)
+    lay = types.SimpleNamespace(bits=bits, signed=signed)
     data = np.arange(256, dtype=np.uint8)
     for c in range(8 // bits):
         f = (data >> (bits * c)) & ((1 << bits) - 1)
-        want = f.astype(np.int64) - ((f >= (1 << (bits - 1))) << bits if signed else 0)  # two's complement
+        k = f.astype(np.int64) - ((f >= (1 << (bits - 1))) << bits if signed else 0)  # two's complement
+        want = scale * (k - center)
+        assert want.min() == -128 and want.max() == 128 - scale  # centred, the int8 range's bottom used
         stored = data.view(np.int8) if bits == 8 and signed else data  # int8 is stored as int8
-        tile = decode._int8_tile(jnp.asarray(stored.reshape(64, 4)), lay, c, flip, interpret=True)
+        tile = decode._int8_tile(jnp.asarray(stored.reshape(64, 4)), lay, c, interpret=True)
         assert tile.dtype == jnp.int8
-        np.testing.assert_array_equal(np.asarray(tile).reshape(-1).astype(np.int64) + off, want)
-        if bits == 8 and not flip:
+        np.testing.assert_array_equal(np.asarray(tile).reshape(-1).astype(np.int64), want)
+        if bits == 8 and signed:
             continue  # int8 enters the dot as stored: no PTX
-        asm = decode.asm_int8_text(bits, c, flip)
+        asm = decode.asm_int8_text(bits, c, signed)
         for i in range(0, 256, 4):
             word = int(data[i:i + 4].view(np.uint32)[0])
             got = np.array([_exec_ptx(asm, {"$1": word})["$0"]], np.uint32).view(np.int8).astype(np.int64)
-            np.testing.assert_array_equal(got + off, want[i:i + 4], err_msg=f"{bits} {signed} {c} {data[i:i + 4]}")
+            np.testing.assert_array_equal(got, want[i:i + 4], err_msg=f"{bits} {signed} {c} {data[i:i + 4]}")
 
 
 def _q_int8_delta(qg, k_int, scale, terms=1):
