@@ -152,9 +152,29 @@ def bench_sharded(B, S, Hq, H, D, presets, key, gpus):
 
 # -- correctness ---------------------------------------------------------------
 
+# relative L2 error allowed against the reference on the same quantized data: precise mode; the
+# default mode (q and p rounded to 16 bits once); the default mode with q rounded to one int8 term for
+# the int8 q·k dot (sub-byte keys): each element of q moves by up to max|q_row| / 254, ~20x the fp16
+# rounding (measured 1.3e-2 / 7.2e-4 on asymmetric int4 keys, D 64), still far below the keys' own
+# 4-bit rounding that this comparison leaves out; tests/test_kernel.py holds every path to its
+# analytic bound
+CHECK_REL = {"precise": 2e-5, "default": 1e-2, "q-int8": 4e-2}
+
+
+def check_tolerance(spec, D, cfg, precise) -> float:
+    """The relative error `check` allows the kernel under ``cfg`` (`CHECK_REL`)."""
+    if precise:
+        return CHECK_REL["precise"]
+    lay = decode.make_layout(spec.k, D, cfg.unpack)
+    qk = cfg.qk_int8 if cfg.qk_int8 is not None else decode.default_qk_int8(spec, lay)
+    one_term = (cfg.qk_terms or decode.default_qk_terms(lay)) == 1
+    return CHECK_REL["q-int8" if qk and one_term and decode.qk_int8_supported(spec, lay) else "default"]
+
+
 def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), vary=({},)):
     """Our GPU kernel (each ``Config.unpack`` of ``unpacks``, ``Config.qk_int8`` of ``qk_int8`` and
-    override set of ``vary``) vs reference.py on the same quantized data; returns rows of results."""
+    override set of ``vary``) vs reference.py on the same quantized data, within `check_tolerance`;
+    returns rows of results."""
     rows = []
     key = jax.random.key(1)
     shapes = [(2, 8, 4, 128, 1), (3, 2, 1, 64, 4), (2, 4, 8, 256, 1), (2, 2, 3, 128, 16)]
@@ -176,11 +196,12 @@ def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), vary=({
                 out = jax.jit(lambda q, c: _attend_pallas(q, c, precise, cfg))(q, cache)
                 err = float(jnp.max(jnp.abs(out - ref)))
                 rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-                ok = bool(jnp.all(jnp.isfinite(out))) and rel < (2e-5 if precise else 1e-2)
+                tol = check_tolerance(spec, D, cfg, precise)
+                ok = bool(jnp.all(jnp.isfinite(out))) and rel < tol
                 rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise, unpack=unpack,
-                                 qk_int8=qk, vary=var, max_abs=err, rel=rel, ok=ok))
+                                 qk_int8=qk, vary=var, max_abs=err, rel=rel, tol=tol, ok=ok))
                 print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} {var} precise={precise!s:5s} "
-                      f"max|d|={err:.2e} rel={rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+                      f"max|d|={err:.2e} rel={rel:.2e} (< {tol:.0e}) {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
 
