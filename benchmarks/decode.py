@@ -200,7 +200,8 @@ def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), vary=({
                 ok = bool(jnp.all(jnp.isfinite(out))) and rel < tol
                 rows.append(dict(preset=name, B=B, H=H, G=G, D=D, T=T, precise=precise, unpack=unpack,
                                  qk_int8=qk, vary=var, max_abs=err, rel=rel, tol=tol, ok=ok))
-                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} {var} precise={precise!s:5s} "
+                print(f"check {name:10s} B={B} H={H} G={G} D={D} T={T} {unpack:5s} qk_int8={qk!s:5s} {var} "
+                      f"precise={precise!s:5s} "
                       f"max|d|={err:.2e} rel={rel:.2e} (< {tol:.0e}) {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 

@@ -302,7 +302,8 @@ def main(argv=None):
     ap.add_argument("--ptx", default=None, help="folder: dump and count the compiled kernel's PTX per variant")
     ap.add_argument("--sm90", default=None,
                     help="folder: compile each variant for sm_90 here with the triton package (no GPU) and count "
-                         "its PTX, whole and per block (use a small --batch / --seq: the shapes do not change the code)")
+                         "its PTX, whole and per block (use a small --batch / --seq: the shapes do not change the "
+                         "code)")
     ap.add_argument("--vary", default="", help="with --sm90: Config overrides, as benchmarks/decode.py --vary")
     a = ap.parse_args(argv)
     if a.sm90:

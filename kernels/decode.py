@@ -519,8 +519,8 @@ def _vdtype(lay: Layout, v_fp16: bool):
 
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
-                   page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool, qk_terms: int,
-                   v_token_minor: bool, interpret: bool):
+                   page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
+                   qk_terms: int, v_token_minor: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
@@ -554,7 +554,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     # q columns of each key piece (loaded once, before the loop)
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
     qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
-    if qk_int8:  # q rounded to int8 per row (one scale for all key chunks): q·k in int32 on the key integers
+    if qk_int8:  # q rounded to int8 per row (one scale for all key chunks): q·k in int32 on the keys' integers
         k_mult, k_center = int8_key_map(kl.bits, kl.signed)
         q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
         q_amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(q), axis=1) for q in kq])
@@ -678,7 +678,9 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 # exact below 2**24 (one term); two terms: within 2**-24 relative
                 logits = logits + acc_i.astype(jnp.float32) * s_k[None, :]
                 if k_zero or k_center:  # sum(q) * (zero + k_center * s_k), per row and token
-                    shift = (col_scale(kz_ref, at, grp, sc, "z") if k_zero else 0.0) + (k_center * s_k if k_center else 0.0)
+                    shift = k_center * s_k if k_center else 0.0
+                    if k_zero:
+                        shift = shift + col_scale(kz_ref, at, grp, sc, "z")
                     z = qsum[n][:, None] * shift[None, :]
                     logits_z = z if logits_z is None else logits_z + z
                 continue
@@ -779,8 +781,8 @@ class Config:
     v_dequant: bool | None = None  # default mode: scale value tiles in registers instead of p per
     # group; None = `default_v_dequant` (measured per format: BENCHMARKS.md runs E and H)
     row_tile: int = 64  # query rows (T * G) per program when there are more (chunked prefill)
-    qk_int8: bool | None = None  # default mode: q rounded to int8 (per row and key chunk) and q·k as an
-    # int8 dot on the raw key integers (`qk_int8_supported`); None = `default_qk_int8`
+    qk_int8: bool | None = None  # default mode: q rounded to int8 (per row) and q·k as an int8 dot on
+    # the stored key integers (`qk_int8_supported`); None = `default_qk_int8`
     qk_terms: int | None = None  # int8 terms of q in that dot: 1 (q rounded once) or 2 (q and its rounding
     # error, two int8 dots summed in int32: finer than the 16-bit path); None = `default_qk_terms`
 

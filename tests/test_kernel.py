@@ -324,7 +324,7 @@ def test_int8_key_tiles_give_every_field_value(bits, signed):
 
 
 def _q_int8_delta(qg, k_int, scale, terms=1):
-    """Logit error of rounding q to int8 per row (and key chunk): each element of q moves by
+    """Logit error of rounding q to int8 per row (one scale for the row): each element of q moves by
     at most max|q_row| / 254 (one term), max|q_row| / (127 * 508) (two terms), so a logit by
     that times scale * sum_d |k_d| over the scaled key integers ``k_int`` (`_key_ints`)."""
     qmax = jnp.max(jnp.abs(qg), axis=-1)  # [B, T, H, G]
@@ -335,7 +335,7 @@ def _q_int8_delta(qg, k_int, scale, terms=1):
 @pytest.mark.parametrize("shape", [(4, 128, 1), (3, 64, 4), (8, 256, 1)], ids=lambda s: f"G{s[0]}-D{s[1]}-T{s[2]}")
 @pytest.mark.parametrize("name", ["int8", "int8-g32-asym", "int4", "int4-tok-asym", "int2"])  # every key field kind
 def test_int8_qk_dot_stays_within_its_bound(name, shape):
-    """Config.qk_int8: q rounded to int8 per row and key chunk, q·k an int8 dot on the raw
+    """Config.qk_int8: q rounded to int8 per row, q·k an int8 dot on the stored
     key integers. Held to the default mode's bound with the q rounding term added; it must
     differ from the 16-bit path (the int8 dot really ran), and precise mode ignores it."""
     G, D, T = shape
