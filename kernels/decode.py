@@ -191,16 +191,17 @@ def default_qk_int8(spec, kl: Layout) -> bool:
     Measured (BENCHMARKS.md, runs I and M): paged B=16 S=32K int4 486 -> 455 us and int2
     579 -> 565 with q in one int8 term, no change in SmolLM2's KL to bf16 (int4 0.215 -> 0.201);
     8-bit keys with q in two terms (`default_qk_terms`): int8 386.9 -> 381.9 us, k8v4 521.8 ->
-    503.1, KL 0.92e-3 (16-bit q·k) -> 0.97e-3 (XLA's f32 path: 0.99e-3), where one term gave
+    503.1, KL 0.92e-3 (16-bit q·k) -> 1.02e-3 (XLA's f32 path: 0.99e-3), where one term gave
     1.38e-3."""
     return qk_int8_supported(spec, kl)
 
 
 def default_qk_terms(kl: Layout) -> int:
     """int8 terms of q in the int8 q·k dot (`Config.qk_terms`): two for 8-bit keys, whose KL on
-    SmolLM2 rose 0.92e-3 -> 1.38e-3 with one (BENCHMARKS.md, run I) and is 0.97e-3 with two (run
-    M), at no cost in time (int8 381.9 us with two, 385.7 with one); one for sub-byte keys, whose
-    own rounding hides q's (run I) and where a second dot cost 20 % (int4 383.2 -> 458.5 us)."""
+    SmolLM2 rose 0.92e-3 -> 1.38e-3 with one (BENCHMARKS.md, run I) and is 1.02e-3 with two (run
+    M; XLA's f32 path 0.99e-3), at no cost in time (int8 381.9 us with two, 385.7 with one); one
+    for sub-byte keys, whose own rounding hides q's (run I) and where a second dot cost 20 % (int4
+    383.2 -> 458.5 us)."""
     return 2 if kl.bits == 8 else 1
 
 
