@@ -351,13 +351,9 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
     o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
     k_hat, v_hat = reference.dequantize_body(cache)
     vmax = float(jnp.max(jnp.abs(v_hat)))
-    o8, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(base, qk_int8=True))
     o16, lse16 = decode.body_attention(qg, cache, qpos, scale, interpret=True,
                                        config=dataclasses.replace(base, qk_int8=False))
     k_int = _key_ints(cache)
-    err = float(jnp.max(jnp.abs(o8 - o_ref)))
-    assert err <= _fast_bound(qg, k_hat, scale, vmax, q_delta=_q_int8_delta(qg, k_int, scale))
-    assert not np.array_equal(np.asarray(o8), np.asarray(o16))
     # both term counts: lse depends on the logits alone (m and l stay f32), so it is held to
     # the int8 rounding of q, plus f32 rounding; two terms beat the 16-bit path's fp16 q
     finite = np.isfinite(np.asarray(lse_ref))
@@ -369,6 +365,7 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
         delta = _q_int8_delta(qg, k_int, scale, terms)
         assert lse_err[terms] <= delta + 1e-5, (terms, lse_err[terms], delta)
         assert float(jnp.max(jnp.abs(o_t - o_ref))) <= _fast_bound(qg, k_hat, scale, vmax, q_delta=delta)
+        assert not np.array_equal(np.asarray(o_t), np.asarray(o16))
     assert lse_err[2] < lse_err[1] / 4, lse_err
     assert lse_err[2] < float(np.max(np.abs(np.asarray(lse16 - lse_ref)[finite]))), lse_err
     op, lp = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
