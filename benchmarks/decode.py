@@ -291,6 +291,8 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
     for name in presets:
         spec = kvq.KVSpec.parse(name)
         if spec.residual or spec.sinks:
+            print(f"paged: {name} not timed (a bf16 window or sinks beside the body: the page pools hold "
+                  f"bodies alone here)", flush=True)
             continue
         cache = build_cache(spec, B, S, H, D, key)
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
