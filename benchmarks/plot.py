@@ -10,6 +10,8 @@
   the kernel per row tile.
 * ``serving.png``: engine decode tokens/s (16 x 32K; 2026-11-30, same machine) and 128K sessions
   per preset, 1 and 2 GPUs.
+* ``qk-dot-and-all-reduce.png``: the paged kernel with the int8 q·k dot and the 16-bit path
+  (run M), and one tensor-parallel decode all-reduce's latency per NCCL protocol on 2 GPUs.
 """
 
 from __future__ import annotations
@@ -152,12 +154,47 @@ def serving(out):
     _save(fig, out, "serving")
 
 
+def qk_dot_and_all_reduce(out):
+    """Run M: the kernel through page tables with the int8 q·k dot (the default) and the 16-bit
+    path, same run; and the latency of one tensor-parallel decode all-reduce on 2 GPUs per NCCL
+    protocol."""
+    rows = _load("decode-h200-runM-qk-final-2026-11-30.json")["rows"]
+    presets = ["int8", "int4", "int2"]
+
+    def t(name, qk):
+        return next(r["t"] * 1e6 for r in rows if r["impl"] == f"kvq-{name}-paged256-vT" and f"qk_int8={qk}," in r["cfg"])
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, qk) in enumerate((("int8 q·k (default)", None), ("16-bit q·k", False))):
+        vals = [t(p, qk) for p in presets]
+        a1.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=label)
+        for j, v in enumerate(vals):
+            a1.text(j + (i - 0.5) * 0.4, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    a1.set_xticks(range(3), presets)
+    a1.set_ylabel("us per call (lower is better)")
+    a1.set_title("Decode kernel, paged B=16 S=32K (H200, run M)")
+    a1.legend(fontsize=8)
+    with open(os.path.join(HERE, "collectives-h200x2-runM-2026-11-30.jsonl")) as f:
+        coll = [json.loads(line) for line in f if line.strip()]
+    coll = [r for r in coll if r["shape"] == [16, 4096]]
+    labels = list(dict.fromkeys(r["label"] for r in coll))
+    for i, dt in enumerate(("float32", "bfloat16")):
+        vals = [next(r["us_per_all_reduce"] for r in coll if r["label"] == lb and r["dtype"] == dt) for lb in labels]
+        a2.bar([j + (i - 0.5) * 0.4 for j in range(len(labels))], vals, 0.4, label=f"[16, 4096] {dt}")
+    a2.set_xticks(range(len(labels)), labels)
+    a2.set_xlabel("NCCL_PROTO")
+    a2.set_ylabel("us per all-reduce (64 chained)")
+    a2.set_title("Tensor-parallel all-reduce, 2 x H200 (run M)")
+    a2.legend(fontsize=8)
+    _save(fig, out, "qk-dot-and-all-reduce")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving):
+    for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 
