@@ -165,10 +165,8 @@ def check_tolerance(spec, D, cfg, precise) -> float:
     """The relative error `check` allows the kernel under ``cfg`` (`CHECK_REL`)."""
     if precise:
         return CHECK_REL["precise"]
-    lay = decode.make_layout(spec.k, D, cfg.unpack)
-    qk = cfg.qk_int8 if cfg.qk_int8 is not None else decode.default_qk_int8(spec, lay)
-    one_term = (cfg.qk_terms or decode.default_qk_terms(lay)) == 1
-    return CHECK_REL["q-int8" if qk and one_term and decode.qk_int8_supported(spec, lay) else "default"]
+    qk, terms = decode.qk_int8_choice(spec, decode.make_layout(spec.k, D, cfg.unpack), cfg)
+    return CHECK_REL["q-int8" if qk and terms == 1 else "default"]
 
 
 def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), vary=({},)):

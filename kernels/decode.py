@@ -205,6 +205,21 @@ def default_qk_terms(kl: Layout) -> int:
     return 2 if kl.bits == 8 else 1
 
 
+def qk_int8_choice(spec, kl: Layout, cfg: "Config") -> tuple[bool, int]:
+    """``(int8 q·k dot, q's int8 terms)`` that the default mode runs for keys stored as ``spec.k``
+    and read as ``kl`` under ``cfg``: its ``qk_int8`` / ``qk_terms``, else `default_qk_int8` /
+    `default_qk_terms`. Asking for the dot where it cannot run is an error naming the setting."""
+    on = cfg.qk_int8 if cfg.qk_int8 is not None else default_qk_int8(spec, kl)
+    if on and not qk_int8_supported(spec, kl):
+        if cfg.qk_int8:
+            raise ValueError(
+                f"config: qk_int8 needs integer keys with per-token scales read as stored (unpack 'bytes' "
+                f"or 'asm') in chunks of a multiple of 32 columns; got keys {spec.k}, unpack {kl.unpack!r}, "
+                f"chunks {sorted({pc.width for pc in kl.pieces})}")
+        on = False
+    return on, cfg.qk_terms or default_qk_terms(kl)
+
+
 def make_layout(t: TensorSpec, head_dim: int, unpack: str = "auto") -> Layout:
     """The kernel's tiling of a tensor stored as ``t`` with vectors of ``head_dim``.
 
@@ -554,15 +569,14 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
 
     # q columns of each key piece (loaded once, before the loop)
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
-    qsum = [q.sum(axis=1) for q in kq] if (k_zero and k_mode == "token") else None
+    k_mult, k_center = int8_key_map(kl.bits, kl.signed) if qk_int8 else (1, 0)
+    # sum(q) per row and chunk: for zero points, and for the centre of unsigned codes in the int8 dot
+    qsum = [q.sum(axis=1) for q in kq] if (k_mode == "token" and (k_zero or k_center)) else None
     if qk_int8:  # q rounded to int8 per row (one scale for all key chunks): q·k in int32 on the keys' integers
-        k_mult, k_center = int8_key_map(kl.bits, kl.signed)
         q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
         q_amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(q), axis=1) for q in kq])
         kq_i8 = [_quantize_rows(q, qk_terms, q_amax)[0] for q in kq]  # int8 terms [Mp, width] per chunk
         s_row = _row_scale(q_amax) / (q_w[0] * k_mult)  # f32 [Mp]: logit units per int32 unit
-        if k_center and qsum is None:  # the centre's term k_center * sum(q) * s_k, with the real q
-            qsum = [q.sum(axis=1) for q in kq]
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -881,14 +895,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
     if spec.channel_keys and cfg.block_k % spec.token_group:
         raise ValueError(f"config: block_k must be a multiple of token_group={spec.token_group} for per-channel keys")
-    qk_int8 = cfg.qk_int8 if cfg.qk_int8 is not None else default_qk_int8(spec, kl)
-    if qk_int8 and not qk_int8_supported(spec, kl):
-        if cfg.qk_int8:
-            raise ValueError(
-                f"config: qk_int8 needs integer keys with per-token scales read as stored (unpack 'bytes' "
-                f"or 'asm') in chunks of a multiple of 32 columns; got keys {spec.k}, unpack {kl.unpack!r}, "
-                f"chunks {sorted({pc.width for pc in kl.pieces})}")
-        qk_int8 = False
+    qk_int8, qk_terms = qk_int8_choice(spec, kl, cfg)
     if (page_size or S) % cfg.block_k:
         what = f"the page size {page_size}" if page_size else f"the body capacity {S}"
         raise ValueError(f"config: block_k {cfg.block_k} must divide {what}")
@@ -956,7 +963,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
         token_group=spec.token_group,
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
-        qk_int8=qk_int8 and not precise, qk_terms=cfg.qk_terms or default_qk_terms(kl),
+        qk_int8=qk_int8 and not precise, qk_terms=qk_terms,
         v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,

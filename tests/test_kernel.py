@@ -122,11 +122,9 @@ def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8, q_delta=0.0):
 
 def _q_delta(spec, cache, qg, scale, cfg) -> float:
     """The logit error of the int8 rounding of q this spec and config run (0 when they do not)."""
-    if not _uses_qk_int8(spec, qg.shape[-1], cfg):
-        return 0.0
     cfg = cfg or decode.Config(64, 1)
-    terms = cfg.qk_terms or decode.default_qk_terms(decode.make_layout(spec.k, qg.shape[-1], cfg.unpack))
-    return _q_int8_delta(qg, _key_ints(cache), scale, terms)
+    qk, terms = decode.qk_int8_choice(spec, decode.make_layout(spec.k, qg.shape[-1], cfg.unpack), cfg)
+    return _q_int8_delta(qg, _key_ints(cache), scale, terms) if qk else 0.0
 
 
 def _key_ints(cache):
@@ -136,13 +134,6 @@ def _key_ints(cache):
     center = decode.int8_key_map(t.bits, t.symmetric)[1]
     zero = None if not center else -center * cache.k_scale.astype(jnp.float32)
     return kvq.quant.dequantize(kvq.quant.Quantized(cache.k, cache.k_scale, zero), t)
-
-
-def _uses_qk_int8(spec, D, cfg) -> bool:
-    """Whether the kernel's default mode runs the int8 q·k dot for this spec and config."""
-    cfg = cfg or decode.Config(64, 1)
-    lay = decode.make_layout(spec.k, D, cfg.unpack)
-    return cfg.qk_int8 if cfg.qk_int8 is not None else decode.default_qk_int8(spec, lay)
 
 
 @pytest.mark.parametrize("name", ["int4", "k8v4", "int2-kivi", "fp8"])
