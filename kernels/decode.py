@@ -831,13 +831,25 @@ def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
     return row_tile, -(-rows // row_tile)
 
 
+def one_warp(spec, row_tile: int) -> bool:
+    """Whether decode programs (``row_tile`` 16) run as one warp each: sub-byte values beside
+    per-token keys. One warp needs no barrier between warps (a 4-warp int4 block loop has 30:
+    `p` exchanged through shared memory for every value scale group) and fits more programs per
+    SM. Measured (paged B=16 S=32K, BENCHMARKS.md run N): int4 368 -> 310 us, k8v4 503 -> 405,
+    int2 501 -> 487; 8-bit values are slower so (int8 386 -> 399 at best)."""
+    return (row_tile <= 16 and spec.v.quantized and spec.v.bits < 8 and not spec.channel_keys)
+
+
 def default_block_k(spec, row_tile: int) -> int:
     """Tokens per block for programs of ``row_tile`` query rows: a token group for per-channel
-    keys (several groups per block measured slower, run E); 128 in decode (``row_tile`` 16) for
-    sub-byte keys with per-token scales (paged B=16 S=32K, run J: int4 426 -> 377 us, the same
-    in an earlier run); else 64."""
+    keys (several groups per block measured slower, run E); 32 for one-warp decode programs
+    (`one_warp`; run N: int4 310 us vs 316 at 64 and 548 at 128); 128 in decode (``row_tile``
+    16) for other sub-byte keys with per-token scales (run J: int4 with 4 warps 426 -> 377 us);
+    else 64."""
     if spec.channel_keys:
         return spec.token_group
+    if one_warp(spec, row_tile):
+        return 32
     return 128 if spec.k.quantized and spec.k.bits < 8 and row_tile <= 16 else 64
 
 
@@ -846,10 +858,14 @@ def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile:
     if page_size:  # a block lies in one page
         block_k = min(block_k, _pow2_divisor(page_size))
     nblk = -(-S // block_k)
+    # programs to launch: 4 per SM of 4 warps; 12 per SM of one warp (run N, 128 heads: 16
+    # splits 310 us, 32 splits 328)
+    warps = 1 if one_warp(spec, row_tile) else 4
+    fill = (4 if warps == 4 else 12) * NUM_SMS
     splits = 1
-    while programs * splits < 4 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
+    while programs * splits < fill and splits * 2 <= max(1, nblk // 4):
         splits *= 2
-    return Config(block_k, splits, num_warps=4, num_stages=3)
+    return Config(block_k, splits, num_warps=warps, num_stages=3)
 
 
 def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: Config | None = None,
