@@ -12,6 +12,8 @@
   per preset, 1 and 2 GPUs.
 * ``qk-dot-and-all-reduce.png``: the paged kernel with the int8 q·k dot and the 16-bit path
   (run M), and one tensor-parallel decode all-reduce's latency per NCCL protocol on 2 GPUs.
+* ``one-warp.png``: the paged kernel with one-warp programs (the default for sub-byte values)
+  against the earlier 4-warp config, same run; engine decode tokens/s per preset by tree (run N).
 """
 
 from __future__ import annotations
@@ -189,12 +191,53 @@ def qk_dot_and_all_reduce(out):
     _save(fig, out, "qk-dot-and-all-reduce")
 
 
+def one_warp(out):
+    """Run N: one-warp programs against the 4-warp config they replaced (same run, paged), and
+    the engine's decode tokens/s before (run M's final tree) and after."""
+    rows = _load("decode-h200-runN-default-2026-11-30.json")["rows"]
+    presets = ["int4", "k8v4", "int2"]
+
+    def t(name, warps):
+        return next(r["t"] * 1e6 for r in rows
+                    if r["impl"] == f"kvq-{name}-paged256-vT" and f"num_warps={warps}," in r["cfg"])
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, warps) in enumerate((("4 warps (before)", 4), ("1 warp, 32-token blocks (default)", 1))):
+        vals = [t(p, warps) for p in presets]
+        a1.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=label)
+        for j, v in enumerate(vals):
+            a1.text(j + (i - 0.5) * 0.4, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    a1.set_xticks(range(3), presets)
+    a1.set_ylabel("us per call (lower is better)")
+    a1.set_title("Decode kernel, paged B=16 S=32K (H200, run N)")
+    a1.set_ylim(0, 1.25 * a1.get_ylim()[1])
+    a1.legend(fontsize=8)
+    trees = (("run M final (4ed71a1)", _load("serve-h200-runM-2026-11-30.json")["runs"]["4ed71a1"]),
+             ("one warp (598b022)", _load("serve-h200-runN-2026-11-30.json")),
+             ("and p once (adce19d; x2 host)", _load("serve-h200x2-runN-1gpu-2026-11-30.json")))
+    names = ["bf16", "int8", "int4"]
+    for i, (label, res) in enumerate(trees):
+        pres = res["presets"]
+        vals = [pres[n]["tokens_per_s"] for n in names]
+        x = [j + (i - 1) * 0.27 for j in range(3)]
+        a2.bar(x, vals, 0.27, label=label)
+        for xj, v in zip(x, vals):
+            a2.text(xj, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    a2.set_xticks(range(3), names)
+    a2.set_ylabel("decode tokens/s (higher is better)")
+    a2.set_title("Engine, 8B shape, 16 x 32K, one H200")
+    a2.set_ylim(0, 1.3 * a2.get_ylim()[1])
+    a2.legend(fontsize=8)
+    _save(fig, out, "one-warp")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce):
+    for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
+               one_warp):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 

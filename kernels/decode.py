@@ -723,7 +723,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         # sub-byte values: p * s formed in 16 bits (p rounded once per block, not once per value
         # scale group: run N, int4 307.7 -> 299.0 us; three roundings of 2**-8 where their own
         # rounding is 2**-bits of the range)
-        p16 = p.astype(vdt) if (vl.packed and vl.bits < 8 and not precise) else None
+        p16 = p.astype(vdt) if (vl.packed and vl.bits < 8 and v_scaled and not v_dequant and not precise) else None
         wc, new_os = {}, []
         for n, pc in enumerate(vl.pieces):
             vt = tile(v_ref, at, pc, vl, wc, vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
