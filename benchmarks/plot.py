@@ -42,6 +42,22 @@ def _save(fig, out, name):
     plt.close(fig)
 
 
+def _grouped_bars(ax, names, series, ylabel, title, headroom=1.0):
+    """Bars of ``series`` (``[(label, values per name)]``) side by side per name, each labelled
+    with its value."""
+    w = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series):
+        x = [j + (i - (len(series) - 1) / 2) * w for j in range(len(names))]
+        ax.bar(x, vals, w, label=label)
+        for xj, v in zip(x, vals):
+            ax.text(xj, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8 if len(series) < 3 else 7)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(0, headroom * ax.get_ylim()[1])
+    ax.legend(fontsize=8)
+
+
 def decode_attention(out):
     d = _load("decode-h200-runD-2026-11-29.json")
     rows = [r for r in d["rows"] if r["B"] == 8 and r["S"] == 32768
@@ -167,15 +183,9 @@ def qk_dot_and_all_reduce(out):
         return next(r["t"] * 1e6 for r in rows if r["impl"] == f"kvq-{name}-paged256-vT" and f"qk_int8={qk}," in r["cfg"])
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (label, qk) in enumerate((("int8 q·k (default)", None), ("16-bit q·k", False))):
-        vals = [t(p, qk) for p in presets]
-        a1.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=label)
-        for j, v in enumerate(vals):
-            a1.text(j + (i - 0.5) * 0.4, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    a1.set_xticks(range(3), presets)
-    a1.set_ylabel("us per call (lower is better)")
-    a1.set_title("Decode kernel, paged B=16 S=32K (H200, run M)")
-    a1.legend(fontsize=8)
+    _grouped_bars(a1, presets, [(label, [t(p, qk) for p in presets])
+                                for label, qk in (("int8 q·k (default)", None), ("16-bit q·k", False))],
+                  "us per call (lower is better)", "Decode kernel, paged B=16 S=32K (H200, run M)")
     with open(os.path.join(HERE, "collectives-h200x2-runM-2026-11-30.jsonl")) as f:
         coll = [json.loads(line) for line in f if line.strip()]
     coll = [r for r in coll if r["shape"] == [16, 4096]]
@@ -202,32 +212,15 @@ def one_warp(out):
                     if r["impl"] == f"kvq-{name}-paged256-vT" and f"num_warps={warps}," in r["cfg"])
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (label, warps) in enumerate((("4 warps (before)", 4), ("1 warp, 32-token blocks (default)", 1))):
-        vals = [t(p, warps) for p in presets]
-        a1.bar([j + (i - 0.5) * 0.4 for j in range(3)], vals, 0.4, label=label)
-        for j, v in enumerate(vals):
-            a1.text(j + (i - 0.5) * 0.4, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    a1.set_xticks(range(3), presets)
-    a1.set_ylabel("us per call (lower is better)")
-    a1.set_title("Decode kernel, paged B=16 S=32K (H200, run N)")
-    a1.set_ylim(0, 1.25 * a1.get_ylim()[1])
-    a1.legend(fontsize=8)
+    configs = (("4 warps (before)", 4), ("1 warp, 32-token blocks (default)", 1))
+    _grouped_bars(a1, presets, [(label, [t(p, warps) for p in presets]) for label, warps in configs],
+                  "us per call (lower is better)", "Decode kernel, paged B=16 S=32K (H200, run N)", headroom=1.25)
     trees = (("run M final (4ed71a1)", _load("serve-h200-runM-2026-11-30.json")["runs"]["4ed71a1"]),
              ("one warp (598b022)", _load("serve-h200-runN-2026-11-30.json")),
              ("and p once (adce19d; x2 host)", _load("serve-h200x2-runN-1gpu-2026-11-30.json")))
     names = ["bf16", "int8", "int4"]
-    for i, (label, res) in enumerate(trees):
-        pres = res["presets"]
-        vals = [pres[n]["tokens_per_s"] for n in names]
-        x = [j + (i - 1) * 0.27 for j in range(3)]
-        a2.bar(x, vals, 0.27, label=label)
-        for xj, v in zip(x, vals):
-            a2.text(xj, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    a2.set_xticks(range(3), names)
-    a2.set_ylabel("decode tokens/s (higher is better)")
-    a2.set_title("Engine, 8B shape, 16 x 32K, one H200")
-    a2.set_ylim(0, 1.3 * a2.get_ylim()[1])
-    a2.legend(fontsize=8)
+    _grouped_bars(a2, names, [(label, [res["presets"][n]["tokens_per_s"] for n in names]) for label, res in trees],
+                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200", headroom=1.3)
     _save(fig, out, "one-warp")
 
 
