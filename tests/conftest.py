@@ -4,9 +4,19 @@ KVCache's storage with its own unpacking code, independent of quant.dequantize."
 
 from __future__ import annotations
 
+import os
 import types
 
-import jax
+# The suite compiles hundreds of small programs (interpret-mode kernels above all) and runs each
+# on tiny inputs: XLA's optimization passes cost more than they save there (tests/test_kernel.py:
+# 252-275 s -> 179 s on 2 cores). Set in the environment before jax starts, so the subprocesses of
+# tests/test_sharding.py and tests/test_cli.py inherit it. The GPU benchmarks run fully optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402
+
+if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"):  # jax may have started first
+    jax.config.update("jax_disable_most_optimizations", True)
 import jax.numpy as jnp
 import numpy as np
 import pytest
