@@ -845,7 +845,7 @@ def one_warp(spec, row_tile: int) -> bool:
     per-token keys. One warp needs no barrier between warps (a 4-warp int4 block loop has 30:
     `p` exchanged through shared memory for every value scale group) and fits more programs per
     SM. Measured (paged B=16 S=32K, BENCHMARKS.md run N): int4 368 -> 310 us, k8v4 503 -> 405,
-    int2 501 -> 487; 8-bit values are slower so (int8 386 -> 399 at best)."""
+    int2 501 -> 487; 8-bit values do not gain (int8 386 -> 393 at best)."""
     return (row_tile <= 16 and spec.v.quantized and spec.v.bits < 8 and not spec.channel_keys)
 
 
