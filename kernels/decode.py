@@ -841,12 +841,13 @@ def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
 
 
 def one_warp(spec, row_tile: int) -> bool:
-    """Whether decode programs (``row_tile`` 16) run as one warp each: sub-byte values beside
-    per-token keys. One warp needs no barrier between warps (a 4-warp int4 block loop has 30:
-    `p` exchanged through shared memory for every value scale group) and fits more programs per
-    SM. Measured (paged B=16 S=32K, BENCHMARKS.md run N): int4 368 -> 310 us, k8v4 503 -> 405,
-    int2 501 -> 487; 8-bit values do not gain (int8 386 -> 393 at best)."""
-    return (row_tile <= 16 and spec.v.quantized and spec.v.bits < 8 and not spec.channel_keys)
+    """Whether decode programs (``row_tile`` 16) run as one warp each: sub-byte values. One warp
+    needs no barrier between warps (a 4-warp int4 block loop has 30: `p` exchanged through shared
+    memory for every value scale group) and fits more programs per SM. Measured (B=16 S=32K,
+    BENCHMARKS.md run N; paged): int4 368 -> 310 us, k8v4 503 -> 405, int2 501 -> 487;
+    (contiguous) int4-kivi 943 -> 634, int2-kivi 1085 -> 928; 8-bit values do not gain (int8
+    386 -> 393 at best)."""
+    return row_tile <= 16 and spec.v.quantized and spec.v.bits < 8
 
 
 def default_block_k(spec, row_tile: int) -> int:

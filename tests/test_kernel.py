@@ -457,15 +457,15 @@ def test_paged_body_equals_contiguous(name):
 
 
 def test_default_block_k_fits_pages_and_rows():
-    """The default config: one-warp decode programs of 32-token blocks for sub-byte values beside
-    per-token keys, 128-token blocks for other sub-byte per-token keys in decode, 64 for wider
-    keys and for prefill row tiles, a token group for per-channel keys, never more than a
-    page holds; and a small page with the default config reads as the contiguous cache does."""
+    """The default config: one-warp decode programs for sub-byte values (32-token blocks, a token
+    group for per-channel keys), 128-token blocks for other sub-byte per-token keys in decode, 64
+    for wider keys and for prefill row tiles, a token group for per-channel keys, never more than
+    a page holds; and a small page with the default config reads as the contiguous cache does."""
     spec = {n: kvq.KVSpec.parse(n) for n in ("int4", "int2", "int8", "k8v4", "int4-kivi", "k=int4,v=int8")}
     cfgs = [decode._choose(spec[n], 128, 32768) for n in spec]
     assert [c.block_k for c in cfgs] == [32, 32, 64, 32, 32, 128]
-    assert [c.num_warps for c in cfgs] == [1, 1, 4, 1, 4, 4]
-    assert [c.num_splits for c in cfgs] == [16, 16, 8, 16, 8, 8]
+    assert [c.num_warps for c in cfgs] == [1, 1, 4, 1, 1, 4]
+    assert [c.num_splits for c in cfgs] == [16, 16, 8, 16, 16, 8]
     assert (decode._choose(spec["int4"], 128, 32768, row_tile=64).block_k,
             decode._choose(spec["int4"], 128, 32768, row_tile=64).num_warps) == (64, 4)
     assert decode._choose(spec["int4"], 128, 32768, row_tile=64).block_k == 64
