@@ -397,8 +397,9 @@ class Engine:
             gd, state = nnx.split(module)
             return gd, nnx.to_pure_dict(state)
 
-        block_gd = nnx.split(model.layers[0])[0]
-        weights = {"layers": tuple(split(b)[1] for b in model.layers)}
+        layers = [split(b) for b in model.layers]  # every block has the first one's GraphDef
+        block_gd = layers[0][0]
+        weights = {"layers": tuple(state for _, state in layers)}
         embed_gd, weights["embed"] = split(model.embed)
         norm_gd, weights["norm"] = split(model.norm)
         head_gd = None
