@@ -63,8 +63,7 @@ accumulate in f32.
 results within f32 rounding of the reference; the default rounds them once, as
 flash-attention kernels do (error bound in tests/test_kernel.py). For sub-byte values whose
 tiles are not scaled in registers, p is rounded to 16 bits once per block and multiplied by
-each value scale group's scale in 16 bits (three roundings of ``2**-8`` per weight, against the
-values' own ``2**-bits`` of their range; int4 307.7 -> 299.0 us, run N).
+each value scale group's scale in 16 bits (`p16_weights`).
 """
 
 from __future__ import annotations
@@ -179,6 +178,17 @@ def default_v_dequant(spec) -> bool:
     if not v.quantized or v.bits >= 8:
         return False
     return not (v.bits == 4 and k.bits == 4 and not spec.channel_keys)
+
+
+def p16_weights(spec, cfg: "Config", precise: bool = False) -> bool:
+    """Whether the default mode forms the weights ``p * s`` of ``p @ v`` in 16 bits: ``p`` rounded
+    once per block, times each value scale group's scale in 16 bits (three roundings of ``2**-8``
+    per weight, against the values' own ``2**-bits`` of their range; int4 307.7 -> 299.0 us,
+    BENCHMARKS.md run N). So for sub-byte values whose tiles are not scaled in registers
+    (``cfg.v_dequant``, else `default_v_dequant`); elsewhere ``p * s`` is formed in f32 and
+    rounded once (no gain measured for int8)."""
+    v_dequant = cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec)
+    return not precise and spec.v.quantized and spec.v.bits < 8 and not v_dequant
 
 
 def qk_int8_supported(spec, kl: Layout) -> bool:
@@ -539,7 +549,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
-                   qk_terms: int, v_token_minor: bool, interpret: bool):
+                   qk_terms: int, p_16bit: bool, v_token_minor: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
@@ -720,10 +730,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         p = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
         l_new = corr * l_prev + p.sum(axis=1)
 
-        # sub-byte values: p * s formed in 16 bits (p rounded once per block, not once per value
-        # scale group: run N, int4 307.7 -> 299.0 us; three roundings of 2**-8 where their own
-        # rounding is 2**-bits of the range)
-        p16 = p.astype(vdt) if (vl.packed and vl.bits < 8 and v_scaled and not v_dequant and not precise) else None
+        p16 = p.astype(vdt) if p_16bit else None  # p * s formed in 16 bits (`p16_weights`)
         wc, new_os = {}, []
         for n, pc in enumerate(vl.pieces):
             vt = tile(v_ref, at, pc, vl, wc, vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
@@ -757,7 +764,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                     acc = acc + _dot(p * (sv / smax)[None, :], vt, precise, trans_b=tb) * smax
                 else:
                     pv = p
-                    if v_scaled and p16 is not None:  # p rounded once for all groups, times each group's scale
+                    if p16 is not None:  # p rounded once for all groups, times each group's scale
                         pv = p16 * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix).astype(vdt)[None, :]
                     elif v_scaled:
                         pv = p * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[None, :]
@@ -989,7 +996,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
         token_group=spec.token_group,
         v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
-        qk_int8=qk_int8 and not precise, qk_terms=qk_terms,
+        qk_int8=qk_int8 and not precise, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
         v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,

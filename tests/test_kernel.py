@@ -124,11 +124,10 @@ def _fast_bound(qg, k_hat, scale, vmax, eps=2.0**-8, q_delta=0.0, p_roundings=1)
 
 
 def _p_roundings(spec, cfg=None) -> int:
-    """16-bit roundings in each weight ``p * s`` of the default mode's ``p @ v``: three for sub-byte
-    values whose tiles are not scaled in registers (p, the value scale and their product, formed
-    in 16 bits), else one (``p * s`` formed in f32, rounded once)."""
-    v_dequant = cfg.v_dequant if cfg is not None and cfg.v_dequant is not None else decode.default_v_dequant(spec)
-    return 3 if spec.v.quantized and spec.v.bits < 8 and not v_dequant else 1
+    """16-bit roundings in each weight ``p * s`` of the default mode's ``p @ v``: three where the
+    kernel forms it in 16 bits (p, the value scale and their product; `decode.p16_weights`), else
+    one (``p * s`` formed in f32, rounded once)."""
+    return 3 if decode.p16_weights(spec, cfg or decode.Config(64, 1)) else 1
 
 
 def _q_delta(spec, cache, qg, scale, cfg) -> float:
@@ -466,9 +465,8 @@ def test_default_block_k_fits_pages_and_rows():
     assert [c.block_k for c in cfgs] == [32, 32, 64, 32, 32, 128]
     assert [c.num_warps for c in cfgs] == [1, 1, 4, 1, 1, 4]
     assert [c.num_splits for c in cfgs] == [16, 16, 8, 16, 16, 8]
-    assert (decode._choose(spec["int4"], 128, 32768, row_tile=64).block_k,
-            decode._choose(spec["int4"], 128, 32768, row_tile=64).num_warps) == (64, 4)
-    assert decode._choose(spec["int4"], 128, 32768, row_tile=64).block_k == 64
+    prefill = decode._choose(spec["int4"], 128, 32768, row_tile=64)
+    assert (prefill.block_k, prefill.num_warps) == (64, 4)
     assert decode._choose(spec["int4"], 128, 32768, page_size=48).block_k == 16
     sp, cache, q = _case("int4", "int4", 4, 64, 1, seed=5)
     qg, qpos, scale = _body_inputs(sp, cache, q)
