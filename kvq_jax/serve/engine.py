@@ -304,8 +304,8 @@ class Engine:
         policy (a sequence or ``{layer: spec, "default": spec}`` mapping, e.g. from
         `kvq.calibrate.policy`); layers of one format share one stacked pool.
       max_batch: decode slots (requests decoding at once).
-      page_size: tokens per page (a multiple of 16 and of the spec's token group; a
-        multiple of 64 for the Pallas kernel).
+      page_size: tokens per page (a multiple of 16 and of the spec's token group; the
+        kernel's blocks lie within one page, so pages of 64+ tokens keep its default blocks).
       num_pages: pages per layer in the pool; default enough for ``max_batch``
         sequences of ``max_len`` tokens.
       max_len: most tokens (prompt + generated) one request may hold.

@@ -191,8 +191,9 @@ def init_paged_cache(
       spec: a KVSpec or preset name.
       batch: table rows (sequences).
       num_pages: pages in the pool.
-      page_size: tokens per page; a multiple of 16 and of the spec's token group (the
-        Pallas kernel needs a multiple of 64).
+      page_size: tokens per page; a multiple of 16 and of the spec's token group. The
+        Pallas kernel reads blocks within one page (at most the largest power of two that
+        divides page_size), so pages under its default block of 32-128 tokens cost kernel time.
       max_pages: table entries per sequence (a sequence holds at most
         ``max_pages * page_size`` body tokens).
       num_kv_heads, head_dim: Hkv and D.
@@ -450,11 +451,8 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
 # ----------------------------------------------------------------------------- read
 
 def _paged_impl(impl: str, cache: PagedKVCache) -> str:
-    """``impl`` resolved (`kvq.attention.resolve_impl`); the kernel needs a page_size multiple of 64."""
-    impl = attention.resolve_impl(impl)
-    if impl == "pallas" and cache.page_size % 64:
-        raise ValueError(f"page_size: the Pallas kernel needs a multiple of 64, the cache has {cache.page_size}")
-    return impl
+    """``impl`` resolved (`kvq.attention.resolve_impl`)."""
+    return attention.resolve_impl(impl)
 
 
 def attend_paged(
@@ -475,7 +473,7 @@ def attend_paged(
       cache: the layer's PagedKVCache.
       impl: "xla" (gather each sequence's pages into a contiguous view, then the plain
         jnp reference), "pallas" (the fused-dequant kernel reading through the page
-        table; needs a page_size multiple of 64), "auto" (pallas on GPU, xla elsewhere).
+        table), "auto" (pallas on GPU, xla elsewhere).
       interpret, precise, config: for impl="pallas", as in `kvq.attend`.
       scale: softmax scale; default 1/sqrt(D).
 
@@ -496,7 +494,7 @@ def attend_chunk_paged(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVC
     `append_paged` of the chunk.
 
     ``impl``: "pallas" reads the body through the page table with the fused-dequant
-    kernel (page_size a multiple of 64; ``interpret``, ``precise``, ``config`` as in
+    kernel (``interpret``, ``precise``, ``config`` as in
     `kvq.attend`); "xla" reads a gathered contiguous view in body
     blocks of ``block`` tokens; "auto": pallas on GPU, xla elsewhere. Returns
     ``[B, T, Hq, D]`` in q's dtype."""
