@@ -303,7 +303,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
         variants = []  # (what, outputs equal, [(row, run) contiguous, (row, run) paged]): timed together below
         for unpack, qk, var, vt in itertools.product(unpacks, qk_int8, vary, v_layouts):
             c_v, p_v = token_minor[vt]
-            cfg = decode.choose_config(cache, Hq // H)
+            cfg = decode.choose_config(cache, Hq // H, page_size)  # the paged kernel's default blocks
             cfg = dataclasses.replace(cfg, **{"unpack": cfg.unpack if unpack == "auto" else unpack, "qk_int8": qk, **var})
             if page_size % cfg.block_k:
                 continue

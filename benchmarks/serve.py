@@ -68,7 +68,8 @@ def sessions_that_fit(model, preset, context, page_size, limit, mesh=None):
     return most_that_fit(allocate, limit)
 
 
-def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=None, devices=None, profile_dir=None):
+def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=None, devices=None, profile_dir=None,
+                 shuffle=False):
     """Seconds per step of the engine's jitted decode step (all layers, append through the page
     tables, attention, logits, greedy sampling) at ``batch`` sequences of ``context`` tokens,
     each step fed the previous step's ids on the device.
@@ -77,24 +78,29 @@ def decode_speed(model, preset, batch, context, page_size, steps, impl, mesh=Non
     `kvq.serve.ReplicatedEngine` over them (an engine and a weight copy per device, each with
     its own ``batch`` sequences); a step dispatches every replica's step in turn, and the time
     per step covers them all.
-    ``profile_dir``: also profile 5 more steps there (`profile_steps`: device time per kernel)."""
+    ``profile_dir``: also profile 5 more steps there (`profile_steps`: device time per kernel).
+    ``shuffle``: the sequences' pages in a random order of the pool (as an allocator hands them
+    out after requests have come and gone) instead of each sequence's pages in a row."""
     kw = dict(kv=preset, max_batch=batch, page_size=page_size, max_len=context + 4 * steps + 1, impl=impl)
     if devices:
         engines = kvq.serve.ReplicatedEngine(model, devices=devices, **kw).engines
     else:
         engines = [kvq.serve.Engine(model, mesh=mesh, **kw)]
+    per = engines[0].max_pages
+    order = np.arange(batch * per, dtype=np.int32)
+    if shuffle:
+        order = np.random.default_rng(1).permutation(order).astype(np.int32)
     reps = []
     for eng in engines:
         # the step's inputs where the engine puts them (`Engine._put`): on its device, or replicated over the mesh
         put = eng._put
-        per = eng.max_pages
         # engine._decode_step's slot rows: each step appends at position `context` (the stored
         # values do not change the work) and takes its token from the previous step's ids
         slots = np.zeros((batch, 7), np.int32)
         slots[:, 1], slots[:, 2], slots[:, 6] = context, 1, 1
         reps.append(dict(
             kv=eng._kv, weights=eng._weights, key=eng._key, slots=put(slots),
-            table=put(np.arange(batch * per, dtype=np.int32).reshape(batch, per)),
+            table=put(order.reshape(batch, per)),
             tokens=put(np.random.default_rng(0).integers(0, model.config.vocab_size, batch).astype(np.int32)),
             kw=eng._static(None)))
         eng._kv = None
@@ -187,7 +193,9 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=None, help="tokens per session (default 131072)")
     ap.add_argument("--batch", type=int, default=16, help="decode batch")
     ap.add_argument("--decode-context", type=int, default=None, help="tokens per decoding sequence (default 32768)")
-    ap.add_argument("--page-size", type=int, default=256)
+    ap.add_argument("--page-size", type=int, default=64, help="tokens per page (the Engine's default)")
+    ap.add_argument("--page-order", default="sequential", choices=("sequential", "shuffled"),
+                    help="decode: each sequence's pages in a row, or in a random order of the pool")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per batch (default 20)")
     ap.add_argument("--max-sessions", type=int, default=256)
     ap.add_argument("--impl", default="auto")
@@ -228,7 +236,8 @@ def main(argv=None):
           f"weights {weights / 2**30:.2f} GiB, model {shape}")
     res = dict(device=dev.device_kind, gpus=a.gpus, replicas=a.replicas, jax=jax.__version__,
                python=platform.python_version(), shape=shape,
-               context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size, presets={})
+               context=context, decode_batch=batch, decode_context=dctx, page_size=a.page_size,
+               page_order=a.page_order, presets={})
     res["weights_bytes"] = weights
     presets = a.presets.split(",")
     for preset in presets:
@@ -250,7 +259,7 @@ def main(argv=None):
             r = res["presets"][preset]
             if part == "decode":
                 r.update(decode_speed(model, preset, batch, dctx, a.page_size, steps, a.impl, mesh, devices,
-                                     a.profile and os.path.join(a.profile, preset)))
+                                     a.profile and os.path.join(a.profile, preset), a.page_order == "shuffled"))
             elif part == "loop":
                 r.update(loop_speed(model, preset, batch, loop_prompt, loop_new, a.page_size, a.impl, mesh, devices))
             elif part == "prefix":

@@ -826,10 +826,11 @@ class Config:
             raise ValueError(f"qk_terms: expected None, 1 or 2, got {self.qk_terms!r}")
 
 
-def choose_config(cache: KVCache, rows: int) -> Config:
+def choose_config(cache: KVCache, rows: int, page_size: int | None = None) -> Config:
     """Heuristic launch config for this cache shape and ``rows = T * G`` query rows per KV
-    head (B * Hkv * row tiles * splits fills the SMs)."""
-    return _default_config(cache.spec, cache.batch * cache.num_kv_heads, rows, cache.body_capacity)
+    head (B * Hkv * row tiles * splits fills the SMs); with ``page_size``, for the body read
+    through pages of that size (blocks within one page), as `body_attention` picks it."""
+    return _default_config(cache.spec, cache.batch * cache.num_kv_heads, rows, cache.body_capacity, page_size)
 
 
 def _default_config(spec, heads: int, rows: int, S: int, page_size: int | None = None) -> Config:

@@ -108,7 +108,7 @@ def test_small_pages_through_the_kernel(fmt, ps):
     pc = paged.init_paged_cache(spec, B, B * mp + 2, ps, mp, H, D, page_table=table)
     k, v = _kv(rng, 240)
     pc = paged.append_paged(pc, k, v, jnp.asarray([240, 70, 161], jnp.int32))
-    assert decode._default_config(spec, B * H, 4, mp * ps, ps).block_k <= ps
+    assert ps % decode.choose_config(pc, 4, ps).block_k == 0
     q = jnp.asarray(rng.standard_normal((B, 2, 2 * H, D)), jnp.float32)
     got = paged.attend_paged(q, pc, impl="pallas", precise=True)
     want = paged.attend_paged(q, pc, impl="xla")
