@@ -14,6 +14,8 @@
   (run M), and one tensor-parallel decode all-reduce's latency per NCCL protocol on 2 GPUs.
 * ``one-warp.png``: the paged kernel with one-warp programs (the default for sub-byte values)
   against the earlier 4-warp config, same run; engine decode tokens/s per preset by tree (run N).
+* ``page-size.png``: the paged kernel's default config per page size, and engine decode
+  tokens/s at pages of 64 and 256 (run O).
 """
 
 from __future__ import annotations
@@ -224,13 +226,40 @@ def one_warp(out):
     _save(fig, out, "one-warp")
 
 
+def page_size(out):
+    """Run O: the paged kernel's default config per page size (B=16, S=32K, shuffled pages; at
+    pages of 16 and 32 the two-warp programs now picked for bf16 and int8), and the engine's
+    decode tokens/s at pages of 64 and 256 (same call)."""
+    pages = [16, 32, 64, 256]
+    presets = ["bf16", "int8", "int4"]
+
+    def t(name, ps):  # the default config now: 2 warps at pages 16 / 32 but for int4's one warp
+        rows = [r for r in _load(f"decode-h200-runO-page{ps}-2026-11-30.json")["rows"]
+                if r["impl"] == f"kvq-{name}-paged{ps}-vT"]
+        if ps > 32:
+            return rows[0]["t"] * 1e6  # the run's default config (variants follow it)
+        warps = 1 if name == "int4" else 2
+        return next(r["t"] * 1e6 for r in rows if f"num_warps={warps}," in r["cfg"])
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    _grouped_bars(a1, presets, [(f"page {ps}", [t(n, ps) for n in presets]) for ps in pages],
+                  "us per call (lower is better)", "Decode kernel through pages, B=16 S=32K (H200, run O)",
+                  headroom=1.2)
+    runs = (("page 256", _load("serve-h200-runO-page256-2026-11-30.json")),
+            ("page 64", _load("serve-h200-runO-page64-2026-11-30.json")),
+            ("page 64, shuffled pages", _load("serve-h200-runO-page64-shuffled-2026-11-30.json")))
+    _grouped_bars(a2, presets, [(label, [res["presets"][n]["tokens_per_s"] for n in presets]) for label, res in runs],
+                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200 (run O)", headroom=1.3)
+    _save(fig, out, "page-size")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
-               one_warp):
+               one_warp, page_size):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 

@@ -873,13 +873,21 @@ def default_block_k(spec, row_tile: int) -> int:
 
 def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile: int = 16) -> Config:
     block_k = min(default_block_k(spec, row_tile), _next_pow2(S))
-    if page_size:  # a block lies in one page
-        block_k = min(block_k, _pow2_divisor(page_size))
+    small_pages = False
+    if page_size and _pow2_divisor(page_size) < block_k:  # a block lies in one page
+        block_k = _pow2_divisor(page_size)
+        small_pages = True
     nblk = -(-S // block_k)
-    # programs to launch: 4 per SM of 4 warps; 12 per SM of one warp (run N, 128 heads: 16
+    # warps: one for `one_warp` programs; two for other decode programs held to blocks of <= 32
+    # tokens by small pages (run O, paged B=16 S=32K, page 16 / 32: int8 755 / 469 us with 4
+    # warps, 431 / 354 with 2; bf16 806 / 577 -> 524 / 518); else 4
+    if one_warp(spec, row_tile):
+        warps = 1
+    else:
+        warps = 2 if (small_pages and block_k <= 32 and row_tile <= 16) else 4
+    # programs to launch: 4 per SM of 2 or 4 warps; 12 per SM of one warp (run N, 128 heads: 16
     # splits 310 us, 32 splits 328)
-    warps = 1 if one_warp(spec, row_tile) else 4
-    fill = (4 if warps == 4 else 12) * NUM_SMS
+    fill = (12 if warps == 1 else 4) * NUM_SMS
     splits = 1
     while programs * splits < fill and splits * 2 <= max(1, nblk // 4):
         splits *= 2

@@ -459,7 +459,8 @@ def test_default_block_k_fits_pages_and_rows():
     """The default config: one-warp decode programs for sub-byte values (32-token blocks, a token
     group for per-channel keys), 128-token blocks for other sub-byte per-token keys in decode, 64
     for wider keys and for prefill row tiles, a token group for per-channel keys, never more than
-    a page holds; and a small page with the default config reads as the contiguous cache does."""
+    a page holds (two warps where pages hold 4-warp decode programs to <= 32 tokens); and a small
+    page with the default config reads as the contiguous cache does."""
     spec = {n: kvq.KVSpec.parse(n) for n in ("int4", "int2", "int8", "k8v4", "int4-kivi", "k=int4,v=int8")}
     cfgs = [decode._choose(spec[n], 128, 32768) for n in spec]
     assert [c.block_k for c in cfgs] == [32, 32, 64, 32, 32, 128]
@@ -468,6 +469,12 @@ def test_default_block_k_fits_pages_and_rows():
     prefill = decode._choose(spec["int4"], 128, 32768, row_tile=64)
     assert (prefill.block_k, prefill.num_warps) == (64, 4)
     assert decode._choose(spec["int4"], 128, 32768, page_size=48).block_k == 16
+    # pages under the block: two warps for the 4-warp formats' decode programs, not for prefill
+    small = [decode._choose(spec[n], 128, 32768, page_size=ps) for n, ps in (("int8", 16), ("int8", 32),
+                                                                              ("int4", 16), ("int8", 64))]
+    assert [(c.block_k, c.num_warps, c.num_splits) for c in small] == [(16, 2, 8), (32, 2, 8), (16, 1, 16),
+                                                                        (64, 4, 8)]
+    assert decode._choose(spec["int8"], 128, 32768, page_size=16, row_tile=64).num_warps == 4
     sp, cache, q = _case("int4", "int4", 4, 64, 1, seed=5)
     qg, qpos, scale = _body_inputs(sp, cache, q)
     paged, table = _paged(cache, 16, np.random.default_rng(5))
