@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=None, help="prompt tokens (default 131072, small: 2048)")
     ap.add_argument("--new", type=int, default=16, help="tokens to decode")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 1024, small: 512)")
-    ap.add_argument("--page-size", type=int, default=256)
+    ap.add_argument("--page-size", type=int, default=64, help="tokens per page (the Engine's default)")
     for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "ffn_dim"):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     a = ap.parse_args(argv)

@@ -144,7 +144,7 @@ def test_kernel_row_tiles_and_config_errors():
 
 
 def test_paged_kernel_path_equals_the_contiguous_xla_one(kv):
-    from kvq_jax.serve import attend_chunk_paged, init_paged_cache
+    from kvq_jax.serve import attend_chunk_paged
 
     pc, cc, q, k = _paged_and_contiguous(kv, "int8", 4, 24)
     got = attend_chunk_paged(q, k, k, pc, impl="pallas", interpret=True, precise=True)
