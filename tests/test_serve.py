@@ -99,25 +99,26 @@ def test_paged_pallas_equals_xla(fmt):
 @pytest.mark.parametrize("fmt,ps", [("int8", 16), ("int4", 48), ("k8v4", 32)])
 def test_small_pages_through_the_kernel(fmt, ps):
     """Pages under the kernel's default block (16, 32, 48 tokens): each block lies in one page
-    (the largest power of two dividing page_size); decode and a prefill chunk through the
-    kernel equal the gathered XLA path on the same pages."""
+    (the largest power of two dividing page_size); decode through the kernel (and a prefill
+    chunk, at pages of 16) equals the gathered XLA path on the same pages."""
     spec = kvq.KVSpec.parse(fmt)
     rng = np.random.default_rng(ps)
-    mp = -(-250 // ps)
+    mp = -(-110 // ps)
     table = rng.permutation(B * mp + 2)[:B * mp].reshape(B, mp)
     pc = paged.init_paged_cache(spec, B, B * mp + 2, ps, mp, H, D, page_table=table)
-    k, v = _kv(rng, 240)
-    pc = paged.append_paged(pc, k, v, jnp.asarray([240, 70, 161], jnp.int32))
+    k, v = _kv(rng, 100)
+    pc = paged.append_paged(pc, k, v, jnp.asarray([100, 37, 64], jnp.int32))
     assert ps % decode.choose_config(pc, 4, ps).block_k == 0
     q = jnp.asarray(rng.standard_normal((B, 2, 2 * H, D)), jnp.float32)
     got = paged.attend_paged(q, pc, impl="pallas", precise=True)
     want = paged.attend_paged(q, pc, impl="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-    qc = jnp.asarray(rng.standard_normal((B, 8, 2 * H, D)), jnp.float32)
-    kc, vc = _kv(rng, 8)
-    got = paged.attend_chunk_paged(qc, kc, vc, pc, impl="pallas", precise=True)
-    want = paged.attend_chunk_paged(qc, kc, vc, pc, impl="xla")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    if ps == 16:
+        qc = jnp.asarray(rng.standard_normal((B, 8, 2 * H, D)), jnp.float32)
+        kc, vc = _kv(rng, 8)
+        got = paged.attend_chunk_paged(qc, kc, vc, pc, impl="pallas", precise=True)
+        want = paged.attend_chunk_paged(qc, kc, vc, pc, impl="xla")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
 def test_full_sequence_raises_or_flags_never_wraps():
