@@ -7,7 +7,7 @@ same two at 0.75-0.83).
 A request runs entirely on one replica; the engines run their loops concurrently, one host
 thread each (JAX releases the GIL while a device works).
 
-    replicas = kvq.serve.ReplicatedEngine(model, kv="int8", max_batch=16, page_size=256)
+    replicas = kvq.serve.ReplicatedEngine(model, kv="int8", max_batch=16, page_size=64)
     rids = [replicas.submit(p, max_new_tokens=128) for p in prompts]
     out = replicas.run()          # {request id: [generated ids]}
 """
