@@ -180,15 +180,19 @@ def default_v_dequant(spec) -> bool:
     return not (v.bits == 4 and k.bits == 4 and not spec.channel_keys)
 
 
+def v_dequant_choice(spec, cfg: "Config") -> bool:
+    """``cfg.v_dequant`` resolved: value tiles scaled in registers (else `default_v_dequant`)."""
+    return cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec)
+
+
 def p16_weights(spec, cfg: "Config", precise: bool = False) -> bool:
     """Whether the default mode forms the weights ``p * s`` of ``p @ v`` in 16 bits: ``p`` rounded
     once per block, times each value scale group's scale in 16 bits (three roundings of ``2**-8``
     per weight, against the values' own ``2**-bits`` of their range; int4 307.7 -> 299.0 us,
     BENCHMARKS.md run N). So for sub-byte values whose tiles are not scaled in registers
-    (``cfg.v_dequant``, else `default_v_dequant`); elsewhere ``p * s`` is formed in f32 and
-    rounded once (no gain measured for int8)."""
-    v_dequant = cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec)
-    return not precise and spec.v.quantized and spec.v.bits < 8 and not v_dequant
+    (`v_dequant_choice`); elsewhere ``p * s`` is formed in f32 and rounded once (no gain measured
+    for int8)."""
+    return not precise and spec.v.quantized and spec.v.bits < 8 and not v_dequant_choice(spec, cfg)
 
 
 def qk_int8_supported(spec, kl: Layout) -> bool:
@@ -873,10 +877,9 @@ def default_block_k(spec, row_tile: int) -> int:
 
 def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile: int = 16) -> Config:
     block_k = min(default_block_k(spec, row_tile), _next_pow2(S))
-    small_pages = False
-    if page_size and _pow2_divisor(page_size) < block_k:  # a block lies in one page
+    small_pages = bool(page_size) and _pow2_divisor(page_size) < block_k
+    if small_pages:  # a block lies in one page
         block_k = _pow2_divisor(page_size)
-        small_pages = True
     nblk = -(-S // block_k)
     # warps: one for `one_warp` programs; two for other decode programs held to blocks of <= 32
     # tokens by small pages (run O, paged B=16 S=32K, page 16 / 32: int8 755 / 469 us with 4
@@ -1004,7 +1007,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         v_scaled=v_scaled, v_zero=cache.v_zero is not None, block_k=cfg.block_k,
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
         token_group=spec.token_group,
-        v_dequant=cfg.v_dequant if cfg.v_dequant is not None else default_v_dequant(spec),
+        v_dequant=v_dequant_choice(spec, cfg),
         qk_int8=qk_int8 and not precise, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
         v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
