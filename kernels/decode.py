@@ -83,11 +83,6 @@ from kvq_jax.kernels._compat import pl
 from kvq_jax.spec import TensorSpec
 
 NEG_INF = -1e30  # finite "minus infinity": masked logits, initial running max
-# lazy rescaling (`Config.lazy_rescale`): the running max a block's weights are taken against
-# moves (and the accumulators are rescaled) only when a row's max grew by more than this, so
-# weights stay <= e**8 (~2981: fp16's and bf16's range hold it, and their relative precision
-# does not depend on magnitude)
-RESCALE_SLACK = 8.0
 NUM_SMS = 132  # H200
 NATURAL = -2  # Piece.i of a natural-order chunk
 UNPACKS = ("auto", "join", "split", "bytes", "asm")  # Config.unpack: how stored bytes become tiles
@@ -558,7 +553,7 @@ def _vdtype(lay: Layout, v_fp16: bool):
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
-                   qk_terms: int, p_16bit: bool, v_token_minor: bool, lazy_rescale: bool, interpret: bool):
+                   qk_terms: int, p_16bit: bool, v_token_minor: bool, interpret: bool):
     # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
@@ -583,12 +578,6 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     # _unpack gives e4m3 values * 2**-8 (the STORED unpackings convert them exactly)
     k_fp8_fix = 256.0 if kl.fmt == "fp8" and kl.unpack not in STORED else 1.0
     v_fp8_fix = 256.0 if vl.fmt == "fp8" and vl.unpack not in STORED else 1.0
-    # value tiles scaled in registers (v_dequant) multiply in 16 bits when the scales are stored
-    # in the tile's dtype and there is no zero point: a value (<= 8 significant bits) times a
-    # scale (8) is exact in f32, so one rounding to 16 bits either way; half the multiplies, and
-    # p enters the dots' operand layout once per block (int4 tokens-minor: 1117 -> 1076 SASS
-    # instructions per block, offline sm_90 count)
-    v_scale_16 = v_scaled and not v_zero and v_fp8_fix == 1.0 and vs_ref.dtype == vdt
 
     if split_pages:  # this split's pages, loaded once: no table read on the tile addresses' path
         p0 = jnp.minimum(lo // (page_size // block_k), pt_ref.shape[0] - split_pages)
@@ -740,29 +729,17 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             logits = logits * k_fp8_fix
 
         logits = jnp.where(mask, logits, NEG_INF)
-        m_blk = jnp.maximum(m_prev, logits.max(axis=1))
-        if lazy_rescale:  # rescale only when a row's max grew past the slack (warp-uniform branch)
-            def rescale(args):
-                acc_, l_ = args
-                c = jnp.exp(m_prev - m_blk)
-                return tuple(c[:, None] * o for o in acc_), c * l_, m_blk
-
-            os, l_prev, m_new = lax.cond(jnp.max(m_blk - m_prev) > RESCALE_SLACK, rescale,
-                                         lambda args: (*args, m_prev), (os, l_prev))
-            corr = None
-        else:
-            m_new = m_blk
-            corr = jnp.exp(m_prev - m_new)
-            l_prev = corr * l_prev
-        p = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)  # <= exp(RESCALE_SLACK)
-        l_new = l_prev + p.sum(axis=1)
+        m_new = jnp.maximum(m_prev, logits.max(axis=1))
+        corr = jnp.exp(m_prev - m_new)
+        p = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
+        l_new = corr * l_prev + p.sum(axis=1)
 
         p16 = p.astype(vdt) if p_16bit else None  # p * s formed in 16 bits (`p16_weights`)
         wc, new_os = {}, []
         for n, pc in enumerate(vl.pieces):
             vt = tile(v_ref, at, pc, vl, wc, vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
             tb = v_token_minor  # the dots take vt transposed
-            acc = os[n] if corr is None else corr[:, None] * os[n]
+            acc = corr[:, None] * os[n]
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, masked to its columns
                 for (grp, a, b) in pc.segs:
                     cm = (vcols[n] >= a) & (vcols[n] < b)
@@ -779,13 +756,9 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             elif v_dequant and v_scaled and not precise:  # scale (and shift) the tile: p is shared by all dots
                 grp = pc.segs[0][0]
                 tok = (None, slice(None)) if tb else (slice(None), None)  # the token axis of vt
-                s_v = col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix
-                if v_scale_16:  # scales stored in vt's dtype: the 16-bit product is rounded once,
-                    x = vt * s_v.astype(vt.dtype)[tok]  # as the f32 one is below (same values)
-                else:
-                    x = vt.astype(jnp.float32) * s_v[tok]
-                    if v_zero:
-                        x = x + col_scale(vz_ref, at, grp, sc, "vz")[tok]
+                x = vt.astype(jnp.float32) * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[tok]
+                if v_zero:
+                    x = x + col_scale(vz_ref, at, grp, sc, "vz")[tok]
                 acc = acc + _dot(p, x.astype(vt.dtype), precise, trans_b=tb)
             else:
                 grp = pc.segs[0][0]
@@ -847,8 +820,6 @@ class Config:
     # the stored key integers (`qk_int8_supported`); None = `default_qk_int8`
     qk_terms: int | None = None  # int8 terms of q in that dot: 1 (q rounded once) or 2 (q and its rounding
     # error, two int8 dots summed in int32: finer than the 16-bit path); None = `default_qk_terms`
-    lazy_rescale: bool = False  # rescale the accumulators only when a row's running max grows by
-    # more than RESCALE_SLACK (a branch per block), not every block
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -1038,7 +1009,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         token_group=spec.token_group,
         v_dequant=v_dequant_choice(spec, cfg),
         qk_int8=qk_int8 and not precise, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
-        v_token_minor=v_token_minor, lazy_rescale=cfg.lazy_rescale, interpret=interpret)
+        v_token_minor=v_token_minor, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H, ns, nr),
