@@ -9,6 +9,7 @@ kernel; the small bf16 segments run in XLA.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +112,15 @@ def attend(
     """
     impl = resolve_impl(impl, page_table)
     _check_q(q, cache)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _attend(q, cache, page_table, impl=impl, interpret=interpret, scale=scale, precise=precise, config=config)
+
+
+@partial(jax.jit, static_argnames=("impl", "interpret", "scale", "precise", "config"))
+def _attend(q, cache, page_table, *, impl, interpret, scale, precise, config):
+    """`attend` after its checks, compiled once per cache structure, shapes and options (run op
+    by op, outside any jit, the xla path took several times longer)."""
     B, T, Hq, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qg = q.astype(jnp.float32).reshape(B, T, cache.num_kv_heads, Hq // cache.num_kv_heads, D)
     qpos = cache.lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     parts = _cache_parts(qg, cache, qpos, scale, impl=impl, interpret=interpret, precise=precise, config=config,
@@ -204,8 +212,15 @@ def attend_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, *, le
     """
     impl = resolve_impl(impl, page_table)
     check_chunk(q, k, v, cache)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _attend_chunk(q, k, v, cache, lengths, page_table, scale=scale, block=block, impl=impl,
+                         interpret=interpret, precise=precise, config=config)
+
+
+@partial(jax.jit, static_argnames=("scale", "block", "impl", "interpret", "precise", "config"))
+def _attend_chunk(q, k, v, cache, lengths, page_table, *, scale, block, impl, interpret, precise, config):
+    """`attend_chunk` after its checks, compiled once per structure, shapes and options."""
     B, T, Hq, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     H = cache.num_kv_heads
     qg = q.astype(jnp.float32).reshape(B, T, H, Hq // H, D)
     t = jnp.arange(T, dtype=jnp.int32)

@@ -275,6 +275,16 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
                 f"{np.asarray(n_old)[bad].tolist()} exceeds max_len={cache.max_len}")
         if not (bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))):
             raise ValueError("k, v: contain NaN or Inf")
+    return _append_update(cache, k, v, t_valid, over)
+
+
+@jax.jit
+def _append_update(cache: KVCache, k, v, t_valid, over) -> KVCache:
+    """`append` after its checks, compiled once per cache structure and shapes (run op by op,
+    outside any jit, it took ~10x longer)."""
+    spec = cache.spec
+    B, T, H, D = k.shape
+    n_old = cache.lengths
     # Sequences already overflowed, or overflowing now, take nothing.
     take = ~(over | cache.overflow)
     t_valid = jnp.where(take, t_valid, 0)

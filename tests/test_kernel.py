@@ -23,6 +23,7 @@ and lengths 1, block non-multiples and max_len, ragged across the batch. The com
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -57,6 +58,13 @@ FORMATS = {  # every format and scale layout the kernel reads
 SHAPES = [(1, 256, 1), (3, 128, 4), (8, 64, 4)]
 MAX_LEN = 200
 
+# compiled once per structure, shapes and options (run op by op, the ops around the kernel and
+# the reference took most of these tests' time)
+kernel = jax.jit(decode.body_attention, static_argnums=3,
+                 static_argnames=("interpret", "precise", "config", "v_token_minor"))
+ref_attention = jax.jit(reference.body_attention, static_argnums=3, static_argnames=("block",))
+ref_dequantize = jax.jit(reference.dequantize_body, static_argnames=("dtype",))
+
 
 def _case(name, spec_str, G, D, T, seed):
     rng = np.random.default_rng(seed)
@@ -89,18 +97,18 @@ def _check_kernel(name, shape, seed_key, config=None, fast=True):
     G, D, T = shape
     spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(seed_key.encode()))
     qg, qpos, scale = _body_inputs(spec, cache, q)
-    o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
-    k_hat, v_hat = reference.dequantize_body(cache)
+    o_ref, lse_ref = ref_attention(qg, cache, qpos, scale)
+    k_hat, v_hat = ref_dequantize(cache)
     vmax = float(jnp.max(jnp.abs(v_hat)))
     finite = np.isfinite(np.asarray(lse_ref))
     cfg = None if config is None else config(cache)
 
-    o, lse = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
+    o, lse = kernel(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
     assert np.array_equal(np.isfinite(np.asarray(lse)), finite)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse_ref)[finite], rtol=2e-5, atol=2e-5)
     if fast:
-        o_fast, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
+        o_fast, _ = kernel(qg, cache, qpos, scale, interpret=True, config=cfg)
         bound = _fast_bound(qg, k_hat, scale, vmax, q_delta=_q_delta(spec, cache, qg, scale, cfg),
                             p_roundings=_p_roundings(spec, cfg))
         err = float(jnp.max(jnp.abs(o_fast - o_ref)))
@@ -151,11 +159,11 @@ def test_value_tiles_dequantized_in_registers_stay_within_the_bound(name):
     """Config.v_dequant: value tiles scaled in registers (rounded to 16 bits once more)."""
     spec, cache, q = _case(name, FORMATS[name], 4, 128, 1, seed=zlib.crc32(f"vd{name}".encode()))
     qg, qpos, scale = _body_inputs(spec, cache, q)
-    o_ref, _ = reference.body_attention(qg, cache, qpos, scale)
-    k_hat, v_hat = reference.dequantize_body(cache)
+    o_ref, _ = ref_attention(qg, cache, qpos, scale)
+    k_hat, v_hat = ref_dequantize(cache)
     base = decode.choose_config(cache, 16)
     cfg = decode.Config(base.block_k, base.num_splits, v_dequant=True)
-    o, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, config=cfg)
+    o, _ = kernel(qg, cache, qpos, scale, interpret=True, config=cfg)
     err = float(jnp.max(jnp.abs(o - o_ref)))
     assert 0 < err <= _fast_bound(qg, k_hat, scale, float(jnp.max(jnp.abs(v_hat))),
                                   q_delta=_q_delta(spec, cache, qg, scale, cfg))
@@ -174,7 +182,7 @@ def test_attend_pallas_equals_xla_with_all_segments(name):
 def test_split_count_does_not_change_the_result():
     spec, cache, q = _case("int8", "int8", 4, 64, 1, seed=3)
     qg, qpos, scale = _body_inputs(spec, cache, q)
-    outs = [decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
+    outs = [kernel(qg, cache, qpos, scale, interpret=True, precise=True,
                                   config=decode.Config(64, ns))[0] for ns in (1, 3, 8)]
     for o in outs[1:]:
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=1e-5, rtol=0)
@@ -188,11 +196,11 @@ def test_every_unpacking_matches_reference(name, shape, unpack):
     G, D, T = shape
     spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(f"{name}{unpack}".encode()))
     qg, qpos, scale = _body_inputs(spec, cache, q)
-    o_ref, _ = reference.body_attention(qg, cache, qpos, scale)
-    vmax = float(jnp.max(jnp.abs(reference.dequantize_body(cache)[1])))
+    o_ref, _ = ref_attention(qg, cache, qpos, scale)
+    vmax = float(jnp.max(jnp.abs(ref_dequantize(cache)[1])))
     base = decode.choose_config(cache, 16)
     cfg = decode.Config(base.block_k, base.num_splits, unpack=unpack)
-    o, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
+    o, _ = kernel(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
 
 
@@ -211,7 +219,7 @@ def test_asm_unpacking_in_interpret_mode_reads_like_bytes():
     for name in ("int4", "int8-g32-asym"):
         spec, cache, q = _case(name, FORMATS[name], 4, 64, 1, seed=7)
         qg, qpos, scale = _body_inputs(spec, cache, q)
-        out = [decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(
+        out = [kernel(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(
             decode.choose_config(cache, 16), unpack=u))[0] for u in ("bytes", "asm")]
         np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(out[1]))
 
@@ -346,13 +354,13 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
     if not decode.qk_int8_supported(spec, decode.make_layout(spec.k, D, base.unpack)):
         assert name == "int2" and D == 64  # 16-column chunks: below the int8 MMA's K of 32
         with pytest.raises(ValueError, match="qk_int8"):
-            decode.body_attention(qg, cache, qpos, scale, interpret=True,
+            kernel(qg, cache, qpos, scale, interpret=True,
                                   config=dataclasses.replace(base, qk_int8=True))
         return
-    o_ref, lse_ref = reference.body_attention(qg, cache, qpos, scale)
-    k_hat, v_hat = reference.dequantize_body(cache)
+    o_ref, lse_ref = ref_attention(qg, cache, qpos, scale)
+    k_hat, v_hat = ref_dequantize(cache)
     vmax = float(jnp.max(jnp.abs(v_hat)))
-    o16, lse16 = decode.body_attention(qg, cache, qpos, scale, interpret=True,
+    o16, lse16 = kernel(qg, cache, qpos, scale, interpret=True,
                                        config=dataclasses.replace(base, qk_int8=False))
     k_int = _key_ints(cache)
     # both term counts: lse depends on the logits alone (m and l stay f32), so it is held to
@@ -360,7 +368,7 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
     finite = np.isfinite(np.asarray(lse_ref))
     lse_err = {}
     for terms in (1, 2):
-        o_t, lse_t = decode.body_attention(qg, cache, qpos, scale, interpret=True,
+        o_t, lse_t = kernel(qg, cache, qpos, scale, interpret=True,
                                            config=dataclasses.replace(base, qk_int8=True, qk_terms=terms))
         lse_err[terms] = float(np.max(np.abs(np.asarray(lse_t - lse_ref)[finite])))
         delta = _q_int8_delta(qg, k_int, scale, terms)
@@ -370,7 +378,7 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
         assert not np.array_equal(np.asarray(o_t), np.asarray(o16))
     assert lse_err[2] < lse_err[1] / 4, lse_err
     assert lse_err[2] < float(np.max(np.abs(np.asarray(lse16 - lse_ref)[finite]))), lse_err
-    op, lp = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
+    op, lp = kernel(qg, cache, qpos, scale, interpret=True, precise=True,
                                    config=dataclasses.replace(base, qk_int8=True))
     np.testing.assert_allclose(np.asarray(op), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
 
@@ -385,7 +393,7 @@ def test_int8_qk_dot_on_other_keys_is_a_clear_error(name, unpack):
     cfg = dataclasses.replace(decode.choose_config(cache, 4), unpack=unpack)
     assert not decode.default_qk_int8(spec, decode.make_layout(spec.k, 128, unpack))
     with pytest.raises(ValueError, match="config: qk_int8 needs integer keys with per-token scales"):
-        decode.body_attention(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(cfg, qk_int8=True))
+        kernel(qg, cache, qpos, scale, interpret=True, config=dataclasses.replace(cfg, qk_int8=True))
 
 
 @pytest.mark.parametrize("block_k", [64, 128])
@@ -393,13 +401,13 @@ def test_per_channel_keys_with_several_token_groups_per_block(block_k):
     """KIVI keys: one dot per token group of a block (the default block is one group of 32)."""
     spec, cache, q = _case("int4-kivi", FORMATS["int4-kivi"], 4, 128, 1, seed=block_k)
     qg, qpos, scale = _body_inputs(spec, cache, q)
-    o_ref, _ = reference.body_attention(qg, cache, qpos, scale)
-    vmax = float(jnp.max(jnp.abs(reference.dequantize_body(cache)[1])))
-    o, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True,
+    o_ref, _ = ref_attention(qg, cache, qpos, scale)
+    vmax = float(jnp.max(jnp.abs(ref_dequantize(cache)[1])))
+    o, _ = kernel(qg, cache, qpos, scale, interpret=True, precise=True,
                                  config=decode.Config(block_k, 2))
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
     with pytest.raises(ValueError, match="token_group"):
-        decode.body_attention(qg, cache, qpos, scale, interpret=True, config=decode.Config(16, 2))
+        kernel(qg, cache, qpos, scale, interpret=True, config=decode.Config(16, 2))
 
 
 def test_natural_chunks_follow_scale_groups():
@@ -419,6 +427,21 @@ def test_natural_chunks_follow_scale_groups():
         == [2, 1, 1]
 
 
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["spec"],
+                   data_fields=["lengths", "k", "v", "k_scale", "k_zero", "v_scale", "v_zero"])
+@dataclasses.dataclass(frozen=True)
+class Pools:
+    """What the kernel reads of a paged cache (not a PagedKVCache: any such object will do)."""
+    spec: kvq.KVSpec
+    lengths: jax.Array
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None
+    k_zero: jax.Array | None
+    v_scale: jax.Array | None
+    v_zero: jax.Array | None
+
+
 def _paged(cache, page_size, rng):
     """The body of a contiguous cache moved into a pool of pages in scrambled order (+ 3 spare pages)."""
     B, H, S = cache.k.shape[:3]
@@ -436,7 +459,7 @@ def _paged(cache, page_size, rng):
         return out.at[order].set(pages)
 
     fields = {n: pool(getattr(cache, n)) for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")}
-    paged = types.SimpleNamespace(spec=cache.spec, lengths=cache.lengths, **fields)
+    paged = Pools(spec=cache.spec, lengths=cache.lengths, **fields)
     return paged, jnp.asarray(order.reshape(B, npg), jnp.int32)
 
 
@@ -448,8 +471,8 @@ def test_paged_body_equals_contiguous(name):
     qg, qpos, scale = _body_inputs(spec, cache, q)
     paged, table = _paged(cache, 64, rng)
     cfg = decode.Config(64, 2)  # the same blocks both ways (the default for the contiguous cache may be wider)
-    want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
-    got, lse = decode.body_attention(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table,
+    want, lse_want = kernel(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
+    got, lse = kernel(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table,
                                      config=cfg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
@@ -478,8 +501,8 @@ def test_default_block_k_fits_pages_and_rows():
     sp, cache, q = _case("int4", "int4", 4, 64, 1, seed=5)
     qg, qpos, scale = _body_inputs(sp, cache, q)
     paged, table = _paged(cache, 16, np.random.default_rng(5))
-    want, _ = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=True)  # 64-token blocks
-    got, _ = decode.body_attention(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table)  # 16
+    want, _ = kernel(qg, cache, qpos, scale, interpret=True, precise=True)  # 64-token blocks
+    got, _ = kernel(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table)  # 16
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
 
 
@@ -508,18 +531,18 @@ def test_values_stored_tokens_minor_give_the_same_result(name):
     qg, qpos, scale = _body_inputs(spec, cache, q)
     paged, table = _paged(cache, 128, rng)
     minor = dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2))
-    paged_minor = types.SimpleNamespace(**dict(vars(paged), v=jnp.swapaxes(paged.v, -1, -2)))
+    paged_minor = dataclasses.replace(paged, v=jnp.swapaxes(paged.v, -1, -2))
     for precise in (False, True):
-        want, lse_want = decode.body_attention(qg, cache, qpos, scale, interpret=True, precise=precise)
+        want, lse_want = kernel(qg, cache, qpos, scale, interpret=True, precise=precise)
         for c, kw in ((minor, {}), (paged_minor, dict(page_table=table))):
-            got, lse = decode.body_attention(qg, c, qpos, scale, interpret=True, precise=precise, v_token_minor=True, **kw)
+            got, lse = kernel(qg, c, qpos, scale, interpret=True, precise=precise, v_token_minor=True, **kw)
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
             np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse_want))
     with pytest.raises(ValueError, match="v_token_minor: expected cache.v"):
-        decode.body_attention(qg, cache, qpos, scale, interpret=True, v_token_minor=True)
+        kernel(qg, cache, qpos, scale, interpret=True, v_token_minor=True)
     if spec.v.quantized:
         with pytest.raises(ValueError, match="v_token_minor: needs values read as stored"):
-            decode.body_attention(qg, minor, qpos, scale, interpret=True, v_token_minor=True,
+            kernel(qg, minor, qpos, scale, interpret=True, v_token_minor=True,
                                   config=dataclasses.replace(decode.choose_config(cache, 4), unpack="join"))
 
 
@@ -528,13 +551,13 @@ def test_paged_kernel_lowers_for_cuda_and_checks_its_table():
     spec, cache, q = _case("int4", "int4", 4, 128, 1, seed=5)
     qg, qpos, scale = _body_inputs(spec, cache, q)
     paged, table = _paged(cache, 128, rng)
-    f = jax.jit(lambda qg, t: decode.body_attention(qg, paged, qpos, scale, interpret=False, page_table=t))
+    f = jax.jit(lambda qg, t: kernel(qg, paged, qpos, scale, interpret=False, page_table=t))
     text = f.trace(qg, table).lower(lowering_platforms=("cuda",)).as_text()
     assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text)
     with pytest.raises(ValueError, match="page_table"):
-        decode.body_attention(qg, paged, qpos, scale, interpret=True, page_table=table[:1])
+        kernel(qg, paged, qpos, scale, interpret=True, page_table=table[:1])
     with pytest.raises(ValueError, match="page size"):
-        decode.body_attention(qg, paged, qpos, scale, interpret=True, page_table=table,
+        kernel(qg, paged, qpos, scale, interpret=True, page_table=table,
                               config=decode.Config(256, 1))
 
 

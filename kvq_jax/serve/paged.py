@@ -362,6 +362,16 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
                 f"page_table rows name {np.asarray(jnp.sum(cache.page_table[np.asarray(bad)] >= 0, 1)).tolist()}")
         if not (bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))):
             raise ValueError("k, v: contain NaN or Inf")
+    return _append_paged_update(cache, k, v, t_valid, over)
+
+
+@jax.jit
+def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over) -> PagedKVCache:
+    """`append_paged` after its checks, compiled once per cache structure and shapes."""
+    spec = cache.spec
+    B, T, H, D = k.shape
+    ps = cache.page_size
+    n_old = cache.lengths
     take = ~(over | cache.overflow)
     t_valid = jnp.where(take, t_valid, 0)
     n_new = n_old + t_valid
