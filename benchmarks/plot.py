@@ -16,6 +16,8 @@
   against the earlier 4-warp config, same run; engine decode tokens/s per preset by tree (run N).
 * ``page-size.png``: the paged kernel's default config per page size, and engine decode
   tokens/s at pages of 64 and 256 (run O).
+* ``lazy-rescale.png``: the paged kernel with lazy rescaling and with value tiles scaled in
+  registers, against the default (run P; both dropped).
 """
 
 from __future__ import annotations
@@ -253,13 +255,32 @@ def page_size(out):
     _save(fig, out, "page-size")
 
 
+def lazy_rescale(out):
+    """Run P: the paged kernel with lazy rescaling and with value tiles scaled in registers (16-bit
+    scaling for int4), both dropped (same call; the kernel of commit 7afc090)."""
+    rows = [r for r in _load("decode-h200-runP-lazy-2026-11-30.json")["rows"] if "-paged64-" in r["impl"]]
+    presets = ["bf16", "int8", "int4", "k8v4"]
+
+    def t(name, vd, lazy, i=0):  # the i-th row of the config (the default ran twice: {} and lazy_rescale=0)
+        return [r["t"] * 1e6 for r in rows if r["impl"] == f"kvq-{name}-paged64-vT"
+                and f"v_dequant={vd}," in r["cfg"] and f"lazy_rescale={lazy})" in r["cfg"]][i]
+
+    configs = (("default", None, False, 0), ("default again", None, False, 1), ("lazy rescale", None, True, 0),
+               ("value tiles scaled", True, False, 0), ("both", True, True, 0))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    _grouped_bars(ax, presets, [(label, [t(n, vd, lazy, i) for n in presets]) for label, vd, lazy, i in configs],
+                  "us per call (lower is better)", "Decode kernel, paged B=16 S=32K, pages of 64 (H200, run P)",
+                  headroom=1.25)
+    _save(fig, out, "lazy-rescale")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
-               one_warp, page_size):
+               one_warp, page_size, lazy_rescale):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 
