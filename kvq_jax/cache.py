@@ -250,7 +250,6 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
       flag under jit (see the module docstring).
     """
     _check_kv(cache, k, v)
-    spec = cache.spec
     B, T, H, D = k.shape
     if lengths is None:
         t_valid = jnp.full((B,), T, jnp.int32)

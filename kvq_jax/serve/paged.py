@@ -370,7 +370,6 @@ def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over) -> PagedKVCac
     """`append_paged` after its checks, compiled once per cache structure and shapes."""
     spec = cache.spec
     B, T, H, D = k.shape
-    ps = cache.page_size
     n_old = cache.lengths
     take = ~(over | cache.overflow)
     t_valid = jnp.where(take, t_valid, 0)
