@@ -84,6 +84,7 @@ from kvq_jax.spec import TensorSpec
 
 NEG_INF = -1e30  # finite "minus infinity": masked logits, initial running max
 NUM_SMS = 132  # H200
+SPLIT_TOKENS = 4096  # `_choose`: most tokens per split of a decode program of several warps
 NATURAL = -2  # Piece.i of a natural-order chunk
 UNPACKS = ("auto", "join", "split", "bytes", "asm")  # Config.unpack: how stored bytes become tiles
 STORED = ("bytes", "asm")  # unpackings that read the stored bytes (no 32-bit word view)
@@ -893,6 +894,10 @@ def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile:
     fill = (12 if warps == 1 else 4) * NUM_SMS
     splits = 1
     while programs * splits < fill and splits * 2 <= max(1, nblk // 4):
+        splits *= 2
+    # and, for decode programs of several warps, at most SPLIT_TOKENS tokens per split (run P, paged
+    # B=32 S=32K int8: 4 splits 672 us, 8 598, 16 621; B=16: 8 splits 317-332, 16 330, 4 374)
+    while warps > 1 and row_tile <= 16 and splits * SPLIT_TOKENS < S and splits * 2 <= max(1, nblk // 4):
         splits *= 2
     return Config(block_k, splits, num_warps=warps, num_stages=3)
 

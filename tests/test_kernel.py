@@ -489,6 +489,12 @@ def test_default_block_k_fits_pages_and_rows():
     assert [c.block_k for c in cfgs] == [32, 32, 64, 32, 32, 128]
     assert [c.num_warps for c in cfgs] == [1, 1, 4, 1, 1, 4]
     assert [c.num_splits for c in cfgs] == [16, 16, 8, 16, 16, 8]
+    # decode programs of several warps hold at most SPLIT_TOKENS tokens per split (B = 32, 64 at
+    # 32K: 8 splits, not the 4 / 2 that filling the SMs alone gives); one-warp programs fill the SMs
+    more = [(n, programs, decode._choose(spec[n], programs, 32768).num_splits)
+            for n in ("int8", "int4") for programs in (256, 512)]
+    assert more == [("int8", 256, 8), ("int8", 512, 8), ("int4", 256, 8), ("int4", 512, 4)]
+    assert decode._choose(spec["int8"], 256, 32768, row_tile=64).num_splits == 4  # prefill row tiles: as before
     prefill = decode._choose(spec["int4"], 128, 32768, row_tile=64)
     assert (prefill.block_k, prefill.num_warps) == (64, 4)
     assert decode._choose(spec["int4"], 128, 32768, page_size=48).block_k == 16
