@@ -833,7 +833,8 @@ class Config:
 
 def choose_config(cache: KVCache, rows: int, page_size: int | None = None) -> Config:
     """Heuristic launch config for this cache shape and ``rows = T * G`` query rows per KV
-    head (B * Hkv * row tiles * splits fills the SMs); with ``page_size``, for the body read
+    head (B * Hkv * row tiles * splits fills the SMs, and decode programs of several warps take
+    at most `SPLIT_TOKENS` tokens per split); with ``page_size``, for the body read
     through pages of that size (blocks within one page), as `body_attention` picks it."""
     return _default_config(cache.spec, cache.batch * cache.num_kv_heads, rows, cache.body_capacity, page_size)
 
