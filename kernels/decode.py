@@ -893,12 +893,12 @@ def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile:
     # programs to launch: 4 per SM of 2 or 4 warps; 12 per SM of one warp (run N, 128 heads: 16
     # splits 310 us, 32 splits 328)
     fill = (12 if warps == 1 else 4) * NUM_SMS
-    splits = 1
-    while programs * splits < fill and splits * 2 <= max(1, nblk // 4):
-        splits *= 2
     # and, for decode programs of several warps, at most SPLIT_TOKENS tokens per split (run P, paged
     # B=32 S=32K int8: 4 splits 672 us, 8 598, 16 621; B=16: 8 splits 317-332, 16 330, 4 374)
-    while warps > 1 and row_tile <= 16 and splits * SPLIT_TOKENS < S and splits * 2 <= max(1, nblk // 4):
+    cap_tokens = warps > 1 and row_tile <= 16
+    splits = 1
+    while ((programs * splits < fill or (cap_tokens and splits * SPLIT_TOKENS < S))
+           and splits * 2 <= max(1, nblk // 4)):
         splits *= 2
     return Config(block_k, splits, num_warps=warps, num_stages=3)
 

@@ -183,7 +183,7 @@ def test_split_count_does_not_change_the_result():
     spec, cache, q = _case("int8", "int8", 4, 64, 1, seed=3)
     qg, qpos, scale = _body_inputs(spec, cache, q)
     outs = [kernel(qg, cache, qpos, scale, interpret=True, precise=True,
-                                  config=decode.Config(64, ns))[0] for ns in (1, 3, 8)]
+                   config=decode.Config(64, ns))[0] for ns in (1, 3, 8)]
     for o in outs[1:]:
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=1e-5, rtol=0)
 
@@ -355,13 +355,13 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
         assert name == "int2" and D == 64  # 16-column chunks: below the int8 MMA's K of 32
         with pytest.raises(ValueError, match="qk_int8"):
             kernel(qg, cache, qpos, scale, interpret=True,
-                                  config=dataclasses.replace(base, qk_int8=True))
+                   config=dataclasses.replace(base, qk_int8=True))
         return
     o_ref, lse_ref = ref_attention(qg, cache, qpos, scale)
     k_hat, v_hat = ref_dequantize(cache)
     vmax = float(jnp.max(jnp.abs(v_hat)))
     o16, lse16 = kernel(qg, cache, qpos, scale, interpret=True,
-                                       config=dataclasses.replace(base, qk_int8=False))
+                        config=dataclasses.replace(base, qk_int8=False))
     k_int = _key_ints(cache)
     # both term counts: lse depends on the logits alone (m and l stay f32), so it is held to
     # the int8 rounding of q, plus f32 rounding; two terms beat the 16-bit path's fp16 q
@@ -369,7 +369,7 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
     lse_err = {}
     for terms in (1, 2):
         o_t, lse_t = kernel(qg, cache, qpos, scale, interpret=True,
-                                           config=dataclasses.replace(base, qk_int8=True, qk_terms=terms))
+                            config=dataclasses.replace(base, qk_int8=True, qk_terms=terms))
         lse_err[terms] = float(np.max(np.abs(np.asarray(lse_t - lse_ref)[finite])))
         delta = _q_int8_delta(qg, k_int, scale, terms)
         assert lse_err[terms] <= delta + 1e-5, (terms, lse_err[terms], delta)
@@ -379,7 +379,7 @@ def test_int8_qk_dot_stays_within_its_bound(name, shape):
     assert lse_err[2] < lse_err[1] / 4, lse_err
     assert lse_err[2] < float(np.max(np.abs(np.asarray(lse16 - lse_ref)[finite]))), lse_err
     op, lp = kernel(qg, cache, qpos, scale, interpret=True, precise=True,
-                                   config=dataclasses.replace(base, qk_int8=True))
+                    config=dataclasses.replace(base, qk_int8=True))
     np.testing.assert_allclose(np.asarray(op), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
 
 
@@ -404,7 +404,7 @@ def test_per_channel_keys_with_several_token_groups_per_block(block_k):
     o_ref, _ = ref_attention(qg, cache, qpos, scale)
     vmax = float(jnp.max(jnp.abs(ref_dequantize(cache)[1])))
     o, _ = kernel(qg, cache, qpos, scale, interpret=True, precise=True,
-                                 config=decode.Config(block_k, 2))
+                  config=decode.Config(block_k, 2))
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=0, atol=5e-5 * vmax)
     with pytest.raises(ValueError, match="token_group"):
         kernel(qg, cache, qpos, scale, interpret=True, config=decode.Config(16, 2))
@@ -473,7 +473,7 @@ def test_paged_body_equals_contiguous(name):
     cfg = decode.Config(64, 2)  # the same blocks both ways (the default for the contiguous cache may be wider)
     want, lse_want = kernel(qg, cache, qpos, scale, interpret=True, precise=True, config=cfg)
     got, lse = kernel(qg, paged, qpos, scale, interpret=True, precise=True, page_table=table,
-                                     config=cfg)
+                      config=cfg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
 
@@ -549,7 +549,7 @@ def test_values_stored_tokens_minor_give_the_same_result(name):
     if spec.v.quantized:
         with pytest.raises(ValueError, match="v_token_minor: needs values read as stored"):
             kernel(qg, minor, qpos, scale, interpret=True, v_token_minor=True,
-                                  config=dataclasses.replace(decode.choose_config(cache, 4), unpack="join"))
+                   config=dataclasses.replace(decode.choose_config(cache, 4), unpack="join"))
 
 
 def test_paged_kernel_lowers_for_cuda_and_checks_its_table():
@@ -564,7 +564,7 @@ def test_paged_kernel_lowers_for_cuda_and_checks_its_table():
         kernel(qg, paged, qpos, scale, interpret=True, page_table=table[:1])
     with pytest.raises(ValueError, match="page size"):
         kernel(qg, paged, qpos, scale, interpret=True, page_table=table,
-                              config=decode.Config(256, 1))
+               config=decode.Config(256, 1))
 
 
 def test_overflowed_sequence_gives_nan_rows_only():
