@@ -189,7 +189,7 @@ def check(quick=False, presets=None, unpacks=("auto",), qk_int8=(None,), vary=({
             ref = kvq.attend(q, cache, impl="xla")
             for unpack, qk, var, precise in itertools.product(unpacks, qk_int8, vary, (False, True)):
                 cfg = dataclasses.replace(decode.choose_config(cache, T * G), unpack=unpack, qk_int8=qk, **var)
-                if qk_int8_unsupported(qk, spec, D, unpack):
+                if qk_int8_unsupported(qk, spec, D, unpack) or H % cfg.heads:
                     continue
                 out = jax.jit(lambda q, c: _attend_pallas(q, c, precise, cfg))(q, cache)
                 err = float(jnp.max(jnp.abs(out - ref)))

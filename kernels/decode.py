@@ -554,17 +554,19 @@ def _vdtype(lay: Layout, v_fp16: bool):
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
-                   qk_terms: int, p_16bit: bool, v_token_minor: bool, interpret: bool):
-    # refs of the body are [S, ...] per (b, h); paged (page_size set): pools [P, page, ...]
+                   qk_terms: int, p_16bit: bool, v_token_minor: bool, heads: int, rows_per_head: int,
+                   interpret: bool):
+    # refs of the body are [heads, S, ...] per (b, head group); paged (page_size set): pools
+    # [P, heads, page, ...]. Row r of the tile belongs to head r // rows_per_head of the group.
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Rt] int32: body tokens visible to each row
     pt_ref = next(it) if page_size else None  # [maxp] int32: page of each page_size stream slots (padded)
-    k_ref = next(it)  # [S, words] uint32 | [S, D] bf16 | [S, Dp] as stored ("bytes", "asm")
-    ks_ref = next(it) if k_mode != "none" else None  # [S, Gk] per token | [S/TG, D/4, 4] per channel
+    k_ref = next(it)  # [heads, S, words] uint32 | [.., S, D] bf16 | [.., S, Dp] as stored ("bytes", "asm")
+    ks_ref = next(it) if k_mode != "none" else None  # [heads, S, Gk] per token | [heads, S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
-    v_ref = next(it)  # as k_ref; v_token_minor: [Dp, S] (bf16: [D, S]), tokens contiguous per channel
-    vs_ref = next(it) if v_scaled else None  # [S, Gv]
+    v_ref = next(it)  # as k_ref; v_token_minor: [heads, Dp, S] (bf16: D), tokens contiguous per channel
+    vs_ref = next(it) if v_scaled else None  # [heads, S, Gv]
     vz_ref = next(it) if v_zero else None
     o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Rt, D] f32, [Rt] f32, [Rt] f32
 
@@ -585,8 +587,28 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         pages = pt_ref[pl.ds(p0, split_pages)]
         page_idx = lax.broadcasted_iota(jnp.int32, (split_pages,), 0)
 
+    # several KV heads per program (``heads``): each head's rows meet only its own tiles; a dot
+    # takes the tile's rows masked to one head (zeros elsewhere) and the heads' dots are summed,
+    # so the softmax and the running accumulators are shared by all rows of the tile
+    row_head = lax.broadcasted_iota(jnp.int32, (mp, 1), 0) // rows_per_head if heads > 1 else None
+
+    def only(x, i):
+        """``x`` (``[Mp, ...]`` or ``[Mp]``) with the rows of heads other than ``i`` zeroed."""
+        if heads == 1:
+            return x
+        rows_i = row_head == i if x.ndim == 2 else row_head[:, 0] == i
+        return jnp.where(rows_i, x, jnp.zeros((), x.dtype))
+
+    def per_row(vals):
+        """Per-head ``[BK]`` vectors -> ``[Mp, BK]``: each row takes its own head's."""
+        out = vals[-1][None, :]
+        for i in range(heads - 2, -1, -1):
+            out = jnp.where(row_head == i, vals[i][None, :], out)
+        return out
+
     # q columns of each key piece (loaded once, before the loop)
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
+    kq_h = [[only(q, i) for q in kq] for i in range(heads)]
     k_mult, k_center = int8_key_map(kl.bits, kl.signed) if qk_int8 else (1, 0)
     # sum(q) per row and chunk: for zero points, and for the centre of unsigned codes in the int8 dot
     qsum = [q.sum(axis=1) for q in kq] if (k_mode == "token" and (k_zero or k_center)) else None
@@ -594,6 +616,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
         q_amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(q), axis=1) for q in kq])
         kq_i8 = [_quantize_rows(q, qk_terms, q_amax)[0] for q in kq]  # int8 terms [Mp, width] per chunk
+        kq_i8_h = [[tuple(only(t, i) for t in terms) for terms in kq_i8] for i in range(heads)]
         s_row = _row_scale(q_amax) / (q_w[0] * k_mult)  # f32 [Mp]: logit units per int32 unit
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
@@ -666,64 +689,82 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             at, grp_at = (page, pl.ds(row, block_k)), (page, row // tg)
         else:
             at, grp_at = (pl.ds(start, block_k),), (blk * groups_per_block,)
+        # the block's index of head i of the group, before its token (or token group) index
+        ats = [(*at[:-1], i, at[-1]) for i in range(heads)]
+        grps = [(*grp_at[:-1], i, grp_at[-1]) for i in range(heads)]
         pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         mask = pos < lim[:, None]  # [Mp, BK]
 
         logits = jnp.zeros((mp, block_k), jnp.float32)
         logits_z = None  # int8 q·k: zero-point terms, in logit units (logits is in s_row units until the end)
-        wc, sc = {}, {}
-        for n, pc in enumerate(kl.pieces):
-            kt = None if qk_int8 else tile(k_ref, at, pc, kl, wc, kdt)
+        wc, sc = [{} for _ in range(heads)], [{} for _ in range(heads)]
+
+        def key_part(n, pc, i):
+            """Head ``i``'s logits from key piece ``pc`` (its rows; zero elsewhere), other than the
+            int8 q·k dot."""
+            kq_n, at_i, wc_i, sc_i = kq_h[i][n], ats[i], wc[i], sc[i]
+            kt = tile(k_ref, at_i, pc, kl, wc_i, kdt)
             if k_mode == "channel":  # per token group: its channel scales multiply q, one dot per group
                 base = (pc.c * kl.words * 4) // 4 + pc.w0
+                out = 0.0
                 for sg in range(groups_per_block):
-                    gidx = (*grp_at[:-1], grp_at[-1] + sg)
+                    gidx = (*grps[i][:-1], grps[i][-1] + sg)
                     srow = _channel_row(ks_ref, gidx, base, pc)
-                    part = _dot(kq[n] * srow[None, :], kt, precise, trans_b=True)
+                    part = _dot(kq_n * srow[None, :], kt, precise, trans_b=True)
                     if k_zero:
                         zr = _channel_row(kz_ref, gidx, base, pc)
-                        part = part + (kq[n] * zr[None, :]).sum(axis=1)[:, None]
-                    logits = logits + (part if groups_per_block == 1 else jnp.where(tok_group == sg, part, 0.0))
-                continue
+                        part = part + (kq_n * zr[None, :]).sum(axis=1)[:, None]
+                    out = out + (part if groups_per_block == 1 else jnp.where(tok_group == sg, part, 0.0))
+                return out
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, q masked to its columns
+                out = 0.0
                 for (grp, a, b) in pc.segs:
-                    qm = jnp.where((kcols[n] >= a) & (kcols[n] < b), kq[n], 0.0)
-                    part = _dot(qm, kt, precise, trans_b=True) * col_scale(ks_ref, at, grp, sc, "s")[None, :]
+                    qm = jnp.where((kcols[n] >= a) & (kcols[n] < b), kq_n, 0.0)
+                    part = _dot(qm, kt, precise, trans_b=True) * col_scale(ks_ref, at_i, grp, sc_i, "s")[None, :]
                     if k_zero:
-                        part = part + qm.sum(axis=1)[:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
-                    logits = logits + part
-                continue
+                        part = part + qm.sum(axis=1)[:, None] * col_scale(kz_ref, at_i, grp, sc_i, "z")[None, :]
+                    out = out + part
+                return out
             if len(pc.segs) > 1:  # the piece straddles scale groups: dequantize the tile in registers
                 kt = _dequant_tile(kt, pc, kcols[n], lambda g, key: col_scale(
-                    ks_ref if key == "s" else kz_ref, at, g, sc, key), k_zero)
-                logits = logits + _dot(kq[n], kt, precise, trans_b=True)
+                    ks_ref if key == "s" else kz_ref, at_i, g, sc_i, key), k_zero)
+                return _dot(kq_n, kt, precise, trans_b=True)
+            part = _dot(kq_n, kt, precise, trans_b=True)  # [Mp, BK]
+            if k_mode == "token":
+                grp = pc.segs[0][0]
+                part = part * col_scale(ks_ref, at_i, grp, sc_i, "s")[None, :]
+                if k_zero:
+                    part = part + only(qsum[n], i)[:, None] * col_scale(kz_ref, at_i, grp, sc_i, "z")[None, :]
+            return part
+
+        for n, pc in enumerate(kl.pieces):
+            if not qk_int8:
+                for i in range(heads):
+                    logits = logits + key_part(n, pc, i)
                 continue
-            if qk_int8:  # per-token scales (qk_int8_supported): logits += s_k * sum_t w_t (q_t . k_int)
-                ki = _int8_tile(stored(k_ref, at, pc, kl, wc), kl, pc.c, interpret)
-                acc_i = None
-                for t, qi in enumerate(kq_i8[n]):  # 254 q1.k + q2.k: |.| <= 255 * 128 * 128 * width < 2**31
+            # per-token scales (qk_int8_supported): logits += s_k * sum_t w_t (q_t . k_int); the heads'
+            # int32 dots sum into one tile (each fills only its own rows), scaled by each row's head's s_k
+            acc_i = None
+            for i in range(heads):
+                ki = _int8_tile(stored(k_ref, ats[i], pc, kl, wc[i]), kl, pc.c, interpret)
+                for t, qi in enumerate(kq_i8_h[i][n]):  # 254 q1.k + q2.k: |.| <= 255 * 128 * 128 * width < 2**31
                     d = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
                     if t + 1 < len(q_w):  # the first of two terms: weighted in int32
                         d = d * q_w[t]
                     acc_i = d if acc_i is None else acc_i + d  # addi(c, dot): Triton folds c into the dot
-                grp = pc.segs[0][0]
-                s_k = col_scale(ks_ref, at, grp, sc, "s")
-                # exact below 2**24 (one term); two terms: within 2**-24 relative
-                logits = logits + acc_i.astype(jnp.float32) * s_k[None, :]
-                if k_zero or k_center:  # sum(q) * (zero + k_center * s_k), per row and token
-                    shift = k_center * s_k if k_center else 0.0
+            grp = pc.segs[0][0]
+            s_k = [col_scale(ks_ref, ats[i], grp, sc[i], "s") for i in range(heads)]
+            # exact below 2**24 (one term); two terms: within 2**-24 relative
+            logits = logits + acc_i.astype(jnp.float32) * per_row(s_k)
+            if k_zero or k_center:  # sum(q) * (zero + k_center * s_k), per row and token
+                shift = []
+                for i in range(heads):
+                    sh = k_center * s_k[i] if k_center else 0.0
                     if k_zero:
-                        shift = shift + col_scale(kz_ref, at, grp, sc, "z")
-                    z = qsum[n][:, None] * shift[None, :]
-                    logits_z = z if logits_z is None else logits_z + z
-                continue
-            part = _dot(kq[n], kt, precise, trans_b=True)  # [Mp, BK]
-            if k_mode == "token":
-                grp = pc.segs[0][0]
-                part = part * col_scale(ks_ref, at, grp, sc, "s")[None, :]
-                if k_zero:
-                    part = part + qsum[n][:, None] * col_scale(kz_ref, at, grp, sc, "z")[None, :]
-            logits = logits + part
+                        sh = sh + col_scale(kz_ref, ats[i], grp, sc[i], "z")
+                    shift.append(sh)
+                z = qsum[n][:, None] * per_row(shift)
+                logits_z = z if logits_z is None else logits_z + z
         if qk_int8:
             logits = logits * s_row[:, None] + (logits_z if logits_z is not None else 0.0)
         if k_fp8_fix != 1.0:
@@ -736,46 +777,56 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         l_new = corr * l_prev + p.sum(axis=1)
 
         p16 = p.astype(vdt) if p_16bit else None  # p * s formed in 16 bits (`p16_weights`)
-        wc, new_os = {}, []
-        for n, pc in enumerate(vl.pieces):
-            vt = tile(v_ref, at, pc, vl, wc, vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
-            tb = v_token_minor  # the dots take vt transposed
-            acc = corr[:, None] * os[n]
+        p_h = [only(p, i) for i in range(heads)]
+        p16_h = [only(p16, i) if p16 is not None else None for i in range(heads)]
+        tb = v_token_minor  # the dots take value tiles transposed
+
+        def value_part(n, pc, i, vt):
+            """Head ``i``'s ``p @ v`` of value piece ``pc`` (its rows; zero elsewhere)."""
+            p_i, at_i, sc_i = p_h[i], ats[i], sc[i]
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, masked to its columns
+                out = 0.0
                 for (grp, a, b) in pc.segs:
                     cm = (vcols[n] >= a) & (vcols[n] < b)
-                    s_g = col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix
-                    part = _dot(p * s_g[None, :], vt, precise, trans_b=tb)
+                    s_g = col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix
+                    part = _dot(p_i * s_g[None, :], vt, precise, trans_b=tb)
                     if v_zero:
-                        part = part + (p * col_scale(vz_ref, at, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
-                    acc = acc + jnp.where(cm, part, 0.0)
-            elif len(pc.segs) > 1:
+                        part = part + (p_i * col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :]).sum(axis=1)[:, None]
+                    out = out + jnp.where(cm, part, 0.0)
+                return out
+            if len(pc.segs) > 1:
                 vt = _dequant_tile(vt, pc, vcols[n], lambda g, key: col_scale(
-                    vs_ref if key == "s" else vz_ref, at, g, sc, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
+                    vs_ref if key == "s" else vz_ref, at_i, g, sc_i, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
                     v_zero)
-                acc = acc + _dot(p, vt, precise, trans_b=tb)
-            elif v_dequant and v_scaled and not precise:  # scale (and shift) the tile: p is shared by all dots
-                grp = pc.segs[0][0]
+                return _dot(p_i, vt, precise, trans_b=tb)
+            grp = pc.segs[0][0]
+            if v_dequant and v_scaled and not precise:  # scale (and shift) the tile: p is shared by all dots
                 tok = (None, slice(None)) if tb else (slice(None), None)  # the token axis of vt
-                x = vt.astype(jnp.float32) * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[tok]
+                x = vt.astype(jnp.float32) * (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)[tok]
                 if v_zero:
-                    x = x + col_scale(vz_ref, at, grp, sc, "vz")[tok]
-                acc = acc + _dot(p, x.astype(vt.dtype), precise, trans_b=tb)
+                    x = x + col_scale(vz_ref, at_i, grp, sc_i, "vz")[tok]
+                return _dot(p_i, x.astype(vt.dtype), precise, trans_b=tb)
+            if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
+                sv = col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix
+                smax = jnp.maximum(jnp.max(sv), 1e-30)
+                out = _dot(p_i * (sv / smax)[None, :], vt, precise, trans_b=tb) * smax
             else:
-                grp = pc.segs[0][0]
-                if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
-                    sv = col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix
-                    smax = jnp.maximum(jnp.max(sv), 1e-30)
-                    acc = acc + _dot(p * (sv / smax)[None, :], vt, precise, trans_b=tb) * smax
-                else:
-                    pv = p
-                    if p16 is not None:  # p rounded once for all groups, times each group's scale
-                        pv = p16 * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix).astype(vdt)[None, :]
-                    elif v_scaled:
-                        pv = p * (col_scale(vs_ref, at, grp, sc, "vs") * v_fp8_fix)[None, :]
-                    acc = acc + _dot(pv, vt, precise, trans_b=tb)  # [Mp, width]
-                if v_zero:
-                    acc = acc + (p * col_scale(vz_ref, at, grp, sc, "vz")[None, :]).sum(axis=1)[:, None]
+                pv = p_i
+                if p16 is not None:  # p rounded once for all groups, times each group's scale
+                    pv = p16_h[i] * (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix).astype(vdt)[None, :]
+                elif v_scaled:
+                    pv = p_i * (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)[None, :]
+                out = _dot(pv, vt, precise, trans_b=tb)  # [Mp, width]
+            if v_zero:
+                out = out + (p_i * col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :]).sum(axis=1)[:, None]
+            return out
+
+        wcv, new_os = [{} for _ in range(heads)], []
+        for n, pc in enumerate(vl.pieces):
+            acc = corr[:, None] * os[n]
+            for i in range(heads):
+                vt = tile(v_ref, ats[i], pc, vl, wcv[i], vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
+                acc = acc + value_part(n, pc, i, vt)
             new_os.append(acc)
         return tuple(new_os), m_new, l_new
 
@@ -821,6 +872,7 @@ class Config:
     # the stored key integers (`qk_int8_supported`); None = `default_qk_int8`
     qk_terms: int | None = None  # int8 terms of q in that dot: 1 (q rounded once) or 2 (q and its rounding
     # error, two int8 dots summed in int32: finer than the 16-bit path); None = `default_qk_terms`
+    heads: int = 1  # KV heads per program: their query rows stacked in one tile (decode: G rows each)
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -829,6 +881,8 @@ class Config:
             raise ValueError(f"row_tile: expected a power of two >= 16, got {self.row_tile}")
         if self.qk_terms not in (None, 1, 2):
             raise ValueError(f"qk_terms: expected None, 1 or 2, got {self.qk_terms!r}")
+        if self.heads < 1:
+            raise ValueError(f"heads: expected a positive number of KV heads per program, got {self.heads}")
 
 
 def choose_config(cache: KVCache, rows: int, page_size: int | None = None) -> Config:
@@ -941,7 +995,12 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
             raise ValueError(f"page_table: expected int32[{B}, max_pages], got {page_table.dtype}{list(page_table.shape)}")
         S = page_table.shape[1] * page_size
     cfg = config or _default_config(spec, B * H, rows, S, page_size)
-    rt, nr = _row_tiles(rows, cfg.row_tile)  # rows per program, row tiles (chunked prefill: many)
+    hp = cfg.heads  # KV heads per program, their rows stacked in one tile
+    if H % hp:
+        raise ValueError(f"config: heads {hp} must divide the {H} KV heads")
+    rt, nr = _row_tiles(hp * rows, cfg.row_tile)  # rows per program, row tiles (chunked prefill: many)
+    if hp > 1 and nr > 1:
+        raise ValueError(f"config: heads {hp} x {rows} query rows exceed row_tile {cfg.row_tile}")
     mp = rt * nr
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
     if spec.channel_keys and cfg.block_k % spec.token_group:
@@ -952,16 +1011,17 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         raise ValueError(f"config: block_k {cfg.block_k} must divide {what}")
 
     # rows r = t * G + g, padded to mp; softmax scale folded into q; columns in kl.perm order
-    q = jnp.transpose(qg.astype(jnp.float32), (0, 2, 1, 3, 4)).reshape(B, H, rows, D) * scale
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, mp - rows), (0, 0)))
+    q = jnp.transpose(qg.astype(jnp.float32), (0, 2, 1, 3, 4)).reshape(B, H // hp, hp * rows, D) * scale
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, mp - hp * rows), (0, 0)))
     if not kl.identity:
         q = q[..., np.asarray(kl.perm)]
     _, q_len, _ = segment_lengths(spec, cache.lengths)
     vis = jnp.clip(qpos - spec.sinks + 1, 0, q_len[:, None])  # [B, T]
-    lim = jnp.pad(jnp.repeat(vis, G, axis=1), ((0, 0), (0, mp - rows))).astype(jnp.int32)  # [B, Mp]
+    lim = jnp.tile(jnp.repeat(vis, G, axis=1), (1, hp))  # [B, hp * rows]: the same for every head
+    lim = jnp.pad(lim, ((0, 0), (0, mp - hp * rows))).astype(jnp.int32)  # [B, Mp]
 
     k_mode = "none" if not spec.k.quantized or spec.k.format == "bf16" else spec.k.axis
-    # grid (b, h, split j, row tile r): a row tile's programs stop at its own causal limit
+    # grid (b, head group h, split j, row tile r): a row tile's programs stop at its own causal limit
     args = [q, lim]
     specs = [
         pl.BlockSpec((None, None, rt, D), lambda b, h, j, r: (b, h, r, 0)),
@@ -981,10 +1041,10 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     def add(x):
         args.append(x)
         zeros = (0,) * (x.ndim - 2)
-        if page_size:  # the whole pool of head h: [P, page, ...]
-            specs.append(pl.BlockSpec((x.shape[0], None, *x.shape[2:]), lambda b, h, j, r: (0, h, *zeros)))
+        if page_size:  # the whole pool of head group h: [P, hp, page, ...]
+            specs.append(pl.BlockSpec((x.shape[0], hp, *x.shape[2:]), lambda b, h, j, r: (0, h, *zeros)))
         else:
-            specs.append(pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, j, r: (b, h, *zeros)))
+            specs.append(pl.BlockSpec((None, hp, *x.shape[2:]), lambda b, h, j, r: (b, h, *zeros)))
 
     add(cache.k if kl.unpack in STORED else _as_words(cache.k))
 
@@ -1015,10 +1075,10 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         token_group=spec.token_group,
         v_dequant=v_dequant_choice(spec, cfg),
         qk_int8=qk_int8 and not precise, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
-        v_token_minor=v_token_minor, interpret=interpret)
+        v_token_minor=v_token_minor, heads=hp, rows_per_head=rows, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
-        grid=(B, H, ns, nr),
+        grid=(B, H // hp, ns, nr),
         in_specs=specs,
         out_specs=[
             pl.BlockSpec((None, None, None, rt, D), lambda b, h, j, r: (b, h, j, r, 0)),
@@ -1026,9 +1086,9 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
             pl.BlockSpec((None, None, None, rt), lambda b, h, j, r: (b, h, j, r)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((B, H, ns, mp, D), jnp.float32),
-            jax.ShapeDtypeStruct((B, H, ns, mp), jnp.float32),
-            jax.ShapeDtypeStruct((B, H, ns, mp), jnp.float32),
+            jax.ShapeDtypeStruct((B, H // hp, ns, mp, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, H // hp, ns, mp), jnp.float32),
+            jax.ShapeDtypeStruct((B, H // hp, ns, mp), jnp.float32),
         ],
         compiler_params=_compat.triton_params(cfg.num_warps, cfg.num_stages),
         interpret=interpret,
@@ -1043,6 +1103,6 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     if not vl.identity:
         o = o[..., np.argsort(np.asarray(vl.perm))]
     lse = jnp.where(l_tot > 0, m_tot + jnp.log(jnp.where(l_tot > 0, l_tot, 1.0)), -jnp.inf)
-    o = o[:, :, :rows].reshape(B, H, T, G, D).transpose(0, 2, 1, 3, 4)
-    lse = lse[:, :, :rows].reshape(B, H, T, G).transpose(0, 2, 1, 3)
+    o = o[:, :, :hp * rows].reshape(B, H, T, G, D).transpose(0, 2, 1, 3, 4)
+    lse = lse[:, :, :hp * rows].reshape(B, H, T, G).transpose(0, 2, 1, 3)
     return o, lse
