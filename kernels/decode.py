@@ -460,7 +460,7 @@ def _row_scale(amax):
 
 
 def _quantize_rows(q, terms: int = 1, amax=None):
-    """f32 ``[M, W]`` -> int8 terms of q per row and the f32 row scale ``s = max|q| / 127``
+    """f32 ``[..., M, W]`` -> int8 terms of q per row and the f32 row scale ``s = max|q| / 127``
     (1 for all-zero rows; ``amax``: the rows' ``max|q|`` when ``q`` is a piece of longer rows).
 
     One term: ``q1 = round(q / s)``, ``|q - s * q1| <= s / 2``. Two terms: also
@@ -468,13 +468,28 @@ def _quantize_rows(q, terms: int = 1, amax=None):
     ``|q - s * (q1 + q2 / Q_LO)| <= s / (2 * Q_LO)``, i.e. ``max|q| / 64516``: finer than
     q rounded to fp16 (``|q| / 2048``) wherever ``|q| > max|q| / 32``.
     Returns ``(int8 terms, s)``."""
-    s = _row_scale(jnp.max(jnp.abs(q), axis=1) if amax is None else amax)
-    x = q / s[:, None]
+    s = _row_scale(jnp.max(jnp.abs(q), axis=-1) if amax is None else amax)
+    x = q / s[..., None]
     q1 = jnp.floor(x + 0.5)
     if terms == 1:
         return (q1.astype(jnp.int8),), s
     q2 = jnp.floor((x - q1) * Q_LO + 0.5)
     return (q1.astype(jnp.int8), q2.astype(jnp.int8)), s
+
+
+def int8_q_terms(q, terms: int, k_mult: int, heads: int, rows_per_head: int):
+    """The int8 q·k dot's q operand, before the kernel: f32 ``q [B, Hg, M, D]`` (``heads`` KV heads'
+    rows stacked per group, ``rows_per_head`` each) -> ``(int8 [B, Hg, heads, terms, M, D]``, each
+    head's copy with the other heads' rows zeroed; ``f32 [B, Hg, M]`` logit units per int32 unit of
+    the dot, ``s / (w_0 * k_mult)`` with ``s`` the rows' scale (`_quantize_rows`) and ``w_0`` the
+    first term's weight)."""
+    qt, s = _quantize_rows(q, terms)
+    q8 = jnp.stack(qt, axis=2)[:, :, None]  # [B, Hg, 1, terms, M, D]
+    if heads > 1:
+        row_head = np.arange(q.shape[2]) // rows_per_head
+        own = jnp.asarray(row_head[None, :] == np.arange(heads)[:, None])  # [heads, M]
+        q8 = jnp.where(own[None, None, :, None, :, None], q8, jnp.int8(0))
+    return q8, s / ((1 if terms == 1 else Q_LO) * k_mult)
 
 
 def _unpack(words, pc: Piece, lay: Layout, dtype):
@@ -555,12 +570,17 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
                    qk_terms: int, p_16bit: bool, v_token_minor: bool, heads: int, rows_per_head: int,
-                   interpret: bool):
+                   scale_dot: bool, interpret: bool):
     # refs of the body are [heads, S, ...] per (b, head group); paged (page_size set): pools
     # [P, heads, page, ...]. Row r of the tile belongs to head r // rows_per_head of the group.
     it = iter(refs)
     q_ref = next(it)  # [Rt, D] f32, one tile of rows: columns in kl.perm order, softmax scale folded in
     lim_ref = next(it)  # [Rt] int32: body tokens visible to each row
+    # int8 q·k: q's int8 terms per head (rows of the other heads zeroed), [heads, terms, Rt, D], and
+    # the rows' logit units per int32 unit, [Rt] (read in the loop: loaded into the dot's operand
+    # layout, where a tile computed before the loop is moved there again in every block)
+    q8_ref = next(it) if qk_int8 else None
+    srow_ref = next(it) if qk_int8 else None
     pt_ref = next(it) if page_size else None  # [maxp] int32: page of each page_size stream slots (padded)
     k_ref = next(it)  # [heads, S, words] uint32 | [.., S, D] bf16 | [.., S, Dp] as stored ("bytes", "asm")
     ks_ref = next(it) if k_mode != "none" else None  # [heads, S, Gk] per token | [heads, S/TG, D/4, 4] per channel
@@ -606,18 +626,40 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             out = jnp.where(row_head == i, vals[i][None, :], out)
         return out
 
+    def row_scale_dot(ref) -> bool:
+        """Whether the per-token scales (or zeros) of ``ref`` (``[.., heads, S, groups]``) reach the
+        rows through one-hot dots (`row_scales`): 16-bit scales, several heads or groups."""
+        return (scale_dot and ref.dtype in (jnp.bfloat16, jnp.float16)
+                and (heads > 1 or ref.shape[-1] > 1))
+
+    onehots = {}
+
+    def onehot(ng: int, g: int, dtype):
+        """``[Mp, KD]`` selector of column ``c = head * ng + group`` (`row_scales`) for group ``g``
+        of each row's own head (built once, before the loop)."""
+        if (ng, g) not in onehots:
+            kd = max(16, _next_pow2(heads * ng))
+            c = lax.broadcasted_iota(jnp.int32, (1, kd), 1)
+            rh = row_head if heads > 1 else jnp.zeros((mp, 1), jnp.int32)
+            onehots[(ng, g)] = ((c == rh * ng + g) & (c < heads * ng)).astype(dtype)
+        return onehots[(ng, g)]
+
+    if scale_dot:  # the selectors of every per-token scale ref the loop reads through `row_scales`
+        for ref in (ks_ref if k_mode == "token" else None, kz_ref if k_mode == "token" else None, vs_ref, vz_ref):
+            if ref is not None and row_scale_dot(ref):
+                for g in range(ref.shape[-1]):
+                    onehot(ref.shape[-1], g, ref.dtype)
+
     # q columns of each key piece (loaded once, before the loop)
-    kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(kl.offsets(), kl.pieces)]
+    koffs = list(kl.offsets())
+    kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(koffs, kl.pieces)]
     kq_h = [[only(q, i) for q in kq] for i in range(heads)]
     k_mult, k_center = int8_key_map(kl.bits, kl.signed) if qk_int8 else (1, 0)
     # sum(q) per row and chunk: for zero points, and for the centre of unsigned codes in the int8 dot
     qsum = [q.sum(axis=1) for q in kq] if (k_mode == "token" and (k_zero or k_center)) else None
-    if qk_int8:  # q rounded to int8 per row (one scale for all key chunks): q·k in int32 on the keys' integers
+    if qk_int8:  # q rounded to int8 per row (`int8_q_terms`): q·k in int32 on the keys' integers
         q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
-        q_amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(q), axis=1) for q in kq])
-        kq_i8 = [_quantize_rows(q, qk_terms, q_amax)[0] for q in kq]  # int8 terms [Mp, width] per chunk
-        kq_i8_h = [[tuple(only(t, i) for t in terms) for terms in kq_i8] for i in range(heads)]
-        s_row = _row_scale(q_amax) / (q_w[0] * k_mult)  # f32 [Mp]: logit units per int32 unit
+        s_row = srow_ref[...]
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -692,6 +734,24 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         # the block's index of head i of the group, before its token (or token group) index
         ats = [(*at[:-1], i, at[-1]) for i in range(heads)]
         grps = [(*grp_at[:-1], i, grp_at[-1]) for i in range(heads)]
+        tok0 = row if page_size else start  # the block's first index on the refs' token axis
+        rsc = {}
+
+        def row_scales(ref, g: int, key):
+            """``[Mp, BK]`` f32: per-token scale (or zero) group ``g`` of ``ref`` for each row's own
+            head, exactly: the block's scales of all heads and groups are read as one ``[BK, KD]``
+            tile (column ``head * groups + group``) and picked by a one-hot ``[Mp, KD] @ [KD, BK]``
+            dot (one 16-bit product per output, f32 accumulate), which leaves them in the layout of
+            the logits without a shuffle."""
+            ng = ref.shape[-1]
+            if key not in rsc:
+                kd = max(16, _next_pow2(heads * ng))
+                # columns past heads * ng repeat the first ones (runs of ng contiguous scales: 8-byte
+                # asynchronous copies); the selectors take none of them
+                c = lax.broadcasted_iota(jnp.int32, (1, kd), 1) % (heads * ng)
+                t = tok0 + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+                rsc[key] = ref[(*at[:-1], c // ng, t, c % ng)]  # [BK, KD]
+            return _compat.dot(onehots[(ng, g)], rsc[key], trans_b=True)
         pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         mask = pos < lim[:, None]  # [Mp, BK]
 
@@ -747,23 +807,25 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             acc_i = None
             for i in range(heads):
                 ki = _int8_tile(stored(k_ref, ats[i], pc, kl, wc[i]), kl, pc.c, interpret)
-                for t, qi in enumerate(kq_i8_h[i][n]):  # 254 q1.k + q2.k: |.| <= 255 * 128 * 128 * width < 2**31
+                for t in range(qk_terms):  # 254 q1.k + q2.k: |.| <= 255 * 128 * 128 * width < 2**31
+                    qi = q8_ref[i, t, :, pl.ds(koffs[n], pc.width)]
                     d = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
                     if t + 1 < len(q_w):  # the first of two terms: weighted in int32
                         d = d * q_w[t]
                     acc_i = d if acc_i is None else acc_i + d  # addi(c, dot): Triton folds c into the dot
             grp = pc.segs[0][0]
-            s_k = [col_scale(ks_ref, ats[i], grp, sc[i], "s") for i in range(heads)]
+            if row_scale_dot(ks_ref):
+                s_k = row_scales(ks_ref, grp, "s")
+            else:
+                s_k = per_row([col_scale(ks_ref, ats[i], grp, sc[i], "s") for i in range(heads)])
             # exact below 2**24 (one term); two terms: within 2**-24 relative
-            logits = logits + acc_i.astype(jnp.float32) * per_row(s_k)
+            logits = logits + acc_i.astype(jnp.float32) * s_k
             if k_zero or k_center:  # sum(q) * (zero + k_center * s_k), per row and token
-                shift = []
-                for i in range(heads):
-                    sh = k_center * s_k[i] if k_center else 0.0
-                    if k_zero:
-                        sh = sh + col_scale(kz_ref, ats[i], grp, sc[i], "z")
-                    shift.append(sh)
-                z = qsum[n][:, None] * per_row(shift)
+                shift = k_center * s_k if k_center else 0.0
+                if k_zero:
+                    shift = shift + (row_scales(kz_ref, grp, "z") if row_scale_dot(kz_ref) else
+                                     per_row([col_scale(kz_ref, ats[i], grp, sc[i], "z") for i in range(heads)]))
+                z = qsum[n][:, None] * shift
                 logits_z = z if logits_z is None else logits_z + z
         if qk_int8:
             logits = logits * s_row[:, None] + (logits_z if logits_z is not None else 0.0)
@@ -812,13 +874,16 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 out = _dot(p_i * (sv / smax)[None, :], vt, precise, trans_b=tb) * smax
             else:
                 pv = p_i
-                if p16 is not None:  # p rounded once for all groups, times each group's scale
-                    pv = p16_h[i] * (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix).astype(vdt)[None, :]
-                elif v_scaled:
-                    pv = p_i * (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)[None, :]
+                if v_scaled:  # [Mp, BK] (each row its own head's scales), or [1, BK]
+                    s_v = (row_scales(vs_ref, grp, "vs") if row_scale_dot(vs_ref)
+                           else col_scale(vs_ref, at_i, grp, sc_i, "vs")[None, :]) * v_fp8_fix
+                    # p16: p rounded once for all groups, times each group's scale
+                    pv = p16_h[i] * s_v.astype(vdt) if p16 is not None else p_i * s_v
                 out = _dot(pv, vt, precise, trans_b=tb)  # [Mp, width]
             if v_zero:
-                out = out + (p_i * col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :]).sum(axis=1)[:, None]
+                z_v = (row_scales(vz_ref, grp, "vz") if row_scale_dot(vz_ref)
+                       else col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :])
+                out = out + (p_i * z_v).sum(axis=1)[:, None]
             return out
 
         wcv, new_os = [{} for _ in range(heads)], []
@@ -873,6 +938,7 @@ class Config:
     qk_terms: int | None = None  # int8 terms of q in that dot: 1 (q rounded once) or 2 (q and its rounding
     # error, two int8 dots summed in int32: finer than the 16-bit path); None = `default_qk_terms`
     heads: int = 1  # KV heads per program: their query rows stacked in one tile (decode: G rows each)
+    scale_dot: bool = False  # per-token 16-bit scales reach the rows by one-hot dots (`row_scales`)
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -1027,6 +1093,12 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         pl.BlockSpec((None, None, rt, D), lambda b, h, j, r: (b, h, r, 0)),
         pl.BlockSpec((None, rt), lambda b, h, j, r: (b, r)),
     ]
+    qk_int8 = qk_int8 and not precise
+    if qk_int8:
+        q8, s_row = int8_q_terms(q, qk_terms, int8_key_map(kl.bits, kl.signed)[0], hp, rows)
+        args += [q8, s_row]
+        specs += [pl.BlockSpec((None, None, hp, qk_terms, rt, D), lambda b, h, j, r: (b, h, 0, 0, r, 0)),
+                  pl.BlockSpec((None, None, rt), lambda b, h, j, r: (b, h, r))]
     ns = cfg.num_splits
     split_pages = 0
     if page_size:  # padded to a power of two (Triton block shapes); padding is never read
@@ -1074,8 +1146,9 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         num_splits=ns, precise=precise, v_fp16=cfg.v_fp16, page_size=page_size, split_pages=split_pages,
         token_group=spec.token_group,
         v_dequant=v_dequant_choice(spec, cfg),
-        qk_int8=qk_int8 and not precise, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
-        v_token_minor=v_token_minor, heads=hp, rows_per_head=rows, interpret=interpret)
+        qk_int8=qk_int8, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
+        v_token_minor=v_token_minor, heads=hp, rows_per_head=rows, scale_dot=cfg.scale_dot and not precise,
+        interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H // hp, ns, nr),
