@@ -570,7 +570,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
                    qk_terms: int, p_16bit: bool, v_token_minor: bool, heads: int, rows_per_head: int,
-                   scale_dot: bool, interpret: bool):
+                   interpret: bool):
     # refs of the body are [heads, S, ...] per (b, head group); paged (page_size set): pools
     # [P, heads, page, ...]. Row r of the tile belongs to head r // rows_per_head of the group.
     it = iter(refs)
@@ -625,30 +625,6 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         for i in range(heads - 2, -1, -1):
             out = jnp.where(row_head == i, vals[i][None, :], out)
         return out
-
-    def row_scale_dot(ref) -> bool:
-        """Whether the per-token scales (or zeros) of ``ref`` (``[.., heads, S, groups]``) reach the
-        rows through one-hot dots (`row_scales`): 16-bit scales, several heads or groups."""
-        return (scale_dot and ref.dtype in (jnp.bfloat16, jnp.float16)
-                and (heads > 1 or ref.shape[-1] > 1))
-
-    onehots = {}
-
-    def onehot(ng: int, g: int, dtype):
-        """``[Mp, KD]`` selector of column ``c = head * ng + group`` (`row_scales`) for group ``g``
-        of each row's own head (built once, before the loop)."""
-        if (ng, g) not in onehots:
-            kd = max(16, _next_pow2(heads * ng))
-            c = lax.broadcasted_iota(jnp.int32, (1, kd), 1)
-            rh = row_head if heads > 1 else jnp.zeros((mp, 1), jnp.int32)
-            onehots[(ng, g)] = ((c == rh * ng + g) & (c < heads * ng)).astype(dtype)
-        return onehots[(ng, g)]
-
-    if scale_dot:  # the selectors of every per-token scale ref the loop reads through `row_scales`
-        for ref in (ks_ref if k_mode == "token" else None, kz_ref if k_mode == "token" else None, vs_ref, vz_ref):
-            if ref is not None and row_scale_dot(ref):
-                for g in range(ref.shape[-1]):
-                    onehot(ref.shape[-1], g, ref.dtype)
 
     # q columns of each key piece (loaded once, before the loop)
     koffs = list(kl.offsets())
@@ -734,24 +710,6 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         # the block's index of head i of the group, before its token (or token group) index
         ats = [(*at[:-1], i, at[-1]) for i in range(heads)]
         grps = [(*grp_at[:-1], i, grp_at[-1]) for i in range(heads)]
-        tok0 = row if page_size else start  # the block's first index on the refs' token axis
-        rsc = {}
-
-        def row_scales(ref, g: int, key):
-            """``[Mp, BK]`` f32: per-token scale (or zero) group ``g`` of ``ref`` for each row's own
-            head, exactly: the block's scales of all heads and groups are read as one ``[BK, KD]``
-            tile (column ``head * groups + group``) and picked by a one-hot ``[Mp, KD] @ [KD, BK]``
-            dot (one 16-bit product per output, f32 accumulate), which leaves them in the layout of
-            the logits without a shuffle."""
-            ng = ref.shape[-1]
-            if key not in rsc:
-                kd = max(16, _next_pow2(heads * ng))
-                # columns past heads * ng repeat the first ones (runs of ng contiguous scales: 8-byte
-                # asynchronous copies); the selectors take none of them
-                c = lax.broadcasted_iota(jnp.int32, (1, kd), 1) % (heads * ng)
-                t = tok0 + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
-                rsc[key] = ref[(*at[:-1], c // ng, t, c % ng)]  # [BK, KD]
-            return _compat.dot(onehots[(ng, g)], rsc[key], trans_b=True)
         pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         mask = pos < lim[:, None]  # [Mp, BK]
 
@@ -814,17 +772,13 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                         d = d * q_w[t]
                     acc_i = d if acc_i is None else acc_i + d  # addi(c, dot): Triton folds c into the dot
             grp = pc.segs[0][0]
-            if row_scale_dot(ks_ref):
-                s_k = row_scales(ks_ref, grp, "s")
-            else:
-                s_k = per_row([col_scale(ks_ref, ats[i], grp, sc[i], "s") for i in range(heads)])
+            s_k = per_row([col_scale(ks_ref, ats[i], grp, sc[i], "s") for i in range(heads)])
             # exact below 2**24 (one term); two terms: within 2**-24 relative
             logits = logits + acc_i.astype(jnp.float32) * s_k
             if k_zero or k_center:  # sum(q) * (zero + k_center * s_k), per row and token
                 shift = k_center * s_k if k_center else 0.0
                 if k_zero:
-                    shift = shift + (row_scales(kz_ref, grp, "z") if row_scale_dot(kz_ref) else
-                                     per_row([col_scale(kz_ref, ats[i], grp, sc[i], "z") for i in range(heads)]))
+                    shift = shift + per_row([col_scale(kz_ref, ats[i], grp, sc[i], "z") for i in range(heads)])
                 z = qsum[n][:, None] * shift
                 logits_z = z if logits_z is None else logits_z + z
         if qk_int8:
@@ -874,16 +828,12 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 out = _dot(p_i * (sv / smax)[None, :], vt, precise, trans_b=tb) * smax
             else:
                 pv = p_i
-                if v_scaled:  # [Mp, BK] (each row its own head's scales), or [1, BK]
-                    s_v = (row_scales(vs_ref, grp, "vs") if row_scale_dot(vs_ref)
-                           else col_scale(vs_ref, at_i, grp, sc_i, "vs")[None, :]) * v_fp8_fix
-                    # p16: p rounded once for all groups, times each group's scale
+                if v_scaled:  # p16: p rounded once for all groups, times each group's scale
+                    s_v = (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)[None, :]
                     pv = p16_h[i] * s_v.astype(vdt) if p16 is not None else p_i * s_v
                 out = _dot(pv, vt, precise, trans_b=tb)  # [Mp, width]
             if v_zero:
-                z_v = (row_scales(vz_ref, grp, "vz") if row_scale_dot(vz_ref)
-                       else col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :])
-                out = out + (p_i * z_v).sum(axis=1)[:, None]
+                out = out + (p_i * col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :]).sum(axis=1)[:, None]
             return out
 
         wcv, new_os = [{} for _ in range(heads)], []
@@ -938,7 +888,6 @@ class Config:
     qk_terms: int | None = None  # int8 terms of q in that dot: 1 (q rounded once) or 2 (q and its rounding
     # error, two int8 dots summed in int32: finer than the 16-bit path); None = `default_qk_terms`
     heads: int = 1  # KV heads per program: their query rows stacked in one tile (decode: G rows each)
-    scale_dot: bool = False  # per-token 16-bit scales reach the rows by one-hot dots (`row_scales`)
 
     def __post_init__(self):
         if self.unpack not in UNPACKS:
@@ -954,15 +903,35 @@ class Config:
 def choose_config(cache: KVCache, rows: int, page_size: int | None = None) -> Config:
     """Heuristic launch config for this cache shape and ``rows = T * G`` query rows per KV
     head (B * Hkv * row tiles * splits fills the SMs, and decode programs of several warps take
-    at most `SPLIT_TOKENS` tokens per split); with ``page_size``, for the body read
-    through pages of that size (blocks within one page), as `body_attention` picks it."""
-    return _default_config(cache.spec, cache.batch * cache.num_kv_heads, rows, cache.body_capacity, page_size)
+    at most `SPLIT_TOKENS` tokens per split; `default_heads` KV heads per program); with
+    ``page_size``, for the body read through pages of that size (blocks within one page), as
+    `body_attention` picks it."""
+    return _default_config(cache.spec, cache.batch * cache.num_kv_heads, rows, cache.body_capacity, page_size,
+                           cache.num_kv_heads)
 
 
-def _default_config(spec, heads: int, rows: int, S: int, page_size: int | None = None) -> Config:
-    """`_choose` for ``heads`` (B * Hkv) programs' worth of ``rows`` query rows each."""
+def _default_config(spec, heads: int, rows: int, S: int, page_size: int | None = None,
+                    kv_heads: int = 1) -> Config:
+    """`_choose` for ``heads`` (B * Hkv) programs' worth of ``rows`` query rows each, with
+    `default_heads` of the ``kv_heads`` per program (the splits of one head per program)."""
     rt, nr = _row_tiles(rows, Config.row_tile)
-    return _choose(spec, heads * nr, S, page_size, rt)
+    cfg = _choose(spec, heads * nr, S, page_size, rt)
+    hp = default_heads(spec, rows, kv_heads)
+    return cfg if hp == 1 else dataclasses.replace(cfg, heads=hp)
+
+
+def default_heads(spec, rows: int, kv_heads: int) -> int:
+    """KV heads per program (`Config.heads`): two for one-warp decode programs (`one_warp`) of
+    sub-byte keys with per-token scales beside int4 values whose weights are formed in 16 bits
+    (`p16_weights`: int4, int4-rot) when two heads' ``rows`` fill at most one 16-row tile, else
+    one. Measured (paged B=16 S=32K, pages of 64, BENCHMARKS.md run Q): int4 316 -> 260 us; four
+    heads per program 379 (255 registers, spills); k8v4 (tiles scaled in registers) 398 -> 713;
+    int8 (4 warps) 336-342 -> 348 (322 with 32 splits)."""
+    fits = 2 * rows <= 16 and kv_heads % 2 == 0
+    k = spec.k
+    packs = (one_warp(spec, 16) and k.quantized and k.format != "fp8" and k.bits < 8 and k.axis == "token"
+             and not default_v_dequant(spec))
+    return 2 if fits and packs else 1
 
 
 def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
@@ -1060,7 +1029,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         if page_table.ndim != 2 or page_table.shape[0] != B or page_table.dtype != jnp.int32:
             raise ValueError(f"page_table: expected int32[{B}, max_pages], got {page_table.dtype}{list(page_table.shape)}")
         S = page_table.shape[1] * page_size
-    cfg = config or _default_config(spec, B * H, rows, S, page_size)
+    cfg = config or _default_config(spec, B * H, rows, S, page_size, H)
     hp = cfg.heads  # KV heads per program, their rows stacked in one tile
     if H % hp:
         raise ValueError(f"config: heads {hp} must divide the {H} KV heads")
@@ -1147,8 +1116,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         token_group=spec.token_group,
         v_dequant=v_dequant_choice(spec, cfg),
         qk_int8=qk_int8, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
-        v_token_minor=v_token_minor, heads=hp, rows_per_head=rows, scale_dot=cfg.scale_dot and not precise,
-        interpret=interpret)
+        v_token_minor=v_token_minor, heads=hp, rows_per_head=rows, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H // hp, ns, nr),
