@@ -912,26 +912,29 @@ def choose_config(cache: KVCache, rows: int, page_size: int | None = None) -> Co
 
 def _default_config(spec, heads: int, rows: int, S: int, page_size: int | None = None,
                     kv_heads: int = 1) -> Config:
-    """`_choose` for ``heads`` (B * Hkv) programs' worth of ``rows`` query rows each, with
-    `default_heads` of the ``kv_heads`` per program (the splits of one head per program)."""
+    """`_choose` for ``heads`` (B * Hkv) KV heads of ``rows`` query rows each, `default_heads` of
+    the ``kv_heads`` per program (the splits fill the SMs with the programs launched)."""
     rt, nr = _row_tiles(rows, Config.row_tile)
-    cfg = _choose(spec, heads * nr, S, page_size, rt)
     hp = default_heads(spec, rows, kv_heads)
+    cfg = _choose(spec, heads * nr // hp, S, page_size, rt)
     return cfg if hp == 1 else dataclasses.replace(cfg, heads=hp)
 
 
 def default_heads(spec, rows: int, kv_heads: int) -> int:
-    """KV heads per program (`Config.heads`): two for one-warp decode programs (`one_warp`) of
-    sub-byte keys with per-token scales beside int4 values whose weights are formed in 16 bits
-    (`p16_weights`: int4, int4-rot) when two heads' ``rows`` fill at most one 16-row tile, else
-    one. Measured (paged B=16 S=32K, pages of 64, BENCHMARKS.md run Q): int4 316 -> 260 us; four
-    heads per program 379 (255 registers, spills); k8v4 (tiles scaled in registers) 398 -> 713;
-    int8 (4 warps) 336-342 -> 348 (322 with 32 splits)."""
-    fits = 2 * rows <= 16 and kv_heads % 2 == 0
-    k = spec.k
-    packs = (one_warp(spec, 16) and k.quantized and k.format != "fp8" and k.bits < 8 and k.axis == "token"
-             and not default_v_dequant(spec))
-    return 2 if fits and packs else 1
+    """KV heads per program (`Config.heads`) where two heads' ``rows`` fill at most one 16-row
+    tile: two for one-warp decode programs (`one_warp`) of sub-byte keys with per-token scales
+    beside int4 values whose weights are formed in 16 bits (`p16_weights`: int4, int4-rot), and
+    for int8 keys and values with one symmetric scale per token (the int8 preset); else one. Measured (paged B=16 S=32K, pages
+    of 64, BENCHMARKS.md run Q; with the splits `_choose` gives the programs launched): int4
+    316-331 -> 259-277 us, int8 336-354 -> 322-333; four heads per program: int4 379 (255
+    registers, spills), int8 371; k8v4 (value tiles scaled in registers) 398 -> 569-713."""
+    if 2 * rows > 16 or kv_heads % 2:
+        return 1
+    k, v = spec.k, spec.v
+    sub_byte = (one_warp(spec, 16) and k.quantized and k.format != "fp8" and k.bits < 8 and k.axis == "token"
+                and not default_v_dequant(spec))
+    int8 = all(t.format == "int8" and t.axis == "token" and t.group is None and t.symmetric for t in (k, v))
+    return 2 if sub_byte or int8 else 1
 
 
 def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:

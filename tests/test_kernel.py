@@ -66,10 +66,10 @@ ref_attention = jax.jit(reference.body_attention, static_argnums=3, static_argna
 ref_dequantize = jax.jit(reference.dequantize_body, static_argnames=("dtype",))
 
 
-def _case(name, spec_str, G, D, T, seed):
+def _case(name, spec_str, G, D, T, seed, H=2):
     rng = np.random.default_rng(seed)
     spec = kvq.KVSpec.parse(spec_str)
-    B, H = 3, 2
+    B = 3
     lengths = np.array([MAX_LEN, max(T, 1), 133])  # max_len, 1 (or T), a non-multiple of the block
     cache = kvq.init_cache(spec, B, MAX_LEN, H, D)
     k = rng.standard_normal((B, MAX_LEN, H, D)).astype(np.float32)
@@ -90,12 +90,13 @@ def _body_inputs(spec, cache, q):
     return qg, qpos, 1.0 / math.sqrt(D)
 
 
-def _check_kernel(name, shape, seed_key, config=None, fast=True):
+def _check_kernel(name, shape, seed_key, config=None, fast=True, H=2):
     """The kernel (interpret mode) on `_case` data against ``reference.body_attention``: precise
     mode to f32 rounding; with ``fast``, the default mode within `_fast_bound`. ``config``:
-    None, or a function of the cache giving the `decode.Config`."""
+    None, or a function of the cache giving the `decode.Config`. Returns the outputs ``(o, lse)``
+    of the precise mode and ``o`` of the default mode (None without ``fast``)."""
     G, D, T = shape
-    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(seed_key.encode()))
+    spec, cache, q = _case(name, FORMATS[name], G, D, T, seed=zlib.crc32(seed_key.encode()), H=H)
     qg, qpos, scale = _body_inputs(spec, cache, q)
     o_ref, lse_ref = ref_attention(qg, cache, qpos, scale)
     k_hat, v_hat = ref_dequantize(cache)
@@ -113,6 +114,7 @@ def _check_kernel(name, shape, seed_key, config=None, fast=True):
                             p_roundings=_p_roundings(spec, cfg))
         err = float(jnp.max(jnp.abs(o_fast - o_ref)))
         assert err <= bound, f"{name}: fast-mode error {err:.3e} above its bound {bound:.3e}"
+    return o, lse, (o_fast if fast else None)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"G{s[0]}-D{s[1]}-T{s[2]}")
@@ -476,6 +478,56 @@ def test_paged_body_equals_contiguous(name):
                       config=cfg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_want), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,heads", [("int4", 2), ("int4", 4), ("int8", 2), ("int8", 4), ("k8v4", 2),
+                                        ("bf16", 2), ("int4-kivi", 2), ("int4-tok-asym", 2), ("fp8-sinks", 2),
+                                        ("int2", 2)])
+def test_several_heads_per_program_give_each_head_its_own_result(name, heads):
+    """Config.heads: KV heads sharing a program (their query rows stacked in one tile, each dot on
+    one head's rows) match the reference as one head per program does (precise mode to f32
+    rounding, the default mode within its bound) and give one head per program's result to f32
+    rounding, contiguous and through pages."""
+    shape, key = (4, 64, 1), f"heads{name}"
+    H = 4
+
+    def cfg(c, hp):
+        return dataclasses.replace(decode.choose_config(c, 4), heads=hp)
+
+    o1, lse1, f1 = _check_kernel(name, shape, key, config=lambda c: cfg(c, 1), H=H)
+    o, lse, f = _check_kernel(name, shape, key, config=lambda c: cfg(c, heads), H=H)
+    vmax = float(jnp.max(jnp.abs(o1))) + 1.0
+    for got, want in ((o, o1), (lse, lse1), (f, f1)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6 * vmax)
+    spec, cache, q = _case(name, FORMATS[name], *shape, seed=zlib.crc32(key.encode()), H=H)
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    paged, table = _paged(cache, 64, np.random.default_rng(1))
+    c = dataclasses.replace(cfg(cache, heads), block_k=min(64, cfg(cache, heads).block_k))
+    got, _ = kernel(qg, paged, qpos, scale, interpret=True, page_table=table, config=c)
+    want, _ = kernel(qg, cache, qpos, scale, interpret=True, config=c)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6 * vmax)
+
+
+def test_heads_per_program_default_and_errors():
+    """`decode.default_heads`: two KV heads per program for int4's one-warp decode programs and for
+    int8's when two heads' rows fit one 16-row tile, else one (the splits count the programs
+    launched); a count that does not divide the KV heads, or rows
+    that overflow the row tile, is an error naming ``heads``."""
+    names = ("int4", "int4-rot", "int8", "k8v4", "bf16", "int4-kivi", "int2", "k=int8:g32:asym,v=int8:g32:asym")
+    spec = {n: kvq.KVSpec.parse(n) for n in names}
+    assert [decode.default_heads(spec[n], 4, 8) for n in spec] == [2, 2, 2, 1, 1, 1, 1, 1]
+    assert decode.default_heads(spec["int4"], 12, 8) == 1  # 24 rows: more than one tile
+    assert decode.default_heads(spec["int4"], 4, 3) == 1  # an odd head count
+    _, cache, q = _case("int4", "int4", 3, 64, 4, seed=3)
+    qg, qpos, scale = _body_inputs(spec["int4"], cache, q)
+    assert decode.choose_config(cache, 4).heads == 2 and decode.choose_config(cache, 12).heads == 1
+    assert [decode._default_config(spec[n], 128, 4, 32768, kv_heads=8).num_splits for n in ("int4", "int8")] == [32, 16]
+    with pytest.raises(ValueError, match="heads 4 must divide the 2 KV heads"):
+        kernel(qg, cache, qpos, scale, interpret=True, config=decode.Config(32, 1, heads=4))
+    with pytest.raises(ValueError, match="heads 2 x 12 query rows exceed row_tile 16"):
+        kernel(qg, cache, qpos, scale, interpret=True, config=decode.Config(32, 1, heads=2, row_tile=16))
+    with pytest.raises(ValueError, match="heads: expected a positive"):
+        decode.Config(32, 1, heads=0)
 
 
 def test_default_block_k_fits_pages_and_rows():
