@@ -18,6 +18,8 @@
   tokens/s at pages of 64 and 256 (run O).
 * ``lazy-rescale.png``: the paged kernel with lazy rescaling and with value tiles scaled in
   registers, against the default (run P; both dropped).
+* ``heads-per-program.png``: the paged kernel with one and two KV heads per program, and engine
+  decode tokens/s before and after (run Q).
 """
 
 from __future__ import annotations
@@ -274,13 +276,34 @@ def lazy_rescale(out):
     _save(fig, out, "lazy-rescale")
 
 
+def heads_per_program(out):
+    """Run Q: the paged kernel (B=16 S=32K, pages of 64) with one and two KV heads per program (same
+    call, the sweep's rows in --vary order), and engine decode tokens/s at run P's tree and run Q's."""
+    rows = [r for r in _load("decode-h200-runQ-sweep-2026-11-30.json")["rows"] if "-paged64-" in r["impl"]]
+    presets = ["int4", "int8"]
+
+    def t(name, i):  # the i-th variant: {}, heads=1, heads=2 x 16 splits, heads=2 x 32 splits, ...
+        return [r["t"] * 1e6 for r in rows if r["impl"] == f"kvq-{name}-paged64-vT"][i]
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    _grouped_bars(a1, presets, [(label, [t(n, i) for n in presets]) for label, i in
+                                (("1 head per program", 1), ("2 heads, 16 splits", 2), ("2 heads, 32 splits", 3))],
+                  "us per call (lower is better)", "Decode kernel, paged B=16 S=32K (H200, run Q)", headroom=1.25)
+    engines = ("bf16", "int8", "int4")
+    runs = (("run P (1 head per program)", _load("serve-h200-runP-2026-11-30.json")),
+            ("run Q (2 heads: int8, int4)", _load("serve-h200-runQ-final-2026-11-30.json")))
+    _grouped_bars(a2, engines, [(label, [res["presets"][n]["tokens_per_s"] for n in engines]) for label, res in runs],
+                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200", headroom=1.3)
+    _save(fig, out, "heads-per-program")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
-               one_warp, page_size, lazy_rescale):
+               one_warp, page_size, lazy_rescale, heads_per_program):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 

@@ -3,8 +3,12 @@
 One program per (sequence b, KV head h, split j) streams its share of the body
 ``[S, Dp]`` of that head once, in packed form, and computes all ``G * T`` query
 rows of the head against it (padded to at least 16 rows for the tensor-core
-dot). Beyond ``Config.row_tile`` rows (a prefill chunk) the rows are split into
-tiles of that many, one program each, each stopping at its own causal limit.
+dot). With ``Config.heads`` > 1 a program serves that many KV heads: their rows are
+stacked in one tile, each head's dots take the tile with the other heads' rows zeroed,
+and the softmax and accumulators are shared (`default_heads`: int4 and int8 decode,
+where G = 4 rows would leave 12 of 16 rows padding). Beyond ``Config.row_tile`` rows
+(a prefill chunk) the rows are split into tiles of that many, one program each, each
+stopping at its own causal limit.
 Partials ``(o, m, l)`` stay f32 and are merged across splits by log-sum-exp in XLA.
 
 Reading packed data (``Config.unpack``), three tilings of *natural chunks* (contiguous
