@@ -926,12 +926,13 @@ def _default_config(spec, heads: int, rows: int, S: int, page_size: int | None =
 
 def default_heads(spec, rows: int, kv_heads: int) -> int:
     """KV heads per program (`Config.heads`) where two heads' ``rows`` fill at most one 16-row
-    tile: two for one-warp decode programs (`one_warp`) of sub-byte keys with per-token scales
-    beside int4 values whose weights are formed in 16 bits (`p16_weights`: int4, int4-rot), and
-    for int8 keys and values with one symmetric scale per token (the int8 preset); else one. Measured (paged B=16 S=32K, pages
-    of 64, BENCHMARKS.md run Q; with the splits `_choose` gives the programs launched): int4
-    316-331 -> 259-277 us, int8 336-354 -> 322-333; four heads per program: int4 379 (255
-    registers, spills), int8 371; k8v4 (value tiles scaled in registers) 398 -> 569-713."""
+    tile and ``kv_heads`` is even: two for one-warp decode programs (`one_warp`) of sub-byte keys
+    with per-token scales beside int4 values whose weights are formed in 16 bits (`p16_weights`:
+    int4, int4-rot), and for int8 keys and values with one symmetric scale per token (the int8
+    preset); else one. Measured (paged B=16 S=32K, pages of 64, BENCHMARKS.md run Q; the splits
+    `_choose` gives the programs launched): int4 314-331 -> 259-277 us, int8 336-354 -> 311-333;
+    four heads per program: int4 379 (255 registers, spills), int8 333-371; k8v4 (value tiles
+    scaled in registers) 398 -> 569-713."""
     if 2 * rows > 16 or kv_heads % 2:
         return 1
     k, v = spec.k, spec.v
