@@ -250,19 +250,7 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
       flag under jit (see the module docstring).
     """
     _check_kv(cache, k, v)
-    B, T, H, D = k.shape
-    if lengths is None:
-        t_valid = jnp.full((B,), T, jnp.int32)
-    else:
-        lengths = jnp.asarray(lengths)
-        if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"lengths: expected int[{B}], got {lengths.dtype}{list(lengths.shape)}")
-        if _is_concrete(lengths):  # checked in numpy: a concrete array closed over by a jit stays concrete
-            lv = np.asarray(lengths)
-            if ((lv < 0) | (lv > T)).any():
-                raise ValueError(f"lengths: expected values in [0, {T}], got {lv.tolist()}")
-        t_valid = jnp.clip(lengths.astype(jnp.int32), 0, T)  # under jit: clipped into [0, T]
-
+    t_valid = tokens_to_append(lengths, *k.shape[:2])
     n_old = cache.lengths
     n_want = n_old + t_valid
     over = n_want > cache.max_len
@@ -272,15 +260,51 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
             raise ValueError(
                 f"k: appending {np.asarray(t_valid)[bad].tolist()} tokens to sequences {bad} holding "
                 f"{np.asarray(n_old)[bad].tolist()} exceeds max_len={cache.max_len}")
-        if not (bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))):
-            raise ValueError("k, v: contain NaN or Inf")
+        check_finite(k, v)
     return _append_update(cache, k, v, t_valid, over)
+
+
+def tokens_to_append(lengths, B: int, T: int) -> jax.Array:
+    """``int32[B]``: the tokens of each sequence that an append of ``T`` tokens per sequence takes
+    (``lengths``, checked, or all ``T``); values outside ``[0, T]`` are a ValueError when concrete,
+    clipped into it under jit."""
+    if lengths is None:
+        return jnp.full((B,), T, jnp.int32)
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths: expected int[{B}], got {lengths.dtype}{list(lengths.shape)}")
+    if _is_concrete(lengths):  # checked in numpy: a concrete array closed over by a jit stays concrete
+        lv = np.asarray(lengths)
+        if ((lv < 0) | (lv > T)).any():
+            raise ValueError(f"lengths: expected values in [0, {T}], got {lv.tolist()}")
+    return jnp.clip(lengths.astype(jnp.int32), 0, T)
+
+
+def check_finite(k, v) -> None:
+    """ValueError when concrete ``k`` or ``v`` hold NaN or Inf (nothing that cannot be quantized
+    enters a cache)."""
+    if not (bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))):
+        raise ValueError("k, v: contain NaN or Inf")
 
 
 @jax.jit
 def _append_update(cache: KVCache, k, v, t_valid, over) -> KVCache:
     """`append` after its checks, compiled once per cache structure and shapes (run op by op,
     outside any jit, it took 7-9x longer on the test shapes)."""
+
+    def scatter(name, buf, idx, vals):  # stream slot idx of the body ([B, H, S, X]); -1: none
+        return _scatter_tokens(buf, jnp.where(idx < 0, buf.shape[2], idx), vals)
+
+    return append_window(cache, k, v, t_valid, over, scatter)
+
+
+def append_window(cache, k, v, t_valid, over, scatter):
+    """The update `append` and `kvq_jax.serve.append_paged` share, after their checks: ``t_valid``
+    tokens of ``k, v: [B, T, Hkv, D]`` per sequence (none where ``over`` or already overflowed)
+    go to the sinks, the residual window and, leaving the window, quantized into the body, which
+    ``scatter(name, buf, idx, vals)`` writes: leaf ``name`` of the body, ``vals [B, H, W, X]`` at
+    stream slots (token groups for per-channel scales) ``idx int32[B, W]``, -1 for none.
+    Returns ``cache`` replaced with the new leaves, lengths and overflow flags."""
     spec = cache.spec
     B, T, H, D = k.shape
     n_old = cache.lengths
@@ -326,15 +350,14 @@ def _append_update(cache: KVCache, k, v, t_valid, over) -> KVCache:
 
     # 2a. tokens leaving the window enter the quantized body at stream slots q_old + i.
     n_body = q_new - q_old
-    bidx = jnp.where(widx < n_body[:, None], q_old[:, None] + widx, cache.body_capacity)
+    bidx = jnp.where(widx < n_body[:, None], q_old[:, None] + widx, -1)
     bk, bv = wk, wv
     if spec.static is not None:  # calibrated per-channel shift and scale (spec.StaticScales)
         bk = prescale(bk, spec.static.array("k_scale"), spec.static.array("k_shift"))
         bv = prescale(bv, spec.static.array("v_scale"), spec.static.array("v_shift"))
     if spec.rotate:
         bk, bv = quant.rotate(bk), quant.rotate(bv)
-    new = dict(k=cache.k, k_scale=cache.k_scale, k_zero=cache.k_zero,
-               v=cache.v, v_scale=cache.v_scale, v_zero=cache.v_zero)
+    new = {name: getattr(cache, name) for name in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")}
     for name, x, t in (("k", bk, spec.k), ("v", bv, spec.v)):
         clip = None if spec.static is None else getattr(spec.static, name + "_clip")
         clip = None if clip == 1.0 else clip
@@ -345,18 +368,14 @@ def _append_update(cache: KVCache, k, v, t_valid, over) -> KVCache:
             qt = quant.quantize(xp, t, scale_dtype=spec.scale_dtype, token_group=tg, clip=clip)
             data = qt.data[:, :, :W]
             gi = jnp.arange(Wp // tg, dtype=jnp.int32)[None, :]
-            gidx = jnp.where(gi * tg < n_body[:, None], q_old[:, None] // tg + gi, cache.k_scale.shape[2])
-            new[name + "_scale"] = _scatter_tokens(new[name + "_scale"], gidx, qt.scale)
-            if qt.zero is not None:
-                new[name + "_zero"] = _scatter_tokens(new[name + "_zero"], gidx, qt.zero)
+            sidx = jnp.where(gi * tg < n_body[:, None], q_old[:, None] // tg + gi, -1)  # token groups
         else:
             qt = quant.quantize(x, t, scale_dtype=spec.scale_dtype, clip=clip)
-            data = qt.data
-            if qt.scale is not None:
-                new[name + "_scale"] = _scatter_tokens(new[name + "_scale"], bidx, qt.scale)
-            if qt.zero is not None:
-                new[name + "_zero"] = _scatter_tokens(new[name + "_zero"], bidx, qt.zero)
-        new[name] = _scatter_tokens(new[name], bidx, data)
+            data, sidx = qt.data, bidx
+        for leaf, vals in ((name + "_scale", qt.scale), (name + "_zero", qt.zero)):
+            if vals is not None:
+                new[leaf] = scatter(leaf, new[leaf], sidx, vals)
+        new[name] = scatter(name, new[name], bidx, data)
 
     # 2b. what stays in the window becomes the new residual.
     res_k, res_v = cache.res_k, cache.res_v

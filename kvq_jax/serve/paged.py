@@ -44,13 +44,12 @@ from kvq_jax import sharding as _sharding
 from kvq_jax.cache import (
     KVCache,
     _check_kv,
-    _gather_tokens,
     _is_concrete,
-    _round_up,
-    _scatter_tokens,
-    prescale,
+    append_window,
+    check_finite,
     residual_capacity,
     segment_lengths,
+    tokens_to_append,
 )
 from kvq_jax.spec import KVSpec
 
@@ -332,20 +331,8 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
     """
     _check_kv(cache, k, v)
     spec = cache.spec
-    B, T, H, D = k.shape
     ps = cache.page_size
-    if lengths is None:
-        t_valid = jnp.full((B,), T, jnp.int32)
-    else:
-        lengths = jnp.asarray(lengths)
-        if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"lengths: expected int[{B}], got {lengths.dtype}{list(lengths.shape)}")
-        if _is_concrete(lengths):  # checked in numpy: a concrete array closed over by a jit stays concrete
-            lv = np.asarray(lengths)
-            if ((lv < 0) | (lv > T)).any():
-                raise ValueError(f"lengths: expected values in [0, {T}], got {lv.tolist()}")
-        t_valid = jnp.clip(lengths.astype(jnp.int32), 0, T)
-
+    t_valid = tokens_to_append(lengths, *k.shape[:2])
     n_old = cache.lengths
     n_want = n_old + t_valid
     _, q_want, _ = segment_lengths(spec, n_want)
@@ -360,101 +347,20 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
                 f"k: appending {np.asarray(t_valid)[bad].tolist()} tokens to sequences {bad} holding "
                 f"{np.asarray(n_old)[bad].tolist()} needs {np.asarray(need)[bad].tolist()} pages; their "
                 f"page_table rows name {np.asarray(jnp.sum(cache.page_table[np.asarray(bad)] >= 0, 1)).tolist()}")
-        if not (bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))):
-            raise ValueError("k, v: contain NaN or Inf")
+        check_finite(k, v)
     return _append_paged_update(cache, k, v, t_valid, over)
 
 
 @jax.jit
 def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over) -> PagedKVCache:
-    """`append_paged` after its checks, compiled once per cache structure and shapes."""
-    spec = cache.spec
-    B, T, H, D = k.shape
-    n_old = cache.lengths
-    take = ~(over | cache.overflow)
-    t_valid = jnp.where(take, t_valid, 0)
-    n_new = n_old + t_valid
-
-    kt = jnp.swapaxes(k.astype(cache.res_k.dtype), 1, 2)  # [B, H, T, D]
-    vt = jnp.swapaxes(v.astype(cache.res_v.dtype), 1, 2)
-    tpos = jnp.arange(T, dtype=jnp.int32)[None, :]
-    valid = tpos < t_valid[:, None]
-    pos = n_old[:, None] + tpos
-
-    # 1. sinks
-    sink_k, sink_v = cache.sink_k, cache.sink_v
-    if spec.sinks:
-        sidx = jnp.where(valid & (pos < spec.sinks), pos, spec.sinks)
-        sink_k = _scatter_tokens(sink_k, sidx, kt)
-        sink_v = _scatter_tokens(sink_v, sidx, vt)
-    n_to_sink = jnp.clip(spec.sinks - n_old, 0, t_valid)
-
-    # 2. stream: old residual followed by the new non-sink tokens, as one window
-    _, q_old, r_old = segment_lengths(spec, n_old)
-    _, q_new, r_new = segment_lengths(spec, n_new)
-    R = cache.residual_capacity
-    W = R + T
-    widx = jnp.arange(W, dtype=jnp.int32)[None, :]
-    from_res = widx < r_old[:, None]
-    src_new = widx - r_old[:, None] + n_to_sink[:, None]
-    n_stream_new = t_valid - n_to_sink
-    in_window = from_res | (widx - r_old[:, None] < n_stream_new[:, None])
-
-    def window(res, new):
-        a = _gather_tokens(res, widx.repeat(B, 0)) if R else None
-        b = _gather_tokens(new, src_new)
-        w = b.astype(jnp.float32) if a is None else jnp.where(
-            from_res[:, None, :, None], a.astype(jnp.float32), b.astype(jnp.float32))
-        return jnp.where(in_window[:, None, :, None], w, 0.0)
-
-    wk, wv = window(cache.res_k, kt), window(cache.res_v, vt)
-
-    # 2a. tokens leaving the window enter the body at stream slots q_old + i
-    n_body = q_new - q_old
-    bidx = jnp.where(widx < n_body[:, None], q_old[:, None] + widx, -1)
-    bk, bv = wk, wv
-    if spec.static is not None:
-        bk = prescale(bk, spec.static.array("k_scale"), spec.static.array("k_shift"))
-        bv = prescale(bv, spec.static.array("v_scale"), spec.static.array("v_shift"))
-    if spec.rotate:
-        bk, bv = quant.rotate(bk), quant.rotate(bv)
-    new = {name: getattr(cache, name) for name in _BODY}
+    """`append_paged` after its checks, compiled once per cache structure and shapes: the update of
+    `kvq.append` (`kvq_jax.cache.append_window`), the body written through the page table."""
     table = cache.page_table
-    for name, x, t in (("k", bk, spec.k), ("v", bv, spec.v)):
-        clip = None if spec.static is None else getattr(spec.static, name + "_clip")
-        clip = None if clip == 1.0 else clip
-        if t.quantized and t.axis == "channel":
-            tg = spec.token_group
-            Wp = _round_up(W, tg)
-            xp = jnp.pad(x, ((0, 0), (0, 0), (0, Wp - W), (0, 0)))
-            qt = quant.quantize(xp, t, scale_dtype=spec.scale_dtype, token_group=tg, clip=clip)
-            data = qt.data[:, :, :W]
-            gi = jnp.arange(Wp // tg, dtype=jnp.int32)[None, :]
-            gidx = jnp.where(gi * tg < n_body[:, None], q_old[:, None] // tg + gi, -1)
-            new[name + "_scale"] = _scatter_pages(new[name + "_scale"], table, gidx, qt.scale)
-            if qt.zero is not None:
-                new[name + "_zero"] = _scatter_pages(new[name + "_zero"], table, gidx, qt.zero)
-        else:
-            qt = quant.quantize(x, t, scale_dtype=spec.scale_dtype, clip=clip)
-            data = qt.data
-            if qt.scale is not None:
-                new[name + "_scale"] = _scatter_pages(new[name + "_scale"], table, bidx, qt.scale)
-            if qt.zero is not None:
-                new[name + "_zero"] = _scatter_pages(new[name + "_zero"], table, bidx, qt.zero)
-        new[name] = _scatter_pages(new[name], table, bidx, data, name in TOKEN_MINOR)
 
-    # 2b. what stays in the window becomes the new residual
-    res_k, res_v = cache.res_k, cache.res_v
-    if R:
-        ridx = jnp.arange(R, dtype=jnp.int32)[None, :]
-        src = n_body[:, None] + ridx
-        keep = (ridx < r_new[:, None])[:, None, :, None]
-        res_k = jnp.where(keep, _gather_tokens(wk, src), 0).astype(res_k.dtype)
-        res_v = jnp.where(keep, _gather_tokens(wv, src), 0).astype(res_v.dtype)
+    def scatter(name, pool, idx, vals):
+        return _scatter_pages(pool, table, idx, vals, name in TOKEN_MINOR)
 
-    return dataclasses.replace(
-        cache, **new, res_k=res_k, res_v=res_v, sink_k=sink_k, sink_v=sink_v,
-        lengths=n_new, overflow=cache.overflow | over)
+    return append_window(cache, k, v, t_valid, over, scatter)
 
 
 # ----------------------------------------------------------------------------- read
