@@ -458,21 +458,22 @@ def _int8_tile(x, lay: Layout, c: int, interpret: bool):
 Q_LO = 254  # weight of q's first int8 term against its second (`_quantize_rows`)
 
 
-def _row_scale(amax):
-    """The int8 scale ``max|q| / 127`` of rows whose ``max|q|`` is ``amax`` (1 for all-zero rows)."""
-    return jnp.where(amax > 0, amax / 127.0, 1.0)
+def _q_weights(terms: int) -> tuple[int, ...]:
+    """int32 weights of q's int8 terms in the int8 q·k dot: ``q = s / w[0] * sum(w_t q_t)``."""
+    return (1,) if terms == 1 else (Q_LO, 1)
 
 
-def _quantize_rows(q, terms: int = 1, amax=None):
+def _quantize_rows(q, terms: int = 1):
     """f32 ``[..., M, W]`` -> int8 terms of q per row and the f32 row scale ``s = max|q| / 127``
-    (1 for all-zero rows; ``amax``: the rows' ``max|q|`` when ``q`` is a piece of longer rows).
+    (1 for all-zero rows).
 
     One term: ``q1 = round(q / s)``, ``|q - s * q1| <= s / 2``. Two terms: also
     ``q2 = round(Q_LO * (q / s - q1))`` (``|q / s - q1| <= 1/2``, so ``|q2| <= 127``), and
     ``|q - s * (q1 + q2 / Q_LO)| <= s / (2 * Q_LO)``, i.e. ``max|q| / 64516``: finer than
     q rounded to fp16 (``|q| / 2048``) wherever ``|q| > max|q| / 32``.
     Returns ``(int8 terms, s)``."""
-    s = _row_scale(jnp.max(jnp.abs(q), axis=-1) if amax is None else amax)
+    amax = jnp.max(jnp.abs(q), axis=-1)
+    s = jnp.where(amax > 0, amax / 127.0, 1.0)
     x = q / s[..., None]
     q1 = jnp.floor(x + 0.5)
     if terms == 1:
@@ -493,7 +494,7 @@ def int8_q_terms(q, terms: int, k_mult: int, heads: int, rows_per_head: int):
         row_head = np.arange(q.shape[2]) // rows_per_head
         own = jnp.asarray(row_head[None, :] == np.arange(heads)[:, None])  # [heads, M]
         q8 = jnp.where(own[None, None, :, None, :, None], q8, jnp.int8(0))
-    return q8, s / ((1 if terms == 1 else Q_LO) * k_mult)
+    return q8, s / (_q_weights(terms)[0] * k_mult)
 
 
 def _unpack(words, pc: Piece, lay: Layout, dtype):
@@ -633,12 +634,12 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     # q columns of each key piece (loaded once, before the loop)
     koffs = list(kl.offsets())
     kq = [q_ref[:, pl.ds(off, pc.width)] for off, pc in zip(koffs, kl.pieces)]
-    kq_h = [[only(q, i) for q in kq] for i in range(heads)]
+    kq_h = None if qk_int8 else [[only(q, i) for q in kq] for i in range(heads)]  # the other dots' q per head
     k_mult, k_center = int8_key_map(kl.bits, kl.signed) if qk_int8 else (1, 0)
     # sum(q) per row and chunk: for zero points, and for the centre of unsigned codes in the int8 dot
     qsum = [q.sum(axis=1) for q in kq] if (k_mode == "token" and (k_zero or k_center)) else None
     if qk_int8:  # q rounded to int8 per row (`int8_q_terms`): q·k in int32 on the keys' integers
-        q_w = (1,) if qk_terms == 1 else (Q_LO, 1)  # int32 weights of the terms: q = s / q_w[0] * sum(w q_t)
+        q_w = _q_weights(qk_terms)
         s_row = srow_ref[...]
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
