@@ -35,6 +35,7 @@ import numpy as np
 
 import kvq_jax as kvq
 from kvq_jax.kernels import decode
+from kvq_jax.serve import paged as serve_paged
 
 OURS = ["bf16", "fp8", "int8", "int4", "int2", "k8v4", "int4-kivi", "int2-kivi"]
 
@@ -231,7 +232,7 @@ def to_pages(cache, page_size, key):
     return {n: pool(getattr(cache, n)) for n in BODY}, order.reshape(B, npg).astype(jnp.int32)
 
 
-def paged_body(q, pools, table, cache, config=None, v_token_minor=False):
+def paged_body(q, pools, table, cache, config=None, v_token_minor=False, v_pairs=False):
     """Our kernel over the body through a page table (the body segment of attend, B=any, T=1)."""
     import types
 
@@ -241,17 +242,17 @@ def paged_body(q, pools, table, cache, config=None, v_token_minor=False):
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     qpos = cache.lengths[:, None] - 1
     return decode.body_attention(qg, view, qpos, 1.0 / math.sqrt(D), interpret=jax.default_backend() != "gpu",
-                                 page_table=table, config=config, v_token_minor=v_token_minor)[0]
+                                 page_table=table, config=config, v_token_minor=v_token_minor,
+                                 v_pairs=v_pairs)[0]
 
 
-def contiguous_body(q, cache, config=None, v_token_minor=False, interpret=None):
+def contiguous_body(q, cache, config=None, v_token_minor=False, interpret=None, v_pairs=False):
     B, T, Hq, D = q.shape
     H = cache.num_kv_heads
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     return decode.body_attention(qg, cache, cache.lengths[:, None] - 1, 1.0 / math.sqrt(D),
                                  interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
-                                 config=config,
-                                 v_token_minor=v_token_minor)[0]
+                                 config=config, v_token_minor=v_token_minor, v_pairs=v_pairs)[0]
 
 
 def qk_int8_unsupported(qk, spec, D, unpack) -> bool:
@@ -275,14 +276,32 @@ def parse_vary(arg: str) -> list[dict]:
     return out
 
 
-# --paged-values: the v_token_minor values of bench_paged's v_layouts
-PAGED_VALUES = {"tokens-minor": (True,), "token-major": (False,), "both": (False, True)}
+# --paged-values: bench_paged's v_layouts: "paged" as kvq.serve.PagedKVCache stores values (tokens-minor,
+# sub-byte values in pairs), "tokens-minor" without pairs, "token-major" as the contiguous KVCache
+PAGED_VALUES = {"paged": ("paged",), "tokens-minor": ("tokens-minor",), "token-major": ("token-major",),
+                "both": ("token-major", "paged"), "all": ("token-major", "tokens-minor", "paged")}
+
+
+def value_layout(spec, layout: str) -> tuple[bool, bool]:
+    """``(v_token_minor, v_pairs)`` of a value layout of `PAGED_VALUES` for ``spec``."""
+    if layout == "paged":
+        return True, serve_paged.value_pairs(spec)
+    return layout == "tokens-minor", False
+
+
+def store_values(v, v_token_minor: bool, v_pairs: bool):
+    """Values ``[..., tokens, Dp]`` (a cache's body, or pages) stored in that layout."""
+    if v_token_minor:
+        v = jnp.swapaxes(v, -1, -2)
+    if v_pairs:
+        v = jnp.zeros_like(v).at[..., kvq.quant.pair_slot(np.arange(v.shape[-1]))].set(v)
+    return v
 
 
 def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_int8=(None,), vary=({},),
-                v_layouts=(False,), rounds=1):
+                v_layouts=("paged",), rounds=1):
     """Kernel over the body, contiguous vs through a shuffled page table, per ``Config.unpack``
-    of ``unpacks`` (and values stored tokens-minor for ``True`` in ``v_layouts``): equal
+    of ``unpacks`` and value layout of ``v_layouts`` (`PAGED_VALUES`, `value_layout`): equal
     outputs, both times. With ``rounds`` > 1, a preset's variants are timed interleaved
     (`time_interleaved`): each row gets the median over rounds and every round's time."""
     rows = []
@@ -296,28 +315,35 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
         pools, table = to_pages(cache, page_size, key)
         nbytes = cache_bytes_read(spec, B, S, H, D)
-        token_minor = {False: (cache, pools)}
-        if True in v_layouts:  # the same values, each page (each sequence's body) stored [Dp, tokens]
-            token_minor[True] = (dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2)),
-                                 dict(pools, v=jnp.swapaxes(pools["v"], -1, -2)))
+        layouts = {value_layout(spec, lay) for lay in v_layouts}  # (v_token_minor, v_pairs)
+        stored = {lay: (dataclasses.replace(cache, v=store_values(cache.v, *lay)),
+                        dict(pools, v=store_values(pools["v"], *lay))) for lay in sorted(layouts)}
         variants = []  # (what, outputs equal, [(row, run) contiguous, (row, run) paged]): timed together below
-        for unpack, qk, var, vt in itertools.product(unpacks, qk_int8, vary, v_layouts):
-            c_v, p_v = token_minor[vt]
+        for unpack, qk, var, lay in itertools.product(unpacks, qk_int8, vary, sorted(layouts)):
+            c_v, p_v = stored[lay]
+            vt, vp = lay
             cfg = decode.choose_config(cache, Hq // H, page_size)  # the paged kernel's default blocks
             cfg = dataclasses.replace(cfg, **{"unpack": cfg.unpack if unpack == "auto" else unpack, "qk_int8": qk, **var})
             if page_size % cfg.block_k:
                 continue
             if qk_int8_unsupported(qk, spec, D, cfg.unpack):
                 continue
-            a = jax.jit(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt))(q, c_v)
-            b = jax.jit(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt))(q, p_v, table, c_v)
+            a = jax.jit(lambda q, c, cfg=cfg, vt=vt, vp=vp: contiguous_body(q, c, cfg, vt, v_pairs=vp))(q, c_v)
+            b = jax.jit(lambda q, p, t, c, cfg=cfg, vt=vt, vp=vp: paged_body(q, p, t, c, cfg, vt, vp))(
+                q, p_v, table, c_v)
             same = bool(jnp.array_equal(a, b))
-            if vt:  # and equal to the token-major layout's output
-                same = same and bool(jnp.array_equal(a, jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)))
-            tag = "-vT" if vt else ""
-            runs = (chained(lambda q, c, cfg=cfg, vt=vt: contiguous_body(q, c, cfg, vt), q, c_v),
-                    chained(lambda q, p, t, c, cfg=cfg, vt=vt: paged_body(q, p, t, c, cfg, vt), q, p_v, table, c_v))
-            variants.append((f"{name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{' v tokens-minor' if vt else ''}", same,
+            err = None
+            if vt:  # against the token-major layout's output: equal, or within f32 rounding with pairs
+                want = jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)
+                err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - want.astype(jnp.float32))))
+                same = same and (err == 0.0 if not vp else err <= 1e-4 * float(jnp.max(jnp.abs(want))))
+            tag = ("-vP" if vp else "-vT") if vt else ""
+            runs = (chained(lambda q, c, cfg=cfg, vt=vt, vp=vp: contiguous_body(q, c, cfg, vt, v_pairs=vp), q, c_v),
+                    chained(lambda q, p, t, c, cfg=cfg, vt=vt, vp=vp: paged_body(q, p, t, c, cfg, vt, vp),
+                            q, p_v, table, c_v))
+            what = " v tokens-minor in pairs" if vp else " v tokens-minor" if vt else ""
+            variants.append((f"{name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{what}"
+                             + (f" (max|d| to token-major {err:.2e})" if err is not None else ""), same,
                              [(dict(impl=impl, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg), equal=same,
                                     vs_torch=None), run)
                               for impl, run in zip((f"kvq-{name}-body{tag}", f"kvq-{name}-paged{page_size}{tag}"), runs)]))
@@ -333,7 +359,7 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
                       if rounds > 1 else "")
             print(f"paged B={B} S={S} {what} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
                   f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x){spread}, outputs equal: {same}", flush=True)
-        del cache, pools, token_minor, variants
+        del cache, pools, stored, variants
     return rows
 
 
@@ -508,10 +534,11 @@ def main(argv=None):
                     help="time each preset's kernel variants (at every shape, and with --paged) interleaved over "
                          "this many rounds (median per variant, every round kept): for differences below the "
                          "run-to-run drift")
-    ap.add_argument("--paged-values", default="tokens-minor", choices=tuple(PAGED_VALUES),
-                    help="with --paged: the value layout timed: tokens-minor ([Dp, tokens] per page, as "
-                         "kvq.serve.PagedKVCache stores them), token-major (as the contiguous KVCache), or both "
-                         "(same data)")
+    ap.add_argument("--paged-values", default="paged", choices=tuple(PAGED_VALUES),
+                    help="with --paged: the value layouts timed (same data): paged (as kvq.serve.PagedKVCache "
+                         "stores them: [Dp, tokens] per page, sub-byte values' tokens in pairs), tokens-minor "
+                         "(without pairs), token-major (as the contiguous KVCache), both (token-major and paged) "
+                         "or all")
     ap.add_argument("--gpus", type=int, default=0,
                     help="also time kvq.sharding.shard_attend over 1, 2, 4, ... up to this many devices")
     ap.add_argument("--sharded-shape", default="8x32768")

@@ -159,7 +159,7 @@ def _triton_ir_passes(path: str, target) -> None:
         fh.write(str(mod))
 
 
-def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=False):
+def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=False, v_pairs=False):
     """Lower each (preset, unpack, overrides) for CUDA on this machine, compile its Triton IR for
     sm_90 with the ``triton`` package, write ``.ttir`` / ``.ttgir`` / ``.ptx`` under ``out_dir``
     and print and return the PTX counts of the kernel and of its block loop, with registers."""
@@ -190,7 +190,7 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
             for unpack in unpacks:
                 for var in vary:
                     f, q, cache, cfg = _kernel_call(name, unpack, batch, seq, jax.random.key(0), v_token_minor,
-                                                    interpret=False, overrides=var)
+                                                    interpret=False, overrides=var, v_pairs=v_pairs)
                     captured.clear()
                     f.trace(q, cache).lower(lowering_platforms=("cuda",))
                     tag = re.sub(r"[^\w.-]+", "_", "-".join([name, unpack] + [f"{k}{v}" for k, v in var.items()]))
@@ -230,18 +230,18 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
     return rows
 
 
-def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False, interpret=None, overrides=None):
+def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False, interpret=None, overrides=None, v_pairs=False):
     """A B x S cache of random keys/values in preset ``name``, a query, and the jitted
     ``kvq.attend(impl="pallas")`` over them with ``choose_config``'s launch config
     (``unpack`` replaced unless None, then the Config fields of ``overrides``): ``(f, q, cache,
-    cfg)``. With ``v_token_minor``, the kernel over the body with the values stored tokens-minor,
-    as the serving pools hold them. ``interpret``: None runs the kernel compiled on a GPU and
-    interpreted elsewhere."""
+    cfg)``. With ``v_token_minor``, the kernel over the body with the values stored tokens-minor
+    (and with ``v_pairs``, their tokens in pairs), as the serving pools hold them. ``interpret``:
+    None runs the kernel compiled on a GPU and interpreted elsewhere."""
     import jax
     import jax.numpy as jnp
 
     import kvq_jax as kvq
-    from decode import build_cache, contiguous_body
+    from decode import build_cache, contiguous_body, store_values
     from kvq_jax.kernels import decode
 
     cache = build_cache(kvq.KVSpec.parse(name), batch, seq, 8, 128, key)
@@ -251,8 +251,8 @@ def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False, interpret=N
     cfg = dataclasses.replace(cfg, **(overrides or {}))
     q = jax.random.normal(key, (batch, 1, 32, 128), jnp.bfloat16)
     if v_token_minor:
-        cache = dataclasses.replace(cache, v=jnp.swapaxes(cache.v, -1, -2))
-        return jax.jit(lambda q, c: contiguous_body(q, c, cfg, True, interpret)), q, cache, cfg
+        cache = dataclasses.replace(cache, v=store_values(cache.v, True, v_pairs))
+        return jax.jit(lambda q, c: contiguous_body(q, c, cfg, True, interpret, v_pairs)), q, cache, cfg
     return jax.jit(lambda q, c: kvq.attend(q, c, impl="pallas", config=cfg, interpret=interpret)), q, cache, cfg
 
 
@@ -299,6 +299,8 @@ def main(argv=None):
     ap.add_argument("--launches", type=int, default=4)
     ap.add_argument("--v-token-minor", action="store_true",
                     help="the kernel over the body with values stored tokens-minor (as the serving pools)")
+    ap.add_argument("--v-pairs", action="store_true",
+                    help="with --v-token-minor and --sm90: sub-byte values' tokens in pairs (as the serving pools)")
     ap.add_argument("--ptx", default=None, help="folder: dump and count the compiled kernel's PTX per variant")
     ap.add_argument("--sm90", default=None,
                     help="folder: compile each variant for sm_90 here with the triton package (no GPU) and count "
@@ -311,7 +313,7 @@ def main(argv=None):
 
         os.makedirs(a.sm90, exist_ok=True)
         rows = compile_sm90(a.preset.split(","), (a.unpack or "auto").split(","), parse_vary(a.vary), a.sm90,
-                            a.batch, a.seq, a.v_token_minor)
+                            a.batch, a.seq, a.v_token_minor, a.v_pairs)
         with open(os.path.join(a.sm90, "counts.json"), "w") as fh:
             json.dump(rows, fh, indent=1)
         return

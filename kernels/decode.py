@@ -50,6 +50,14 @@ sum|k|``, finer than q rounded to fp16. ``precise=True`` keeps the exact path.
 Through a page table, each split's page ids are read once, before the loop, into registers
 (up to `SPLIT_PAGES_MAX` pages), so no table read sits on the path of a tile's address.
 
+Values stored tokens-minor (``v_token_minor``) and, for sub-byte values, with the tokens in pairs
+(``v_pairs``, `kvq_jax.quant.pair_slot`: tokens ``j`` and ``j + 8`` of every 16 side by side, as
+the serving pools hold them): a value tile is loaded as 16-bit words and each word's two bytes go
+to the two halves of the block, two ``p @ v`` dots over ``p``'s columns split alike
+(`pair_split`). Triton sizes a dot's operands by the narrowest load feeding them: byte tiles made
+``p`` an operand of 4 consecutive tokens per register pair, shuffled out of the logits' layout
+for every value scale group; 16-bit words keep it as the logits hold it.
+
 Scales apply where cheapest:
 
 * per-token key scales multiply a tile's logits ``q·k_int`` (zero points add
@@ -351,12 +359,17 @@ def _half2(x: float, dtype) -> int:
     return (h << 16) | h
 
 
-def asm_text(bits: int, signed: bool, c: int, dtype) -> str:
-    """PTX of `_asm_convert` for field ``c`` of ``bits``-bit values: ``$2`` holds four bytes,
-    ``$0`` / ``$1`` get the values of bytes 0, 1 / 2, 3 as two 16-bit floats each.
+_BYTE_PAIRS = {None: ("0x4140", "0x4342"), 0: ("0x4240",), 1: ("0x4341",)}  # prmt: bytes into 16-bit lanes
+
+
+def asm_text(bits: int, signed: bool, c: int, dtype, pair: int | None = None) -> str:
+    """PTX of `_asm_convert` for field ``c`` of ``bits``-bit values: the input (``$2``) holds four
+    bytes, ``$0`` / ``$1`` get the values of bytes 0, 1 / 2, 3 as two 16-bit floats each. With
+    ``pair`` 0 / 1 (`_asm_pair_convert`: the input ``$1``, two 16-bit words), the one output ``$0``
+    gets the values of the low / high bytes of the two words (bytes 0, 2 / 1, 3).
 
     The bytes are shifted so the field is the low ``bits`` bits, spread into the low byte of
-    four 16-bit lanes (``prmt``), masked and combined with the magic exponent (``lop3``
+    16-bit lanes (``prmt``), masked and combined with the magic exponent (``lop3``
     ``(x & mask) ^ magic``: for signed formats the magic also holds the field's sign bit,
     so the XOR turns two's complement into offset binary), and the magic value plus the
     offset taken off (``fma`` by 1.0, exact)."""
@@ -366,23 +379,18 @@ def asm_text(bits: int, signed: bool, c: int, dtype) -> str:
     mask = (1 << bits) - 1
     bias = (1 << (bits - 1)) if signed else 0
     magic = ((bits16 | bias) << 16) | bits16 | bias
-    pair = "f16x2" if dtype == jnp.float16 else "bf16x2"
-    src, asm = "$2", ["{", ".reg .b32 t0, t1, t2, k1, k0;"]
+    kind = "f16x2" if dtype == jnp.float16 else "bf16x2"
+    inp = "$2" if pair is None else "$1"
+    src, asm = inp, ["{", ".reg .b32 t0, t1, t2, k1, k0;"]
     if bits * c:
-        asm.append(f"shr.b32 t2, $2, {bits * c};")
+        asm.append(f"shr.b32 t2, {inp}, {bits * c};")
         src = "t2"
-    asm += [
-        f"prmt.b32 t0, {src}, 0, 0x4140;",
-        f"prmt.b32 t1, {src}, 0, 0x4342;",
-        f"lop3.b32 t0, t0, {(mask << 16) | mask:#010x}, {magic:#010x}, 0x6a;",
-        f"lop3.b32 t1, t1, {(mask << 16) | mask:#010x}, {magic:#010x}, 0x6a;",
-        f"mov.b32 k1, {_half2(1.0, dtype):#010x};",
-        f"mov.b32 k0, {_half2(-(value + bias), dtype):#010x};",
-        f"fma.rn.{pair} $0, t0, k1, k0;",
-        f"fma.rn.{pair} $1, t1, k1, k0;",
-        "}",
-    ]
-    return "\n".join(asm)
+    sels = _BYTE_PAIRS[pair]
+    asm += [f"prmt.b32 t{n}, {src}, 0, {sel};" for n, sel in enumerate(sels)]
+    asm += [f"lop3.b32 t{n}, t{n}, {(mask << 16) | mask:#010x}, {magic:#010x}, 0x6a;" for n in range(len(sels))]
+    asm += [f"mov.b32 k1, {_half2(1.0, dtype):#010x};", f"mov.b32 k0, {_half2(-(value + bias), dtype):#010x};"]
+    asm += [f"fma.rn.{kind} ${n}, t{n}, k1, k0;" for n in range(len(sels))]
+    return "\n".join(asm + ["}"])
 
 
 def int8_key_map(bits: int, signed: bool) -> tuple[int, int]:
@@ -438,6 +446,38 @@ def _asm_convert(x, lay: Layout, c: int, dtype):
     """Bit field ``c`` of every byte of ``x`` (uint8 / int8 ``[BK, W]``) -> its integer value
     in ``dtype`` (fp16; bf16 for fields of <= 4 bits), by inline PTX (`asm_text`)."""
     return _byte_asm(asm_text(lay.bits, lay.signed, c, dtype), x, "=r,=r,r", dtype)
+
+
+def _asm_pair_convert(x, lay: Layout, c: int, dtype):
+    """uint16 tile ``x`` -> the values of field ``c`` of its low bytes and of its high bytes, two
+    tiles of ``x``'s shape in ``dtype``, by inline PTX (`asm_text` with ``pair``): one instance per
+    two words, so the loads stay 32 bits wide."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return tuple(plgpu.elementwise_inline_asm(
+        asm_text(lay.bits, lay.signed, c, dtype, pair=h), args=[x], constraints="=r,r", pack=2,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)])[0] for h in (0, 1))
+
+
+def _field_values(x, lay: Layout, c: int, dtype):
+    """Field ``c`` of every byte of the 8-bit tile ``x`` -> its integer value in ``dtype``, by jnp ops
+    (the "bytes" unpacking, and interpret mode)."""
+    if lay.bits == 8:
+        return x.astype(dtype)
+    u = _bit_plane(x, lay.bits, c)
+    if not lay.signed:
+        return u.astype(dtype)
+    bias = 1 << (lay.bits - 1)  # two's complement -> biased, then the bias off (exact)
+    return (u ^ jnp.uint8(bias)).astype(dtype) - jnp.asarray(bias, dtype)
+
+
+def pair_split(x):
+    """``x [..., BK]`` (a block's tokens on the last axis) -> the halves that meet the value tiles
+    of ``v_pairs`` (`kvq_jax.quant.pair_slot`): tokens ``16 g + j`` and ``16 g + 8 + j`` (``j < 8``),
+    each ``[..., BK / 2]`` in ``(g, j)`` order."""
+    lead, bk = x.shape[:-1], x.shape[-1]
+    a, b = jnp.split(x.reshape(*lead, bk // 16, 2, 8), 2, axis=-2)
+    return a.reshape(*lead, bk // 2), b.reshape(*lead, bk // 2)
 
 
 def _int8_tile(x, lay: Layout, c: int, interpret: bool):
@@ -574,8 +614,8 @@ def _vdtype(lay: Layout, v_fp16: bool):
 def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_scaled: bool,
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
-                   qk_terms: int, p_16bit: bool, v_token_minor: bool, heads: int, rows_per_head: int,
-                   interpret: bool):
+                   qk_terms: int, p_16bit: bool, v_token_minor: bool, v_pairs: bool, heads: int,
+                   rows_per_head: int, interpret: bool):
     # refs of the body are [heads, S, ...] per (b, head group); paged (page_size set): pools
     # [P, heads, page, ...]. Row r of the tile belongs to head r // rows_per_head of the group.
     it = iter(refs)
@@ -590,7 +630,9 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     k_ref = next(it)  # [heads, S, words] uint32 | [.., S, D] bf16 | [.., S, Dp] as stored ("bytes", "asm")
     ks_ref = next(it) if k_mode != "none" else None  # [heads, S, Gk] per token | [heads, S/TG, D/4, 4] per channel
     kz_ref = next(it) if k_zero else None
-    v_ref = next(it)  # as k_ref; v_token_minor: [heads, Dp, S] (bf16: D), tokens contiguous per channel
+    # as k_ref; v_token_minor: [heads, Dp, S] (bf16: D), tokens contiguous per channel; v_pairs: uint16
+    # [heads, Dp, S / 2], the tokens in pairs (`kvq_jax.quant.pair_slot`)
+    v_ref = next(it)
     vs_ref = next(it) if v_scaled else None  # [heads, S, Gv]
     vz_ref = next(it) if v_zero else None
     o_ref, m_ref, l_ref = next(it), next(it), next(it)  # [Rt, D] f32, [Rt] f32, [Rt] f32
@@ -665,6 +707,23 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             cache[pc.w0] = ref[(*at[:-1], cols, at[-1])] if token_minor else ref[(*at, cols)]
         return cache[pc.w0]
 
+    def asm_tiles(lay, dtype):
+        """Tiles of ``lay`` converted to ``dtype`` by inline PTX (8-bit -> bf16: Triton's own prmt path)."""
+        return (lay.unpack == "asm" and lay.fmt != "fp8" and not interpret
+                and (dtype == jnp.float16 or lay.bits <= 4))
+
+    def pair_tiles(pc, at, half, cache):
+        """``v_pairs``: the value tiles of piece ``pc`` in ``vdt``, ``(low, high)``: the values of the
+        block's tokens ``16 g + j`` / ``16 g + 8 + j``, each ``[width, BK / 2]``
+        (`kvq_jax.quant.pair_slot`), from one load of ``[width, BK / 2]`` 16-bit words (``at``: a
+        head's block index, ``half``: the block's words)."""
+        if pc.w0 not in cache:
+            cache[pc.w0] = v_ref[(*at[:-1], pl.ds(4 * pc.w0, pc.width), half)]
+        x = cache[pc.w0]
+        if asm_tiles(vl, vdt):
+            return _asm_pair_convert(x, vl, pc.c, vdt)
+        return tuple(_field_values((x >> jnp.uint16(8 * h)).astype(jnp.uint8), vl, pc.c, vdt) for h in (0, 1))
+
     def tile(ref, at, pc, lay, cache, dtype, token_minor=False):
         """The block's values of piece ``pc`` in ``dtype``: ``[BK, width]``, or ``[width, BK]``
         when the tensor is stored tokens-minor (``token_minor``)."""
@@ -672,16 +731,9 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             x = stored(ref, at, pc, lay, cache, token_minor)
             if not lay.packed:
                 return x.astype(dtype)
-            if (lay.unpack == "asm" and lay.fmt != "fp8" and not interpret
-                    and (dtype == jnp.float16 or lay.bits <= 4)):  # 8-bit -> bf16: Triton's own prmt path
+            if asm_tiles(lay, dtype):
                 return _asm_convert(x, lay, pc.c, dtype)
-            if lay.bits == 8:
-                return x.astype(dtype)
-            u = _bit_plane(x, lay.bits, pc.c)
-            if not lay.signed:
-                return u.astype(dtype)
-            bias = 1 << (lay.bits - 1)  # two's complement -> biased, then the bias off (exact)
-            return (u ^ jnp.uint8(bias)).astype(dtype) - jnp.asarray(bias, dtype)
+            return _field_values(x, lay, pc.c, dtype)
         w = words(ref, at, pc, lay, cache)
         return _unpack(w, pc, lay, dtype) if lay.packed else w.astype(dtype)
 
@@ -714,6 +766,8 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             at, grp_at = (pl.ds(start, block_k),), (blk * groups_per_block,)
         # the block's index of head i of the group, before its token (or token group) index
         ats = [(*at[:-1], i, at[-1]) for i in range(heads)]
+        if v_pairs:  # the block's 16-bit words of a value pool stored in pairs
+            half = pl.ds(pl.multiple_of((row if page_size else start) // 2, block_k // 2), block_k // 2)
         grps = [(*grp_at[:-1], i, grp_at[-1]) for i in range(heads)]
         pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         mask = pos < lim[:, None]  # [Mp, BK]
@@ -802,8 +856,37 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         p16_h = [only(p16, i) if p16 is not None else None for i in range(heads)]
         tb = v_token_minor  # the dots take value tiles transposed
 
-        def value_part(n, pc, i, vt):
-            """Head ``i``'s ``p @ v`` of value piece ``pc`` (its rows; zero elsewhere)."""
+        def vdot(a, vt, acc=None):
+            """``acc + a @ vt`` over the block's tokens (``vt``: ``[BK, width]``, ``[width, BK]``
+            tokens-minor, or with ``v_pairs`` the pair of halves, ``a``'s columns split alike:
+            `pair_split`); each dot added to the sum before it (Triton makes it the dot's
+            accumulator)."""
+            if not v_pairs:
+                out = _dot(a, vt, precise, trans_b=tb)
+                return out if acc is None else acc + out
+            (a_lo, a_hi), (v_lo, v_hi) = pair_split(a), vt
+            out = _dot(a_lo, v_lo, precise, trans_b=tb)
+            out = out if acc is None else acc + out
+            return out + _dot(a_hi, v_hi, precise, trans_b=tb)
+
+        def scale_tokens(vt, s):
+            """Value tile(s) ``vt`` times the f32 per-token ``s [BK]``, in f32."""
+            tok = (None, slice(None)) if tb else (slice(None), None)  # the token axis of vt
+            if not v_pairs:
+                return vt.astype(jnp.float32) * s[tok]
+            return tuple(v_h.astype(jnp.float32) * s_h[tok] for v_h, s_h in zip(vt, pair_split(s)))
+
+        def shift_tokens(x, z):
+            tok = (None, slice(None)) if tb else (slice(None), None)
+            if not v_pairs:
+                return x + z[tok]
+            return tuple(x_h + z_h[tok] for x_h, z_h in zip(x, pair_split(z)))
+
+        def to_dtype(x, dtype):
+            return tuple(x_h.astype(dtype) for x_h in x) if v_pairs else x.astype(dtype)
+
+        def value_part(n, pc, i, vt, acc):
+            """``acc`` plus head ``i``'s ``p @ v`` of value piece ``pc`` (its rows; zero elsewhere)."""
             p_i, at_i, sc_i = p_h[i], ats[i], sc[i]
             if len(pc.segs) > 1 and precise:  # exact: one dot per scale group, masked to its columns
                 out = 0.0
@@ -814,29 +897,28 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                     if v_zero:
                         part = part + (p_i * col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :]).sum(axis=1)[:, None]
                     out = out + jnp.where(cm, part, 0.0)
-                return out
+                return acc + out
             if len(pc.segs) > 1:
                 vt = _dequant_tile(vt, pc, vcols[n], lambda g, key: col_scale(
                     vs_ref if key == "s" else vz_ref, at_i, g, sc_i, "v" + key) * (v_fp8_fix if key == "s" else 1.0),
                     v_zero)
-                return _dot(p_i, vt, precise, trans_b=tb)
+                return acc + _dot(p_i, vt, precise, trans_b=tb)
             grp = pc.segs[0][0]
             if v_dequant and v_scaled and not precise:  # scale (and shift) the tile: p is shared by all dots
-                tok = (None, slice(None)) if tb else (slice(None), None)  # the token axis of vt
-                x = vt.astype(jnp.float32) * (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)[tok]
+                x = scale_tokens(vt, col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)
                 if v_zero:
-                    x = x + col_scale(vz_ref, at_i, grp, sc_i, "vz")[tok]
-                return _dot(p_i, x.astype(vt.dtype), precise, trans_b=tb)
+                    x = shift_tokens(x, col_scale(vz_ref, at_i, grp, sc_i, "vz"))
+                return vdot(p_i, to_dtype(x, vdt), acc)
             if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
                 sv = col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix
                 smax = jnp.maximum(jnp.max(sv), 1e-30)
-                out = _dot(p_i * (sv / smax)[None, :], vt, precise, trans_b=tb) * smax
+                out = acc + vdot(p_i * (sv / smax)[None, :], vt) * smax
             else:
                 pv = p_i
                 if v_scaled:  # p16: p rounded once for all groups, times each group's scale
                     s_v = (col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)[None, :]
                     pv = p16_h[i] * s_v.astype(vdt) if p16 is not None else p_i * s_v
-                out = _dot(pv, vt, precise, trans_b=tb)  # [Mp, width]
+                out = vdot(pv, vt, acc)  # [Mp, width]
             if v_zero:
                 out = out + (p_i * col_scale(vz_ref, at_i, grp, sc_i, "vz")[None, :]).sum(axis=1)[:, None]
             return out
@@ -845,8 +927,12 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         for n, pc in enumerate(vl.pieces):
             acc = corr[:, None] * os[n]
             for i in range(heads):
-                vt = tile(v_ref, ats[i], pc, vl, wcv[i], vdt, v_token_minor)  # [BK, width] ([width, BK] tokens-minor)
-                acc = acc + value_part(n, pc, i, vt)
+                if v_pairs:
+                    vt = pair_tiles(pc, ats[i], half, wcv[i])  # ([width, BK / 2], [width, BK / 2])
+                else:
+                    # [BK, width] ([width, BK] tokens-minor)
+                    vt = tile(v_ref, ats[i], pc, vl, wcv[i], vdt, v_token_minor)
+                acc = value_part(n, pc, i, vt, acc)
             new_os.append(acc)
         return tuple(new_os), m_new, l_new
 
@@ -1002,7 +1088,8 @@ def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile:
 
 
 def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: Config | None = None,
-                   precise: bool = False, page_table: jax.Array | None = None, v_token_minor: bool = False):
+                   precise: bool = False, page_table: jax.Array | None = None, v_token_minor: bool = False,
+                   v_pairs: bool = False):
     """Pallas twin of ``reference.body_attention``: ``(o, lse)`` over the quantized body.
 
     Args:
@@ -1023,6 +1110,11 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         ``[P, Hkv, Dp, page]``; bf16 ``D`` for ``Dp``): each channel's tokens contiguous, the
         order ``p @ v`` contracts in. `kvq_jax.serve.PagedKVCache` stores its value pool so
         (``kvq.attend`` passes its ``v_token_minor``); the contiguous KVCache does not.
+      v_pairs: with ``v_token_minor``, sub-byte values whose token axis is stored in pairs
+        (`kvq_jax.quant.pair_slot`: in each 16 tokens, tokens ``j`` and ``j + 8`` side by side), as
+        `kvq_jax.serve.PagedKVCache` stores them (its ``v_pairs``): the kernel loads a value tile
+        as 16-bit words and converts each word's two bytes into the two halves of the block, so
+        ``p @ v`` keeps the 16-bit operand layout of the logits (no register shuffles of ``p``).
 
     Returns:
       ``o: f32[B, T, Hkv, G, D]`` (normalized), ``lse: f32[B, T, Hkv, G]``.
@@ -1111,7 +1203,15 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
             raise ValueError(f"v_token_minor: needs values read as stored (unpack 'bytes' or 'asm'), got {vl.unpack!r}")
         if cache.v.shape[-2] != want or cache.v.shape[-1] != (page_size or S):
             raise ValueError(f"v_token_minor: expected cache.v [..., {want}, {page_size or S}], got {list(cache.v.shape)}")
-    add(cache.v if vl.unpack in STORED or v_token_minor else _as_words(cache.v))
+    if v_pairs:
+        if not (v_token_minor and vl.packed and vl.bits < 8 and vl.unpack in STORED and vl.fmt != "fp8"):
+            raise ValueError(f"v_pairs: needs sub-byte integer values stored tokens-minor (v_token_minor) and read "
+                             f"as stored (unpack 'bytes' or 'asm'); got values {spec.v}, v_token_minor="
+                             f"{v_token_minor}, unpack {vl.unpack!r}")
+        v = cache.v  # [.., Dp, tokens] bytes -> [.., Dp, tokens / 2] 16-bit words (a bitcast)
+        add(lax.bitcast_convert_type(v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2), jnp.uint16))
+    else:
+        add(cache.v if vl.unpack in STORED or v_token_minor else _as_words(cache.v))
     v_scaled = spec.v.quantized
     if v_scaled:
         add(cache.v_scale)
@@ -1125,7 +1225,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         token_group=spec.token_group,
         v_dequant=v_dequant_choice(spec, cfg),
         qk_int8=qk_int8, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
-        v_token_minor=v_token_minor, heads=hp, rows_per_head=rows, interpret=interpret)
+        v_token_minor=v_token_minor, v_pairs=v_pairs, heads=hp, rows_per_head=rows, interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H // hp, ns, nr),

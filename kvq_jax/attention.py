@@ -158,7 +158,8 @@ def _cache_parts(qg, cache: KVCache, qpos, scale, *, impl, interpret=None, preci
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
         paged = {} if page_table is None else {"page_table": page_table,
-                                               "v_token_minor": getattr(cache, "v_token_minor", False)}
+                                               "v_token_minor": getattr(cache, "v_token_minor", False),
+                                               "v_pairs": getattr(cache, "v_pairs", False)}
         o_body, lse_body = decode.body_attention(q_body, cache, qpos, scale, interpret=interpret,
                                                 precise=precise, config=config, **paged)
     if spec.rotate:

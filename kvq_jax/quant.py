@@ -48,6 +48,17 @@ class Quantized(NamedTuple):
     zero: jax.Array | None
 
 
+def pair_slot(t):
+    """Storage slot of token ``t`` on a token axis of bytes stored in pairs (``t`` an int or an int
+    array, numpy or jax): in each group of 16 tokens, tokens ``j`` and ``j + 8`` are the low and high
+    bytes of 16-bit word ``j`` (slots ``2 j`` and ``2 j + 1``). `kvq_jax.serve.PagedKVCache` stores
+    sub-byte values so (tokens-minor, ``v_pairs``): the decode kernel loads a tile as 16-bit words
+    and each word's two bytes go to the two halves of the block
+    (`kvq_jax.kernels.decode.pair_split`), so ``p @ v`` keeps the 16-bit operand layout of the
+    logits (Triton sizes a dot's operands by the narrowest load that feeds them)."""
+    return 16 * (t // 16) + 2 * (t % 8) + (t % 16) // 8
+
+
 def scale_dtype_of(name: str):
     """"bf16" | "f32" -> jnp dtype."""
     return {"bf16": jnp.bfloat16, "f32": jnp.float32}[name]

@@ -72,6 +72,11 @@ def test_paged_equals_contiguous(fmt):
             np.testing.assert_array_equal(_bytes(a[s, :, :n]), _bytes(b[s, :, :n]), err_msg=f"{name} seq {s}")
     for name in ("res_k", "res_v", "sink_k", "sink_v"):
         np.testing.assert_array_equal(np.asarray(getattr(pc, name)), np.asarray(getattr(cc, name)), err_msg=name)
+    # the value pool tokens-minor; sub-byte values in pairs: token t of a page at slot pair_slot(t)
+    assert pc.v_token_minor and pc.v_pairs == (spec.v.format in ("int4", "int2"))
+    t = np.arange(PS)
+    slot = kvq.quant.pair_slot(t) if pc.v_pairs else t
+    np.testing.assert_array_equal(_bytes(pc.v[table[0, 0]][:, :, slot]), _bytes(jnp.swapaxes(cc.v[0, :, :PS], 1, 2)))
     # the pages outside every table row were never written
     spare = np.setdiff1d(np.arange(NP), table)
     assert not np.any(np.asarray(pc.k[spare]).astype(np.float32))

@@ -5,10 +5,11 @@ Storage of one layer (compare `kvq_jax.cache.KVCache`, whose semantics it keeps)
 * pool ``k: [num_pages, Hkv, page_size, Dp]`` and ``v: [num_pages, Hkv, Dp, page_size]``
   (values tokens-minor: each channel's tokens of a page contiguous, the order in which
   ``p @ v`` contracts, so the decode kernel loads value tiles without gathering bytes;
-  BENCHMARKS.md, run I) with scales and zero points ``k_scale, k_zero, v_scale, v_zero``
-  (None where the spec has none): per-token scales ``[num_pages, Hkv, page_size, D / group]``,
-  per-channel key scales ``[num_pages, Hkv, page_size / token_group, D]``. Dtypes as
-  KVCache's body.
+  BENCHMARKS.md, run I; sub-byte values with each 16 tokens of a page in pairs,
+  `kvq_jax.quant.pair_slot`: ``v_pairs``, BENCHMARKS.md run R) with scales and zero points
+  ``k_scale, k_zero, v_scale, v_zero`` (None where the spec has none): per-token scales
+  ``[num_pages, Hkv, page_size, D / group]``, per-channel key scales
+  ``[num_pages, Hkv, page_size / token_group, D]``. Dtypes as KVCache's body.
 * ``page_table: int32[B, max_pages]``: body stream slot ``s`` of sequence ``b``
   (the token at absolute position ``sinks + s``) lives at page
   ``page_table[b, s // page_size]``, row ``s % page_size``. ``-1`` marks a table
@@ -57,6 +58,14 @@ _BODY = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 TOKEN_MINOR = ("v",)  # pool leaves stored [P, Hkv, X, page]: tokens minor
 
 
+def value_pairs(spec: KVSpec) -> bool:
+    """Whether a paged pool of ``spec`` stores its values' tokens in pairs (`PagedKVCache.v_pairs`):
+    sub-byte integer values. Measured (paged B=16 S=32K, pages of 64, tokens-minor without and with
+    pairs, BENCHMARKS.md run R): int4 263.3 -> 246.0 us, int4-rot 435.8 -> 387.9, k8v4 407.1 ->
+    366.4, int2 496.0 -> 402.4."""
+    return spec.v.quantized and spec.v.format in ("int4", "int2")
+
+
 @partial(
     jax.tree_util.register_dataclass,
     data_fields=[
@@ -102,6 +111,13 @@ class PagedKVCache:
         """The value pool is stored tokens-minor, ``[num_pages, Hkv, Dp, page_size]``
         (`kvq_jax.kernels.decode.body_attention`'s ``v_token_minor``)."""
         return "v" in TOKEN_MINOR
+
+    @property
+    def v_pairs(self) -> bool:
+        """The value pool's token axis holds its tokens in pairs (`kvq_jax.quant.pair_slot`: in each
+        16 tokens of a page, tokens ``j`` and ``j + 8`` side by side): sub-byte values
+        (`kvq_jax.kernels.decode.body_attention`'s ``v_pairs``)."""
+        return value_pairs(self.spec)
 
     @property
     def num_kv_heads(self) -> int:
@@ -262,24 +278,30 @@ def _page_rows(table, idx, rows_per_page, num_pages):
     return jnp.where(ok, page, num_pages), idx % rows_per_page
 
 
-def _scatter_pages(pool, table, idx, vals, token_minor: bool = False):
+def _scatter_pages(pool, table, idx, vals, token_minor: bool = False, pairs: bool = False):
     """pool[page(b, i), :, row(b, i)] = vals[b, :, i]; negative idx are dropped.
 
-    pool: ``[P, H, rows, X]`` (``[P, H, X, rows]`` when ``token_minor``); table:
-    ``int32[B, max_pages]``; idx: ``int32[B, W]`` (units of one pool row); vals: ``[B, H, W, X]``.
+    pool: ``[P, H, rows, X]`` (``[P, H, X, rows]`` when ``token_minor``; with ``pairs`` the rows
+    stored in pairs, `kvq_jax.quant.pair_slot`); table: ``int32[B, max_pages]``; idx: ``int32[B, W]``
+    (units of one pool row); vals: ``[B, H, W, X]``.
     """
     page, row = _page_rows(table, idx, pool.shape[3 if token_minor else 2], pool.shape[0])
+    if pairs:
+        row = quant.pair_slot(row)
     at = pool.at[page, :, :, row] if token_minor else pool.at[page, :, row]  # both index as [B, W, H, X]
     return at.set(jnp.swapaxes(vals, 1, 2).astype(pool.dtype), mode="drop")
 
 
-def _gather_pages(pool, table, token_minor: bool = False):
+def _gather_pages(pool, table, token_minor: bool = False, pairs: bool = False):
     """The pages of each sequence in table order: pool ``[P, H, rows, X]`` (``[P, H, X, rows]``
-    when ``token_minor``) -> ``[B, H, max_pages * rows, X]``.
+    when ``token_minor``; rows in pairs with ``pairs``) -> ``[B, H, max_pages * rows, X]``.
 
     Entries without a page (-1) read page 0 (unreachable: past the sequence's body length).
     """
     g = pool[jnp.clip(table, 0, pool.shape[0] - 1)]  # [B, MP, H, rows, X] ([B, MP, H, X, rows])
+    if pairs:  # row t of each page from its slot
+        axis = -1 if token_minor else -2
+        g = jnp.take(g, quant.pair_slot(np.arange(g.shape[axis])), axis=axis)
     if token_minor:
         g = jnp.swapaxes(g, -1, -2)
     B, MP, H, rows, X = g.shape
@@ -295,7 +317,8 @@ def contiguous_view(cache: PagedKVCache) -> KVCache:
     body = {}
     for name in _BODY:
         x = getattr(cache, name)
-        body[name] = None if x is None else _gather_pages(x, cache.page_table, name in TOKEN_MINOR)
+        body[name] = None if x is None else _gather_pages(x, cache.page_table, name in TOKEN_MINOR,
+                                                          name == "v" and cache.v_pairs)
     return KVCache(
         **body, res_k=cache.res_k, res_v=cache.res_v, sink_k=cache.sink_k, sink_v=cache.sink_v,
         lengths=cache.lengths, overflow=cache.overflow, spec=cache.spec, max_len=cache.max_len,
@@ -358,7 +381,7 @@ def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over) -> PagedKVCac
     table = cache.page_table
 
     def scatter(name, pool, idx, vals):
-        return _scatter_pages(pool, table, idx, vals, name in TOKEN_MINOR)
+        return _scatter_pages(pool, table, idx, vals, name in TOKEN_MINOR, name == "v" and cache.v_pairs)
 
     return append_window(cache, k, v, t_valid, over, scatter)
 
