@@ -359,9 +359,6 @@ def _half2(x: float, dtype) -> int:
     return (h << 16) | h
 
 
-_BYTE_PAIRS = {None: ("0x4140", "0x4342"), 0: ("0x4240",), 1: ("0x4341",)}  # prmt: bytes into 16-bit lanes
-
-
 def asm_text(bits: int, signed: bool, c: int, dtype, pair: int | None = None) -> str:
     """PTX of `_asm_convert` for field ``c`` of ``bits``-bit values: the input (``$2``) holds four
     bytes, ``$0`` / ``$1`` get the values of bytes 0, 1 / 2, 3 as two 16-bit floats each. With
@@ -369,7 +366,8 @@ def asm_text(bits: int, signed: bool, c: int, dtype, pair: int | None = None) ->
     gets the values of the low / high bytes of the two words (bytes 0, 2 / 1, 3).
 
     The bytes are shifted so the field is the low ``bits`` bits, spread into the low byte of
-    16-bit lanes (``prmt``), masked and combined with the magic exponent (``lop3``
+    16-bit lanes (``prmt``; a pair's bytes 0, 2 / 1, 3 already head the lanes, after a shift by
+    8 for the high ones), masked and combined with the magic exponent (``lop3``
     ``(x & mask) ^ magic``: for signed formats the magic also holds the field's sign bit,
     so the XOR turns two's complement into offset binary), and the magic value plus the
     offset taken off (``fma`` by 1.0, exact)."""
@@ -381,15 +379,19 @@ def asm_text(bits: int, signed: bool, c: int, dtype, pair: int | None = None) ->
     magic = ((bits16 | bias) << 16) | bits16 | bias
     kind = "f16x2" if dtype == jnp.float16 else "bf16x2"
     inp = "$2" if pair is None else "$1"
+    shift = bits * c + 8 * (pair or 0)
     src, asm = inp, ["{", ".reg .b32 t0, t1, t2, k1, k0;"]
-    if bits * c:
-        asm.append(f"shr.b32 t2, {inp}, {bits * c};")
+    if shift:
+        asm.append(f"shr.b32 t2, {inp}, {shift};")
         src = "t2"
-    sels = _BYTE_PAIRS[pair]
-    asm += [f"prmt.b32 t{n}, {src}, 0, {sel};" for n, sel in enumerate(sels)]
-    asm += [f"lop3.b32 t{n}, t{n}, {(mask << 16) | mask:#010x}, {magic:#010x}, 0x6a;" for n in range(len(sels))]
+    if pair is None:
+        asm += ["prmt.b32 t0, %s, 0, 0x4140;" % src, "prmt.b32 t1, %s, 0, 0x4342;" % src]
+        lanes = ["t0", "t1"]
+    else:  # the field of bytes 0 and 2 (after the shift) already at bits 0 and 16
+        lanes = [src]
+    asm += [f"lop3.b32 t{n}, {x}, {(mask << 16) | mask:#010x}, {magic:#010x}, 0x6a;" for n, x in enumerate(lanes)]
     asm += [f"mov.b32 k1, {_half2(1.0, dtype):#010x};", f"mov.b32 k0, {_half2(-(value + bias), dtype):#010x};"]
-    asm += [f"fma.rn.{kind} ${n}, t{n}, k1, k0;" for n in range(len(sels))]
+    asm += [f"fma.rn.{kind} ${n}, t{n}, k1, k0;" for n in range(len(lanes))]
     return "\n".join(asm + ["}"])
 
 

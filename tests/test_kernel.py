@@ -307,6 +307,27 @@ def test_asm_conversion_gives_every_field_value(bits, signed):
             decode.asm_text(8, signed, 0, jnp.bfloat16)
 
 
+@pytest.mark.parametrize("bits,signed", [(4, True), (4, False), (2, True), (2, False)])
+def test_asm_pair_conversion_gives_every_field_value(bits, signed):
+    """The inline PTX of value tiles stored in pairs (`asm_text` with ``pair``, two 16-bit words in
+    one 32-bit input), evaluated instruction by instruction: ``pair`` 0 gives the field of the
+    words' low bytes (bytes 0, 2), ``pair`` 1 of their high bytes (1, 3), for every byte."""
+    mask = (1 << bits) - 1
+    rng = np.random.default_rng(bits * 2 + signed + 100)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        fdt = np.float16 if dtype == jnp.float16 else jnp.bfloat16
+        for c in range(8 // bits):
+            for h in (0, 1):
+                asm = decode.asm_text(bits, signed, c, dtype, pair=h)
+                data = rng.permutation(256).astype(np.uint8)
+                for i in range(0, 256, 4):
+                    out = _exec_ptx(asm, {"$1": int(data[i:i + 4].view(np.uint32)[0])}, fdt)["$0"]
+                    got = np.array([out & 0xFFFF, out >> 16], np.uint16).view(fdt).astype(np.float64)
+                    field = (data[i + h:i + 4:2].astype(np.int64) >> bits * c) & mask
+                    want = np.where(signed & (field >> (bits - 1) == 1), field - (1 << bits), field)
+                    assert got.tolist() == want.tolist(), (bits, signed, c, h, dtype, data[i:i + 4])
+
+
 @pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)])
 def test_int8_key_tiles_give_every_field_value(bits, signed):
     """The int8 key tiles of Config.qk_int8 (`asm_int8_text`'s PTX evaluated instruction by
