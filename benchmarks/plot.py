@@ -20,6 +20,8 @@
   registers, against the default (run P; both dropped).
 * ``heads-per-program.png``: the paged kernel with one and two KV heads per program, and engine
   decode tokens/s before and after (run Q).
+* ``value-pairs.png``: the paged kernel per value layout (token-major, tokens-minor, tokens-minor
+  in pairs), and engine decode tokens/s before and after (run R).
 """
 
 from __future__ import annotations
@@ -297,13 +299,35 @@ def heads_per_program(out):
     _save(fig, out, "heads-per-program")
 
 
+def value_pairs(out):
+    """Run R: the paged kernel (B=16 S=32K, pages of 64) per value layout (same call: token-major,
+    tokens-minor, tokens-minor in pairs), and engine decode tokens/s at run Q's tree and run R's."""
+    rows = [r for r in _load("decode-h200-runR-pairs-2026-12-01.json")["rows"] if "-paged64" in r["impl"]]
+    presets = ["int4", "int4-rot", "k8v4", "int2"]
+
+    def t(name, tag):
+        return [r["t"] * 1e6 for r in rows if r["impl"] == f"kvq-{name}-paged64{tag}"][0]
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    _grouped_bars(a1, presets, [(label, [t(n, tag) for n in presets]) for label, tag in
+                                (("values token-major", ""), ("tokens-minor", "-vT"), ("tokens-minor, in pairs", "-vP"))],
+                  "us per call (lower is better)", "Decode kernel, paged B=16 S=32K (H200, run R)", headroom=1.25)
+    engines = ("bf16", "int8", "int4")
+    runs = (("run Q", _load("serve-h200-runQ-final-2026-11-30.json")),
+            ("run R, pairs (32 splits)", _load("serve-h200-runR-pairs-2026-12-01.json")),
+            ("run R, final tree", _load("serve-h200-runR-2026-12-01.json")))
+    _grouped_bars(a2, engines, [(label, [res["presets"][n]["tokens_per_s"] for n in engines]) for label, res in runs],
+                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200", headroom=1.3)
+    _save(fig, out, "value-pairs")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
-               one_warp, page_size, lazy_rescale, heads_per_program):
+               one_warp, page_size, lazy_rescale, heads_per_program, value_pairs):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 

@@ -1009,7 +1009,7 @@ def _default_config(spec, heads: int, rows: int, S: int, page_size: int | None =
     the ``kv_heads`` per program (the splits fill the SMs with the programs launched)."""
     rt, nr = _row_tiles(rows, Config.row_tile)
     hp = default_heads(spec, rows, kv_heads)
-    cfg = _choose(spec, heads * nr // hp, S, page_size, rt)
+    cfg = _choose(spec, heads * nr // hp, S, page_size, rt, hp)
     return cfg if hp == 1 else dataclasses.replace(cfg, heads=hp)
 
 
@@ -1063,7 +1063,8 @@ def default_block_k(spec, row_tile: int) -> int:
     return 128 if spec.k.quantized and spec.k.bits < 8 and row_tile <= 16 else 64
 
 
-def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile: int = 16) -> Config:
+def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile: int = 16,
+            heads: int = 1) -> Config:
     block_k = min(default_block_k(spec, row_tile), _next_pow2(S))
     small_pages = bool(page_size) and _pow2_divisor(page_size) < block_k
     if small_pages:  # a block lies in one page
@@ -1083,6 +1084,13 @@ def _choose(spec, programs: int, S: int, page_size: int | None = None, row_tile:
     # B=32 S=32K int8: 4 splits 672 us, 8 598, 16 621; B=16: 8 splits 317-332, 16 330, 4 374)
     cap_tokens = warps > 1 and row_tile <= 16
     splits = 1
+    if warps == 1 and heads > 1:
+        # one-warp programs of several KV heads hold ~254 registers, 8 per SM: as many splits as one
+        # wave of them holds (run R, paged B=16 S=32K int4, values in pairs: 16 splits 236.1 us, 32
+        # 247.0, 64 248.1)
+        while programs * splits * 2 <= 8 * NUM_SMS and splits * 2 <= max(1, nblk // 4):
+            splits *= 2
+        return Config(block_k, splits, num_warps=warps, num_stages=3)
     while ((programs * splits < fill or (cap_tokens and splits * SPLIT_TOKENS < S))
            and splits * 2 <= max(1, nblk // 4)):
         splits *= 2

@@ -542,7 +542,11 @@ def test_heads_per_program_default_and_errors():
     _, cache, q = _case("int4", "int4", 3, 64, 4, seed=3)
     qg, qpos, scale = _body_inputs(spec["int4"], cache, q)
     assert decode.choose_config(cache, 4).heads == 2 and decode.choose_config(cache, 12).heads == 1
-    assert [decode._default_config(spec[n], 128, 4, 32768, kv_heads=8).num_splits for n in ("int4", "int8")] == [32, 16]
+    # the splits: int4's two-head one-warp programs, one wave of 8 per SM; int8's 4-warp ones, 4 per SM
+    assert [decode._default_config(spec[n], 128, 4, 32768, kv_heads=8).num_splits for n in ("int4", "int8")] == [16, 16]
+    assert [decode._default_config(spec["int4"], 8 * b, 4, s, kv_heads=8).num_splits
+            for b, s in ((8, 32768), (32, 32768), (1, 131072))] == [32, 8, 256]
+    assert decode._default_config(spec["k8v4"], 128, 4, 32768, kv_heads=8).num_splits == 16  # one head: 12 per SM
     with pytest.raises(ValueError, match="heads 4 must divide the 2 KV heads"):
         kernel(qg, cache, qpos, scale, interpret=True, config=decode.Config(32, 1, heads=4))
     with pytest.raises(ValueError, match="heads 2 x 12 query rows exceed row_tile 16"):
