@@ -66,6 +66,12 @@ def _grouped_bars(ax, names, series, ylabel, title, headroom=1.0):
     ax.legend(fontsize=8)
 
 
+def _engine_bars(ax, presets, runs, title="Engine, 8B shape, 16 x 32K, one H200"):
+    """Engine decode tokens/s per preset for each ``(label, serve.py result)`` of ``runs``."""
+    _grouped_bars(ax, presets, [(label, [res["presets"][n]["tokens_per_s"] for n in presets]) for label, res in runs],
+                  "decode tokens/s (higher is better)", title, headroom=1.3)
+
+
 def decode_attention(out):
     d = _load("decode-h200-runD-2026-11-29.json")
     rows = [r for r in d["rows"] if r["B"] == 8 and r["S"] == 32768
@@ -227,8 +233,7 @@ def one_warp(out):
              ("one warp (598b022)", _load("serve-h200-runN-2026-11-30.json")),
              ("and p once (adce19d; x2 host)", _load("serve-h200x2-runN-1gpu-2026-11-30.json")))
     names = ["bf16", "int8", "int4"]
-    _grouped_bars(a2, names, [(label, [res["presets"][n]["tokens_per_s"] for n in names]) for label, res in trees],
-                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200", headroom=1.3)
+    _engine_bars(a2, names, trees)
     _save(fig, out, "one-warp")
 
 
@@ -254,8 +259,7 @@ def page_size(out):
     runs = (("page 256", _load("serve-h200-runO-page256-2026-11-30.json")),
             ("page 64", _load("serve-h200-runO-page64-2026-11-30.json")),
             ("page 64, shuffled pages", _load("serve-h200-runO-page64-shuffled-2026-11-30.json")))
-    _grouped_bars(a2, presets, [(label, [res["presets"][n]["tokens_per_s"] for n in presets]) for label, res in runs],
-                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200 (run O)", headroom=1.3)
+    _engine_bars(a2, presets, runs, "Engine, 8B shape, 16 x 32K, one H200 (run O)")
     _save(fig, out, "page-size")
 
 
@@ -294,8 +298,7 @@ def heads_per_program(out):
     engines = ("bf16", "int8", "int4")
     runs = (("run P (1 head per program)", _load("serve-h200-runP-2026-11-30.json")),
             ("run Q (2 heads: int8, int4)", _load("serve-h200-runQ-final-2026-11-30.json")))
-    _grouped_bars(a2, engines, [(label, [res["presets"][n]["tokens_per_s"] for n in engines]) for label, res in runs],
-                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200", headroom=1.3)
+    _engine_bars(a2, engines, runs)
     _save(fig, out, "heads-per-program")
 
 
@@ -316,8 +319,7 @@ def value_pairs(out):
     runs = (("run Q", _load("serve-h200-runQ-final-2026-11-30.json")),
             ("run R, pairs (32 splits)", _load("serve-h200-runR-pairs-2026-12-01.json")),
             ("run R, final tree", _load("serve-h200-runR-2026-12-01.json")))
-    _grouped_bars(a2, engines, [(label, [res["presets"][n]["tokens_per_s"] for n in engines]) for label, res in runs],
-                  "decode tokens/s (higher is better)", "Engine, 8B shape, 16 x 32K, one H200", headroom=1.3)
+    _engine_bars(a2, engines, runs)
     _save(fig, out, "value-pairs")
 
 
