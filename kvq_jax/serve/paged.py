@@ -308,6 +308,12 @@ def _gather_pages(pool, table, token_minor: bool = False, pairs: bool = False):
     return jnp.transpose(g, (0, 2, 1, 3, 4)).reshape(B, H, MP * rows, X)
 
 
+def _pool_layout(cache: PagedKVCache, name: str) -> tuple[bool, bool]:
+    """``(token_minor, pairs)`` of pool leaf ``name``: how `_scatter_pages` writes it and
+    `_gather_pages` reads it."""
+    return name in TOKEN_MINOR, name == "v" and cache.v_pairs
+
+
 def contiguous_view(cache: PagedKVCache) -> KVCache:
     """The same tokens as a contiguous `KVCache` (body gathered through the page table).
 
@@ -317,8 +323,7 @@ def contiguous_view(cache: PagedKVCache) -> KVCache:
     body = {}
     for name in _BODY:
         x = getattr(cache, name)
-        body[name] = None if x is None else _gather_pages(x, cache.page_table, name in TOKEN_MINOR,
-                                                          name == "v" and cache.v_pairs)
+        body[name] = None if x is None else _gather_pages(x, cache.page_table, *_pool_layout(cache, name))
     return KVCache(
         **body, res_k=cache.res_k, res_v=cache.res_v, sink_k=cache.sink_k, sink_v=cache.sink_v,
         lengths=cache.lengths, overflow=cache.overflow, spec=cache.spec, max_len=cache.max_len,
@@ -381,7 +386,7 @@ def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over) -> PagedKVCac
     table = cache.page_table
 
     def scatter(name, pool, idx, vals):
-        return _scatter_pages(pool, table, idx, vals, name in TOKEN_MINOR, name == "v" and cache.v_pairs)
+        return _scatter_pages(pool, table, idx, vals, *_pool_layout(cache, name))
 
     return append_window(cache, k, v, t_valid, over, scatter)
 
