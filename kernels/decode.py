@@ -668,11 +668,15 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
         rows_i = row_head == i if x.ndim == 2 else row_head[:, 0] == i
         return jnp.where(rows_i, x, jnp.zeros((), x.dtype))
 
-    def per_row(vals):
-        """Per-head ``[BK]`` vectors -> ``[Mp, BK]``: each row takes its own head's."""
-        out = vals[-1][None, :]
+    def rows_times(x, vals):
+        """``x`` (``[Mp, BK]`` or ``[Mp, 1]``) times per-head ``[BK]`` vectors, each row its own
+        head's: the products selected per row, so Triton forms them in ``x``'s (the dot's) layout
+        and converts only the ``[BK]`` vectors (a ``[Mp, BK]`` tile of each row's scales, selected
+        first, was built in a blocked layout and moved to the dot's through shared memory every
+        block: BENCHMARKS.md run S)."""
+        out = x * vals[-1][None, :]
         for i in range(heads - 2, -1, -1):
-            out = jnp.where(row_head == i, vals[i][None, :], out)
+            out = jnp.where(row_head == i, x * vals[i][None, :], out)
         return out
 
     # q columns of each key piece (loaded once, before the loop)
@@ -833,14 +837,14 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                         d = d * q_w[t]
                     acc_i = d if acc_i is None else acc_i + d  # addi(c, dot): Triton folds c into the dot
             grp = pc.segs[0][0]
-            s_k = per_row([col_scale(ks_ref, ats[i], grp, sc[i], "s") for i in range(heads)])
+            s_i = [col_scale(ks_ref, ats[i], grp, sc[i], "s") for i in range(heads)]
             # exact below 2**24 (one term); two terms: within 2**-24 relative
-            logits = logits + acc_i.astype(jnp.float32) * s_k
+            logits = logits + rows_times(acc_i.astype(jnp.float32), s_i)
             if k_zero or k_center:  # sum(q) * (zero + k_center * s_k), per row and token
-                shift = k_center * s_k if k_center else 0.0
+                shift = [k_center * s if k_center else 0.0 for s in s_i]
                 if k_zero:
-                    shift = shift + per_row([col_scale(kz_ref, ats[i], grp, sc[i], "z") for i in range(heads)])
-                z = qsum[n][:, None] * shift
+                    shift = [sh + col_scale(kz_ref, ats[i], grp, sc[i], "z") for i, sh in enumerate(shift)]
+                z = rows_times(qsum[n][:, None], shift)
                 logits_z = z if logits_z is None else logits_z + z
         if qk_int8:
             logits = logits * s_row[:, None] + (logits_z if logits_z is not None else 0.0)
