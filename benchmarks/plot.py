@@ -22,6 +22,9 @@
   decode tokens/s before and after (run Q).
 * ``value-pairs.png``: the paged kernel per value layout (token-major, tokens-minor, tokens-minor
   in pairs), and engine decode tokens/s before and after (run R).
+* ``key-scales.png``: the paged kernel of two KV heads per program with the per-row key scales
+  selected before and after the products, and engine decode tokens/s of both trees, alternated in
+  one call (run S).
 """
 
 from __future__ import annotations
@@ -323,13 +326,35 @@ def value_pairs(out):
     _save(fig, out, "value-pairs")
 
 
+def key_scales(out):
+    """Run S: the paged kernel (B=16 S=32K, pages of 64; int4 and int8 run two KV heads per program)
+    with each row's key scales selected before the products (the earlier kernel) and after them
+    (same call, interleaved), and the engine's decode tokens/s of both trees, run alternately in
+    one call (old, new, old, new)."""
+    rows = [r for r in _load("decode-h200-runS-scales-2026-12-01.json")["rows"] if "-paged64" in r["impl"]]
+    presets = ["int4", "int8"]
+
+    def t(name, after):
+        return [r["t"] * 1e6 for r in rows if r["impl"].startswith(f"kvq-{name}-paged64")
+                and ("scale_select=True" in r["cfg"]) == after][0]
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    _grouped_bars(a1, presets, [(label, [t(n, after) for n in presets]) for label, after in
+                                (("scales selected, then multiplied", False), ("products selected", True))],
+                  "us per call (lower is better)", "Decode kernel, paged B=16 S=32K (H200, run S)", headroom=1.25)
+    runs = [(f"{label} ({i})", _load(f"serve-h200-runS-abab-{tree}-{i}-2026-12-01.json"))
+            for i in (1, 2) for label, tree in (("before", "old"), ("after", "new"))]
+    _engine_bars(a2, ("int8", "int4"), runs, title="Engine, 8B shape, 16 x 32K, one H200 (one call)")
+    _save(fig, out, "key-scales")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
-               one_warp, page_size, lazy_rescale, heads_per_program, value_pairs):
+               one_warp, page_size, lazy_rescale, heads_per_program, value_pairs, key_scales):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 
