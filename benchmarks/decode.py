@@ -216,11 +216,12 @@ def _attend_pallas(q, cache, precise=False, config=None):
 BODY = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
 
 
-def to_pages(cache, page_size, key):
-    """The body of a contiguous cache as page pools in shuffled page order, and its page table."""
+def to_pages(cache, page_size, key, shuffled=True):
+    """The body of a contiguous cache as page pools in shuffled page order (``shuffled``; else
+    each sequence's pages in a row, sequence after sequence), and its page table."""
     B, H, S = cache.k.shape[:3]
     npg = S // page_size
-    order = jax.random.permutation(key, B * npg)
+    order = jax.random.permutation(key, B * npg) if shuffled else jnp.arange(B * npg)
 
     def pool(x):
         if x is None:
@@ -299,11 +300,12 @@ def store_values(v, v_token_minor: bool, v_pairs: bool):
 
 
 def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_int8=(None,), vary=({},),
-                v_layouts=("paged",), rounds=1):
-    """Kernel over the body, contiguous vs through a shuffled page table, per ``Config.unpack``
-    of ``unpacks`` and value layout of ``v_layouts`` (`PAGED_VALUES`, `value_layout`): equal
-    outputs, both times. With ``rounds`` > 1, a preset's variants are timed interleaved
-    (`time_interleaved`): each row gets the median over rounds and every round's time."""
+                v_layouts=("paged",), rounds=1, in_order=False):
+    """Kernel over the body, contiguous vs through a shuffled page table (and, with ``in_order``,
+    through pages laid out in sequence order), per ``Config.unpack`` of ``unpacks`` and value
+    layout of ``v_layouts`` (`PAGED_VALUES`, `value_layout`): equal outputs, every time. With
+    ``rounds`` > 1, a preset's variants are timed interleaved (`time_interleaved`): each row gets
+    the median over rounds and every round's time."""
     rows = []
     for name in presets:
         spec = kvq.KVSpec.parse(name)
@@ -313,14 +315,16 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
             continue
         cache = build_cache(spec, B, S, H, D, key)
         q = jax.random.normal(key, (B, 1, Hq, D), jnp.bfloat16)
-        pools, table = to_pages(cache, page_size, key)
+        orders = ("", "-inorder") if in_order else ("",)  # the paged rows' impl suffix per page order
+        paged = [to_pages(cache, page_size, key, shuffled=not o) for o in orders]  # [(pools, table)]
         nbytes = cache_bytes_read(spec, B, S, H, D)
         layouts = {value_layout(spec, lay) for lay in v_layouts}  # (v_token_minor, v_pairs)
         stored = {lay: (dataclasses.replace(cache, v=store_values(cache.v, *lay)),
-                        dict(pools, v=store_values(pools["v"], *lay))) for lay in sorted(layouts)}
-        variants = []  # (what, outputs equal, [(row, run) contiguous, (row, run) paged]): timed together below
+                        [dict(pools, v=store_values(pools["v"], *lay)) for pools, _ in paged])
+                  for lay in sorted(layouts)}
+        variants = []  # (what, outputs equal, [(row, run) contiguous, then paged per order]): timed together below
         for unpack, qk, var, lay in itertools.product(unpacks, qk_int8, vary, sorted(layouts)):
-            c_v, p_v = stored[lay]
+            c_v, p_vs = stored[lay]
             vt, vp = lay
             cfg = decode.choose_config(cache, Hq // H, page_size)  # the paged kernel's default blocks
             cfg = dataclasses.replace(cfg, **{"unpack": cfg.unpack if unpack == "auto" else unpack, "qk_int8": qk, **var})
@@ -329,37 +333,40 @@ def bench_paged(B, S, Hq, H, D, presets, key, page_size, unpacks=("auto",), qk_i
             if qk_int8_unsupported(qk, spec, D, cfg.unpack):
                 continue
             a = jax.jit(lambda q, c, cfg=cfg, vt=vt, vp=vp: contiguous_body(q, c, cfg, vt, v_pairs=vp))(q, c_v)
-            b = jax.jit(lambda q, p, t, c, cfg=cfg, vt=vt, vp=vp: paged_body(q, p, t, c, cfg, vt, vp))(
-                q, p_v, table, c_v)
-            same = bool(jnp.array_equal(a, b))
+            paged_fn = jax.jit(lambda q, p, t, c, cfg=cfg, vt=vt, vp=vp: paged_body(q, p, t, c, cfg, vt, vp))
+            same = all(bool(jnp.array_equal(a, paged_fn(q, p_v, table, c_v)))
+                       for p_v, (_, table) in zip(p_vs, paged))
             err = None
             if vt:  # against the token-major layout's output: equal, or within f32 rounding with pairs
                 want = jax.jit(lambda q, c, cfg=cfg: contiguous_body(q, c, cfg))(q, cache)
                 err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - want.astype(jnp.float32))))
                 same = same and (err == 0.0 if not vp else err <= 1e-4 * float(jnp.max(jnp.abs(want))))
             tag = ("-vP" if vp else "-vT") if vt else ""
-            runs = (chained(lambda q, c, cfg=cfg, vt=vt, vp=vp: contiguous_body(q, c, cfg, vt, v_pairs=vp), q, c_v),
-                    chained(lambda q, p, t, c, cfg=cfg, vt=vt, vp=vp: paged_body(q, p, t, c, cfg, vt, vp),
-                            q, p_v, table, c_v))
+            runs = [chained(lambda q, c, cfg=cfg, vt=vt, vp=vp: contiguous_body(q, c, cfg, vt, v_pairs=vp), q, c_v)]
+            runs += [chained(lambda q, p, t, c, cfg=cfg, vt=vt, vp=vp: paged_body(q, p, t, c, cfg, vt, vp),
+                             q, p_v, table, c_v) for p_v, (_, table) in zip(p_vs, paged)]
+            impls = [f"kvq-{name}-body{tag}"] + [f"kvq-{name}-paged{page_size}{o}{tag}" for o in orders]
             what = " v tokens-minor in pairs" if vp else " v tokens-minor" if vt else ""
             variants.append((f"{name:8s} {unpack:5s} qk_int8={qk!s:5s} {var}{what}"
                              + (f" (max|d| to token-major {err:.2e})" if err is not None else ""), same,
                              [(dict(impl=impl, bytes=nbytes, B=B, S=S, Hq=Hq, H=H, D=D, cfg=str(cfg), equal=same,
                                     vs_torch=None), run)
-                              for impl, run in zip((f"kvq-{name}-body{tag}", f"kvq-{name}-paged{page_size}{tag}"), runs)]))
-        timed = time_interleaved({(i, j): run for i, (_, _, pair) in enumerate(variants)
-                                  for j, (_, run) in enumerate(pair)}, rounds)
-        for i, (what, same, pair) in enumerate(variants):
-            ts = [timed[(i, j)] for j in range(2)]
-            for (row, _), t_rounds in zip(pair, ts):
+                              for impl, run in zip(impls, runs)]))
+        timed = time_interleaved({(i, j): run for i, (_, _, group) in enumerate(variants)
+                                  for j, (_, run) in enumerate(group)}, rounds)
+        for i, (what, same, group) in enumerate(variants):
+            ts = [timed[(i, j)] for j in range(len(group))]
+            for (row, _), t_rounds in zip(group, ts):
                 t = statistics.median(t_rounds)
                 rows.append(dict(row, t=t, tbs=nbytes / t / 1e12, **({"rounds_t": t_rounds} if rounds > 1 else {})))
-            t_c, t_p = (statistics.median(t) for t in ts)
+            t_c, *t_ps = (statistics.median(t) for t in ts)
             spread = (" (rounds: " + " / ".join(f"{min(t) * 1e6:.1f}-{max(t) * 1e6:.1f}" for t in ts) + " us)"
                       if rounds > 1 else "")
+            paged_txt = ", ".join(f"paged{' in order' if o else ''} {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x)"
+                                  for o, t_p in zip(orders, t_ps))
             print(f"paged B={B} S={S} {what} page={page_size}: contiguous {t_c * 1e6:8.1f} us, "
-                  f"paged {t_p * 1e6:8.1f} us ({t_p / t_c:.3f}x){spread}, outputs equal: {same}", flush=True)
-        del cache, pools, stored, variants
+                  f"{paged_txt}{spread}, outputs equal: {same}", flush=True)
+        del cache, paged, stored, variants
     return rows
 
 
@@ -539,6 +546,9 @@ def main(argv=None):
                          "stores them: [Dp, tokens] per page, sub-byte values' tokens in pairs), tokens-minor "
                          "(without pairs), token-major (as the contiguous KVCache), both (token-major and paged) "
                          "or all")
+    ap.add_argument("--paged-in-order", action="store_true",
+                    help="with --paged: also time the pages laid out in sequence order (each sequence's pages in "
+                         "a row) beside the shuffled pool")
     ap.add_argument("--gpus", type=int, default=0,
                     help="also time kvq.sharding.shard_attend over 1, 2, 4, ... up to this many devices")
     ap.add_argument("--sharded-shape", default="8x32768")
@@ -580,7 +590,7 @@ def main(argv=None):
         B, S = (int(x) for x in a.paged_shape.split("x"))
         rows += bench_paged(B, S, hq, hkv, 128, list(filter(None, (a.presets + "," + a.main_presets).split(","))), key, a.paged,
                             unpacks=a.unpack.split(","), qk_int8=qk, vary=vary,
-                            v_layouts=PAGED_VALUES[a.paged_values], rounds=a.rounds)
+                            v_layouts=PAGED_VALUES[a.paged_values], rounds=a.rounds, in_order=a.paged_in_order)
         save(rows)
     if a.gpus:
         B, S = (int(x) for x in a.sharded_shape.split("x"))
