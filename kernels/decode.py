@@ -875,18 +875,14 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             out = out if acc is None else acc + out
             return out + _dot(a_hi, v_hi, precise, trans_b=tb)
 
-        def scale_tokens(vt, s):
-            """Value tile(s) ``vt`` times the f32 per-token ``s [BK]``, in f32."""
-            tok = (None, slice(None)) if tb else (slice(None), None)  # the token axis of vt
-            if not v_pairs:
-                return vt.astype(jnp.float32) * s[tok]
-            return tuple(v_h.astype(jnp.float32) * s_h[tok] for v_h, s_h in zip(vt, pair_split(s)))
+        tok = (None, slice(None)) if tb else (slice(None), None)  # the token axis of a value tile
 
-        def shift_tokens(x, z):
-            tok = (None, slice(None)) if tb else (slice(None), None)
+        def per_token(f, vt, s):
+            """``f(tile, s)`` for value tile(s) ``vt`` and a per-token ``s [BK]`` laid along the tile's
+            token axis; with ``v_pairs`` each half with its half of ``s`` (`pair_split`)."""
             if not v_pairs:
-                return x + z[tok]
-            return tuple(x_h + z_h[tok] for x_h, z_h in zip(x, pair_split(z)))
+                return f(vt, s[tok])
+            return tuple(f(v_h, s_h[tok]) for v_h, s_h in zip(vt, pair_split(s)))
 
         def to_dtype(x, dtype):
             return tuple(x_h.astype(dtype) for x_h in x) if v_pairs else x.astype(dtype)
@@ -911,9 +907,10 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 return acc + _dot(p_i, vt, precise, trans_b=tb)
             grp = pc.segs[0][0]
             if v_dequant and v_scaled and not precise:  # scale (and shift) the tile: p is shared by all dots
-                x = scale_tokens(vt, col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)
+                x = per_token(lambda v, s: v.astype(jnp.float32) * s, vt,
+                              col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix)
                 if v_zero:
-                    x = shift_tokens(x, col_scale(vz_ref, at_i, grp, sc_i, "vz"))
+                    x = per_token(jnp.add, x, col_scale(vz_ref, at_i, grp, sc_i, "vz"))
                 return vdot(p_i, to_dtype(x, vdt), acc)
             if v_scaled and vdt == jnp.float16:  # p * s / max(s) is in [0, 1]: no fp16 underflow
                 sv = col_scale(vs_ref, at_i, grp, sc_i, "vs") * v_fp8_fix
