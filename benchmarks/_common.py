@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import statistics
 import time
 
@@ -134,6 +135,12 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+def kernel_kind(name: str) -> str:
+    """A kernel's name without XLA's numeric and rematerialization suffixes
+    (``input_scatter_fusion_63_remat2`` -> ``input_scatter_fusion``)."""
+    return re.sub(r"(_(remat)?\d+)+$", "", name)
+
+
 def profile_steps(advance, steps: int, log_dir: str, top: int = 25) -> dict:
     """Device time per step of ``advance`` (see `time_steps`), by kernel, from a JAX profile.
 
@@ -142,7 +149,8 @@ def profile_steps(advance, steps: int, log_dir: str, top: int = 25) -> dict:
     kernel (or copy) on that device (every event of the process where it has no such lines); the
     trace is kept as ``log_dir/trace.json.gz``. Returns ``{"devices": {process: {"busy_ms", "by_class": {class: ms}, "top":
     [[name, ms, calls], ...]}}}``, all per step (the trace's total over ``steps``); classes by
-    `KERNEL_CLASSES`. Device lanes that overlap (several streams) are summed, so busy_ms can
+    `KERNEL_CLASSES`; ``"by_kind"``: ``{kind: [ms, calls]}`` per step, by the kernel's name without
+    its numeric suffixes (`kernel_kind`: every ``input_scatter_fusion_N`` together). Device lanes that overlap (several streams) are summed, so busy_ms can
     exceed the step's wall time.
     """
     import glob
@@ -178,9 +186,13 @@ def profile_steps(advance, steps: int, log_dir: str, top: int = 25) -> dict:
     out = {}
     for proc, kernels in sorted(per.items()):
         by_class = defaultdict(float)
-        for kname, (ms, _) in kernels.items():
+        by_kind = defaultdict(lambda: [0.0, 0])
+        for kname, (ms, n) in kernels.items():
             by_class[kernel_class(kname)] += ms
+            by_kind[kernel_kind(kname)][0] += ms
+            by_kind[kernel_kind(kname)][1] += n // steps
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
         out[proc] = dict(busy_ms=sum(ms for ms, _ in kernels.values()), by_class=dict(by_class),
+                         by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1][0])),
                          top=[[k, ms, n // steps] for k, (ms, n) in ranked])
     return dict(steps=steps, trace=path, devices=out)

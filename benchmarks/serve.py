@@ -287,6 +287,8 @@ def main(argv=None):
         for proc, d in r.get("profile", {}).get("devices", {}).items():
             cls = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["by_class"].items(), key=lambda kv: -kv[1]))
             print(f"{p:<8} {proc}: device ms per step {d['busy_ms']:.2f} ({cls})")
+            kinds = list(d.get("by_kind", {}).items())[:12]
+            print("         " + ", ".join(f"{k} {ms:.3f} ({n})" for k, (ms, n) in kinds))
     for p, r in res["presets"].items():
         if "prefix" in r:
             c, u = r["prefix"]["cached"], r["prefix"]["uncached"]

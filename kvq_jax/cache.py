@@ -236,7 +236,8 @@ def _gather_tokens(buf, idx):
     return jnp.take_along_axis(buf, idx[:, None, :, None], axis=2)
 
 
-def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None) -> KVCache:
+def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *,
+           impl: str = "auto", interpret: bool | None = None) -> KVCache:
     """Append ``k, v: [B, T, Hkv, D]`` at each sequence's own current length.
 
     Args:
@@ -244,6 +245,10 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
       k, v: new keys and values (any float dtype; quantized in f32).
       lengths: optional ``int[B]``: append only the first ``lengths[b]`` of the T
         tokens of sequence b (ragged prefill); the rest are ignored.
+      impl: how the quantized tokens are stored: "pallas" (one kernel for every leaf of the
+        body, `kvq_jax.kernels.write`), "xla" (one scatter per leaf), "auto" ("pallas" on a
+        GPU, "xla" elsewhere). The same bytes either way.
+      interpret: for "pallas": interpret mode (default: off a GPU).
 
     Returns:
       The new KVCache. Past ``max_len``: ValueError outside jit, the ``overflow``
@@ -261,7 +266,8 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None
                 f"k: appending {np.asarray(t_valid)[bad].tolist()} tokens to sequences {bad} holding "
                 f"{np.asarray(n_old)[bad].tolist()} exceeds max_len={cache.max_len}")
         check_finite(k, v)
-    return _append_update(cache, k, v, t_valid, over)
+    impl, interpret = write_impl(impl, interpret)
+    return _append_update(cache, k, v, t_valid, over, impl=impl, interpret=interpret)
 
 
 def tokens_to_append(lengths, B: int, T: int) -> jax.Array:
@@ -287,23 +293,62 @@ def check_finite(k, v) -> None:
         raise ValueError("k, v: contain NaN or Inf")
 
 
-@jax.jit
-def _append_update(cache: KVCache, k, v, t_valid, over) -> KVCache:
+@partial(jax.jit, static_argnames=("impl", "interpret"))
+def _append_update(cache: KVCache, k, v, t_valid, over, *, impl: str, interpret: bool) -> KVCache:
     """`append` after its checks, compiled once per cache structure and shapes (run op by op,
     outside any jit, it took 7-9x longer on the test shapes)."""
 
-    def scatter(name, buf, idx, vals):  # stream slot idx of the body ([B, H, S, X]); -1: none
-        return _scatter_tokens(buf, jnp.where(idx < 0, buf.shape[2], idx), vals)
+    def slots(name, buf, idx):  # stream slot idx of sequence b's body ([B, H, S, X]): page b, row idx
+        b = jnp.arange(idx.shape[0], dtype=jnp.int32)[:, None]
+        return jnp.where((idx >= 0) & (idx < buf.shape[2]), b, -1), jnp.maximum(idx, 0), False
 
-    return append_window(cache, k, v, t_valid, over, scatter)
+    return append_window(cache, k, v, t_valid, over,
+                         partial(write_units, slots_of=slots, impl=impl, interpret=interpret))
 
 
-def append_window(cache, k, v, t_valid, over, scatter):
+def write_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
+    """An append's ``impl`` ("auto", "pallas", "xla") and ``interpret`` resolved: "auto" is
+    "pallas" on a GPU (`kvq.attention.default_impl`); interpret mode by default off a GPU."""
+    from kvq_jax.attention import resolve_impl  # (attention imports this module)
+
+    impl = resolve_impl(impl)
+    return impl, (jax.default_backend() != "gpu") if interpret is None else bool(interpret)
+
+
+def write_units(updates: dict, *, slots_of, impl: str, interpret: bool) -> dict:
+    """`append_window`'s ``write``: store every body leaf's new units, all leaves at once.
+
+    ``updates``: ``{name: (buf, idx int32[B, W], vals [B, H, W, X])}``; ``slots_of(name, buf,
+    idx)`` gives each unit's ``(page, row)`` (``int32[B, W]``; a page outside ``buf``'s first
+    axis drops the unit) and whether ``buf`` holds its rows in its last axis (token-minor).
+    impl "pallas": one kernel for all leaves (`kvq_jax.kernels.write.write_rows`); "xla": one
+    scatter per leaf (`kvq_jax.kernels.write.write_rows_xla`). Returns ``{name: new buf}``."""
+    from kvq_jax.kernels import write  # the Pallas kernel and its plain-jnp twin
+
+    n = max((idx.size for _, idx, _ in updates.values()), default=0)
+    pools, slots, vals, token_minor = [], [], [], []
+    for name, (buf, idx, x) in updates.items():
+        page, row, tmin = slots_of(name, buf, idx)
+        B, H, W, X = x.shape
+        pad = n - B * W  # every leaf's update as long as the longest (per-channel scales have fewer units)
+        pools.append(buf)
+        slots.append((jnp.pad(page.reshape(-1), (0, pad), constant_values=-1), jnp.pad(row.reshape(-1), (0, pad))))
+        vals.append(jnp.pad(jnp.swapaxes(x, 1, 2).reshape(B * W, H, X).astype(buf.dtype), ((0, pad), (0, 0), (0, 0))))
+        token_minor.append(tmin)
+    if impl == "pallas":
+        out = write.write_rows(pools, slots, vals, token_minor, interpret=interpret)
+    else:
+        out = write.write_rows_xla(pools, slots, vals, token_minor)
+    return dict(zip(updates, out))
+
+
+def append_window(cache, k, v, t_valid, over, write):
     """The update `append` and `kvq_jax.serve.append_paged` share, after their checks: ``t_valid``
     tokens of ``k, v: [B, T, Hkv, D]`` per sequence (none where ``over`` or already overflowed)
     go to the sinks, the residual window and, leaving the window, quantized into the body, which
-    ``scatter(name, buf, idx, vals)`` writes: leaf ``name`` of the body, ``vals [B, H, W, X]`` at
-    stream slots (token groups for per-channel scales) ``idx int32[B, W]``, -1 for none.
+    ``write(updates)`` stores, all leaves at once: ``updates`` maps each body leaf's name to
+    ``(buf, idx, vals)``, ``vals [B, H, W, X]`` for stream slots (token groups for per-channel
+    scales) ``idx int32[B, W]`` of ``buf``, -1 for none; it returns ``{name: new buf}``.
     Returns ``cache`` replaced with the new leaves, lengths and overflow flags."""
     spec = cache.spec
     B, T, H, D = k.shape
@@ -358,6 +403,7 @@ def append_window(cache, k, v, t_valid, over, scatter):
     if spec.rotate:
         bk, bv = quant.rotate(bk), quant.rotate(bv)
     new = {name: getattr(cache, name) for name in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")}
+    writes = {}
     for name, x, t in (("k", bk, spec.k), ("v", bv, spec.v)):
         clip = None if spec.static is None else getattr(spec.static, name + "_clip")
         clip = None if clip == 1.0 else clip
@@ -374,8 +420,9 @@ def append_window(cache, k, v, t_valid, over, scatter):
             data, sidx = qt.data, bidx
         for leaf, vals in ((name + "_scale", qt.scale), (name + "_zero", qt.zero)):
             if vals is not None:
-                new[leaf] = scatter(leaf, new[leaf], sidx, vals)
-        new[name] = scatter(name, new[name], bidx, data)
+                writes[leaf] = (new[leaf], sidx, vals)
+        writes[name] = (new[name], bidx, data)
+    new.update(write(writes))
 
     # 2b. what stays in the window becomes the new residual.
     res_k, res_v = cache.res_k, cache.res_v

@@ -258,7 +258,8 @@ class QuantizedAttention(nnx.Module):
       num_heads, num_kv_heads, head_dim, in_features, out_features: Hq, Hkv, D, d_in, d_out.
       rope: "half", "interleaved" or None; rope_theta: its base.
       spec: default KVSpec of `init_cache` (a cache carries its own spec).
-      impl: attention implementation over the cache ("auto", "xla", "pallas").
+      impl: implementation of attention through the cache and of appends to it ("auto", "xla",
+        "pallas"; `kvq.attend`, `kvq.append`).
       sliding_window: applied only where attention runs on full-precision K/V
         (no cache, prefill); attention through a cache sees the whole cache.
     """
@@ -414,7 +415,7 @@ class QuantizedAttention(nnx.Module):
           lengths: optional ``int[B]``: only the first ``lengths[b]`` of the T tokens
             of sequence b are real (right padding): only they are appended, and their
             outputs are exact; outputs of padded rows are unspecified (0 or finite).
-          impl: override of ``self.impl`` for attention through the cache.
+          impl: override of ``self.impl`` for attention through the cache and appends to it.
 
         Returns:
           ``(y, cache)``: y ``[B, T, d_out]`` and the updated cache (None stays None).
@@ -429,9 +430,9 @@ class QuantizedAttention(nnx.Module):
             o = causal_attention(q, k, v, positions, positions, key_lengths=lengths,
                                  sliding_window=self.sliding_window, precision=self.precision)
             if cache is not None:
-                cache = shard_append(cache, k, v, lengths=lengths)
+                cache = shard_append(cache, k, v, lengths=lengths, impl=impl or self.impl)
         else:
-            cache = shard_append(cache, k, v, lengths=lengths)
+            cache = shard_append(cache, k, v, lengths=lengths, impl=impl or self.impl)
             if lengths is not None and T > 1:
                 # attend() puts the T queries at the last T positions of each sequence;
                 # with ragged lengths, move each sequence's real queries to the end.

@@ -573,13 +573,13 @@ def _attend_sharded(q, cache, *, mesh, mode, impl, interpret, scale, precise, co
 
 
 @partial(jax.jit, static_argnames=("mesh", "mode"))
-def _append_sharded(cache, k, v, lengths, *, mesh, mode):
+def _append_sharded(cache, k, v, lengths, *, mesh, mode, impl, interpret):
     kvspec = _qkv_spec(mode)
     live, live_specs, local_cache, merge, live_of = _split_empty(cache, cache_partition_specs(cache, mesh), mesh)
     lspec = None if lengths is None else P(DATA)
 
     def local(live, k, v, n):
-        return live_of(_layout_fn(cache, "append")(local_cache(live), k, v, lengths=n))
+        return live_of(_layout_fn(cache, "append")(local_cache(live), k, v, lengths=n, impl=impl, interpret=interpret))
 
     out = jax.shard_map(local, mesh=mesh, in_specs=(live_specs, kvspec, kvspec, lspec), out_specs=live_specs,
                         check_vma=False)(live, k, v, lengths)
@@ -642,7 +642,7 @@ def _precheck_append(cache: KVCache, k, v, lengths):
 
 
 def shard_append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *,
-                 mesh: Mesh | None = None) -> KVCache:
+                 mesh: Mesh | None = None, impl: str = "auto", interpret: bool | None = None) -> KVCache:
     """`kvq.append` run per shard: each device quantizes and stores its own sequences and KV heads.
 
     Args:
@@ -650,6 +650,7 @@ def shard_append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array 
       k, v: ``Float[Array, "B T Hkv D"]`` new keys and values.
       lengths: optional ``int[B]`` real tokens per sequence (ragged), as in `kvq.append`.
       mesh: the mesh; default the `use_mesh` context's. Without either this is `kvq.append`.
+      impl, interpret: how the quantized tokens are stored, as in `kvq.append`.
 
     Returns:
       the new KVCache with the same shardings (`cache_sharding`); same values as
@@ -657,7 +658,7 @@ def shard_append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array 
     """
     mesh = _resolve(mesh)
     if mesh is None:
-        return _layout_fn(cache, "append")(cache, k, v, lengths=lengths)
+        return _layout_fn(cache, "append")(cache, k, v, lengths=lengths, impl=impl, interpret=interpret)
     if isinstance(cache, KVCache):
         _precheck_append(cache, k, v, lengths)
     else:  # other cache types check the rest per shard (overflow flags under jit)
@@ -666,7 +667,8 @@ def shard_append(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array 
     mode = "sharded" if _split_heads(cache, mesh) else "replicated"
     if lengths is not None:
         lengths = jnp.asarray(lengths).astype(jnp.int32)
-    return _append_sharded(cache, k, v, lengths, mesh=mesh, mode=mode)
+    impl, interpret = _cache.write_impl(impl, interpret)
+    return _append_sharded(cache, k, v, lengths, mesh=mesh, mode=mode, impl=impl, interpret=interpret)
 
 
 def shard_attend(q: jax.Array, cache: KVCache, *, mesh: Mesh | None = None, impl: str = "auto",

@@ -108,7 +108,7 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     Otherwise, for T > 1 (a prefill chunk after the first): attend to the cache and
     causally to their own K/V (`attend_chunk_paged`, body blocks of ``prefill_block``
     tokens), then append; for T = 1 (decode): append, then attend through the cache.
-    ``impl`` reads the cache in both. ``lengths: int[B]``: real tokens of each row (right padding).
+    ``impl`` reads the cache in both and writes it (`append_paged`). ``lengths: int[B]``: real tokens of each row (right padding).
     Inside `kvq.sharding.use_mesh` these cache operations run per shard (`shard_append`,
     `shard_attend`, `shard_attend_chunk`); without a mesh they are `append_paged`,
     `attend_paged` and `attend_chunk_paged`.
@@ -119,12 +119,12 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     if fresh:
         o = causal_attention(q, k, v, positions, positions, key_lengths=lengths,
                              sliding_window=attn.sliding_window, precision=attn.precision)
-        cache = shard_append(cache, k, v, lengths=lengths)
+        cache = shard_append(cache, k, v, lengths=lengths, impl=impl)
     elif T > 1:
         o = shard_attend_chunk(q, k, v, cache, lengths=lengths, block=prefill_block, impl=impl)
-        cache = shard_append(cache, k, v, lengths=lengths)
+        cache = shard_append(cache, k, v, lengths=lengths, impl=impl)
     else:
-        cache = shard_append(cache, k, v, lengths=lengths)
+        cache = shard_append(cache, k, v, lengths=lengths, impl=impl)
         o = shard_attend(q, cache, impl=impl)
     o = o.reshape(B, T, attn.num_heads * attn.head_dim).astype(attn.dtype or x.dtype)
     x = x + attn.o_proj(o)
@@ -323,7 +323,9 @@ class Engine:
         the pool runs short of pages for a new request).
       eos_id: id or ids that end a request; None uses ``model.eos_token_ids``.
       impl: how decode steps and prefill chunks after the first read the cache: "pallas"
-        (the fused-dequant kernel through the page tables), "xla", or "auto" (pallas on GPU).
+        (the fused-dequant kernel through the page tables), "xla", or "auto" (pallas on GPU);
+        and how every step stores its quantized tokens: "pallas" one kernel for all pools of a
+        layer (`kvq_jax.kernels.write`), "xla" one scatter per pool.
       prefill_block: with impl "xla", cached tokens per block when a prefill chunk after
         the first reads the quantized past (`kvq.attention.attend_chunk`, memory
         ``prefill_chunk x prefill_block`` scores per layer); None reads it at once.

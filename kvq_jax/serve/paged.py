@@ -51,6 +51,8 @@ from kvq_jax.cache import (
     residual_capacity,
     segment_lengths,
     tokens_to_append,
+    write_impl,
+    write_units,
 )
 from kvq_jax.spec import KVSpec
 
@@ -278,20 +280,6 @@ def _page_rows(table, idx, rows_per_page, num_pages):
     return jnp.where(ok, page, num_pages), idx % rows_per_page
 
 
-def _scatter_pages(pool, table, idx, vals, token_minor: bool = False, pairs: bool = False):
-    """pool[page(b, i), :, row(b, i)] = vals[b, :, i]; negative idx are dropped.
-
-    pool: ``[P, H, rows, X]`` (``[P, H, X, rows]`` when ``token_minor``; with ``pairs`` the rows
-    stored in pairs, `kvq_jax.quant.pair_slot`); table: ``int32[B, max_pages]``; idx: ``int32[B, W]``
-    (units of one pool row); vals: ``[B, H, W, X]``.
-    """
-    page, row = _page_rows(table, idx, pool.shape[3 if token_minor else 2], pool.shape[0])
-    if pairs:
-        row = quant.pair_slot(row)
-    at = pool.at[page, :, :, row] if token_minor else pool.at[page, :, row]  # both index as [B, W, H, X]
-    return at.set(jnp.swapaxes(vals, 1, 2).astype(pool.dtype), mode="drop")
-
-
 def _gather_pages(pool, table, token_minor: bool = False, pairs: bool = False):
     """The pages of each sequence in table order: pool ``[P, H, rows, X]`` (``[P, H, X, rows]``
     when ``token_minor``; rows in pairs with ``pairs``) -> ``[B, H, max_pages * rows, X]``.
@@ -309,7 +297,7 @@ def _gather_pages(pool, table, token_minor: bool = False, pairs: bool = False):
 
 
 def _pool_layout(cache: PagedKVCache, name: str) -> tuple[bool, bool]:
-    """``(token_minor, pairs)`` of pool leaf ``name``: how `_scatter_pages` writes it and
+    """``(token_minor, pairs)`` of pool leaf ``name``: how `append_paged` writes it and
     `_gather_pages` reads it."""
     return name in TOKEN_MINOR, name == "v" and cache.v_pairs
 
@@ -339,7 +327,8 @@ def pages_needed(spec: KVSpec, n_tokens: int, page_size: int) -> int:
 # ----------------------------------------------------------------------------- write
 
 
-def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None) -> PagedKVCache:
+def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *,
+                 impl: str = "auto", interpret: bool | None = None) -> PagedKVCache:
     """Append ``k, v: [B, T, Hkv, D]`` at each sequence's own length, through its page table.
 
     Same semantics as `kvq.append` (sinks, residual window, KIVI groups, rounding to
@@ -351,6 +340,8 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
       k, v: new keys and values (any float dtype; quantized in f32).
       lengths: optional ``int[B]``: append only the first ``lengths[b]`` of the T
         tokens of sequence b (ragged); the rest are ignored.
+      impl, interpret: how the quantized tokens are stored, as `kvq.append`'s: "pallas" writes
+        every pool's new rows in one kernel (`kvq_jax.kernels.write`), "xla" scatters each pool.
 
     Returns:
       The new PagedKVCache. A sequence whose body would need a page its table row does
@@ -376,19 +367,22 @@ def append_paged(cache: PagedKVCache, k: jax.Array, v: jax.Array, lengths: jax.A
                 f"{np.asarray(n_old)[bad].tolist()} needs {np.asarray(need)[bad].tolist()} pages; their "
                 f"page_table rows name {np.asarray(jnp.sum(cache.page_table[np.asarray(bad)] >= 0, 1)).tolist()}")
         check_finite(k, v)
-    return _append_paged_update(cache, k, v, t_valid, over)
+    impl, interpret = write_impl(impl, interpret)
+    return _append_paged_update(cache, k, v, t_valid, over, impl=impl, interpret=interpret)
 
 
-@jax.jit
-def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over) -> PagedKVCache:
+@partial(jax.jit, static_argnames=("impl", "interpret"))
+def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over, *, impl: str, interpret: bool) -> PagedKVCache:
     """`append_paged` after its checks, compiled once per cache structure and shapes: the update of
     `kvq.append` (`kvq_jax.cache.append_window`), the body written through the page table."""
-    table = cache.page_table
 
-    def scatter(name, pool, idx, vals):
-        return _scatter_pages(pool, table, idx, vals, *_pool_layout(cache, name))
+    def slots(name, pool, idx):
+        token_minor, pairs = _pool_layout(cache, name)
+        page, row = _page_rows(cache.page_table, idx, pool.shape[3 if token_minor else 2], pool.shape[0])
+        return page, quant.pair_slot(row) if pairs else row, token_minor
 
-    return append_window(cache, k, v, t_valid, over, scatter)
+    return append_window(cache, k, v, t_valid, over,
+                         partial(write_units, slots_of=slots, impl=impl, interpret=interpret))
 
 
 # ----------------------------------------------------------------------------- read
