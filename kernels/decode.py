@@ -531,10 +531,16 @@ def int8_q_terms(q, terms: int, k_mult: int, heads: int, rows_per_head: int):
     the dot, ``s / (w_0 * k_mult)`` with ``s`` the rows' scale (`_quantize_rows`) and ``w_0`` the
     first term's weight)."""
     qt, s = _quantize_rows(q, terms)
-    q8 = jnp.stack(qt, axis=2)[:, :, None]  # [B, Hg, 1, terms, M, D]
+    # selected by broadcast index masks, not stacked: XLA fuses the terms, their placement and
+    # the heads' masks into one elementwise kernel (a stack and a select were two)
+    term = np.arange(terms)[:, None, None]  # [terms, 1, 1]
+    q8 = qt[-1][:, :, None]
+    for t in range(terms - 2, -1, -1):
+        q8 = jnp.where(term == t, qt[t][:, :, None], q8)  # [B, Hg, terms, M, D]
+    q8 = q8[:, :, None]  # [B, Hg, 1, terms, M, D]
     if heads > 1:
         row_head = np.arange(q.shape[2]) // rows_per_head
-        own = jnp.asarray(row_head[None, :] == np.arange(heads)[:, None])  # [heads, M]
+        own = row_head[None, :] == np.arange(heads)[:, None]  # [heads, M]
         q8 = jnp.where(own[None, None, :, None, :, None], q8, jnp.int8(0))
     return q8, s / (_q_weights(terms)[0] * k_mult)
 
