@@ -9,9 +9,12 @@ when it moves.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl  # noqa: F401  (re-exported)
 
 with warnings.catch_warnings():
@@ -34,3 +37,35 @@ def triton_params(num_warps: int, num_stages: int):
 def on_gpu() -> bool:
     """True when the default backend is a GPU."""
     return jax.default_backend() == "gpu"
+
+
+def _patch_offset_width():
+    """Address arrays of 2**31 to 2**32 one-byte elements with 64-bit offsets.
+
+    The Pallas Triton lowering (jax 0.10-0.11, ``_compute_offsets_from_indices``) computes a
+    ref's element offsets in 32 bits unless the array holds more than 2**32 *bytes*; Triton's
+    pointer arithmetic takes 32-bit offsets as signed, so in a one-byte array of more than 2**31
+    elements (a serving pool of 2-4 GiB of int8 or packed bytes) offsets past 2**31 turn negative
+    and the kernel reads or writes outside the array (an illegal address on the GPU). This wraps
+    the function so that such arrays take the 64-bit path (their element type is described as
+    8 bytes wide to the size test only: strides and pointers are unchanged). A no-op where the
+    lowering already decides by elements.
+    """
+    from jax._src.pallas.triton import lowering
+
+    orig = lowering._compute_offsets_from_indices
+    if getattr(orig, "_kvq_offset_width", False):
+        return
+
+    def compute_offsets(block_info, nd_indexer):
+        sd = block_info.full_shape_dtype
+        n = math.prod(sd.shape)
+        if n > 2**31 - 1 and n * jnp.dtype(sd.dtype).itemsize <= 2**32:
+            block_info = dataclasses.replace(block_info, full_shape_dtype=jax.ShapeDtypeStruct(sd.shape, jnp.int64))
+        return orig(block_info, nd_indexer)
+
+    compute_offsets._kvq_offset_width = True
+    lowering._compute_offsets_from_indices = compute_offsets
+
+
+_patch_offset_width()

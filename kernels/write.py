@@ -1,17 +1,22 @@
-"""Rows written into several page pools by one kernel: the stores of an append.
+"""The stores of an append: every leaf of a cache body written by one kernel.
 
-A decode step appends one token per sequence to every leaf of a layer's paged cache: the
-quantized keys and values and their scales (and zero points). As XLA scatters that is one
-kernel per leaf, each a few microseconds for a few hundred bytes; `write_rows` stores all of
-them in one program per (entry, KV head). The quantization itself stays in XLA
-(`kvq_jax.quant.quantize`, one fusion for all leaves): this kernel only moves bytes, so its
-result is bit-identical to the scatters it replaces (`write_rows_xla`, its plain-jnp twin).
+A decode step appends one token per sequence to every leaf of a layer's cache: the quantized
+keys and values and their scales (and zero points). As XLA scatters that is one kernel per
+leaf, each a few microseconds for a few hundred bytes; `write_rows` stores all of them in one
+program per (sequence and unit, KV head), finding each unit's page through the page table
+itself. The quantization stays in XLA (`kvq_jax.quant.quantize`): this kernel only moves bytes,
+so it stores exactly what its plain-jnp twin `write_rows_xla` (one scatter per leaf) stores.
 
-Pools are ``[P, H, rows, X]`` (row-major: a unit's ``X`` values contiguous) or ``[P, H, X,
-rows]`` (``token_minor``: each of the ``X`` channels' rows contiguous, as the serving value
-pool stores them). Entry ``n`` of a pool's update goes to page ``pages[n]``, row ``rows[n]``
-of every head; pages outside ``[0, P)`` are dropped (nothing written). Any ``X`` and ``H``:
-each head's row is stored in power-of-two pieces (Triton tensors), ``X = 96`` as 64 + 32.
+Addressing: unit ``units[b, w]`` of sequence ``b`` (a token's stream slot, or a token group for
+per-channel scales) lives in page ``table[b, units[b, w] // R]``, row ``units[b, w] % R`` of a pool
+with ``R`` rows per page; without a table (a contiguous body, one "page" of ``R`` rows per
+sequence) in page ``b``, row ``units[b, w]``. Negative units, units past the table and table
+entries without a page (-1) are dropped: nothing is written. Rows of a pool in pairs are stored
+at `kvq_jax.quant.pair_slot` of the row.
+
+Pools are ``[P, H, R, X]`` (row-major: a unit's ``X`` values contiguous) or ``[P, H, X, R]``
+(``token_minor``: each channel's rows contiguous, as the serving value pool stores them). Any
+``X``: a row is stored in power-of-two pieces (Triton tensors), ``X = 96`` as 64 + 32.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from jax import lax
 
 from kvq_jax.kernels import _compat
 from kvq_jax.kernels._compat import pl
+from kvq_jax.quant import pair_slot
 
 
 def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
@@ -38,19 +44,38 @@ def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _write_kernel(*refs, n_pools: int, token_minor: tuple[bool, ...]):
-    # refs: slots int32[pools, 2, N] (page, row of each pool's entries), then per pool its values
-    # [N, H, X], then the pools (outputs aliasing the inputs: only the new rows are stored)
-    slots_ref, vals_refs, pool_refs = refs[0], refs[1:1 + n_pools], refs[1 + 2 * n_pools:]
+def _write_kernel(*refs, n_pools: int, width: int, paged: bool, token_minor: tuple[bool, ...],
+                  pairs: tuple[bool, ...]):
+    # refs: the page table int32 [B, MP] (paged), then per pool its units int32 [B, W_i] and its
+    # values [B, H, W_i, X_i], then the pools (outputs aliasing the inputs: only new rows are stored)
+    it = iter(refs)
+    table_ref = next(it) if paged else None
+    units_refs = [next(it) for _ in range(n_pools)]
+    vals_refs = [next(it) for _ in range(n_pools)]
+    pool_refs = list(it)[n_pools:]  # the aliased inputs, then the outputs
     n, h = pl.program_id(0), pl.program_id(1)
-    for k, (vals_ref, pool_ref, tmin) in enumerate(zip(vals_refs, pool_refs, token_minor)):
-        page, row = slots_ref[k, 0, n], slots_ref[k, 1, n]
-        width = vals_ref.shape[2]
+    b, w = n // width, n % width
+    for units_ref, vals_ref, pool_ref, tmin, pair in zip(units_refs, vals_refs, pool_refs, token_minor, pairs):
+        W, X = vals_ref.shape[2], vals_ref.shape[3]
+        R = pool_ref.shape[3 if tmin else 2]
+        unit = units_ref[b, jnp.minimum(w, W - 1)]
+        ok = (w < W) & (unit >= 0)
+        if paged:
+            slot = unit // R
+            ok = ok & (slot < table_ref.shape[1])
+            page = table_ref[b, jnp.clip(slot, 0, table_ref.shape[1] - 1)]
+            ok = ok & (page >= 0) & (page < pool_ref.shape[0])
+        else:
+            page = b
+            ok = ok & (unit < R)
+        row = unit % R
+        if pair:
+            row = pair_slot(row)
 
-        @pl.when((page >= 0) & (page < pool_ref.shape[0]))
-        def _store(vals_ref=vals_ref, pool_ref=pool_ref, page=page, row=row, width=width, tmin=tmin):
-            for off, size in pow2_pieces(width):
-                x = vals_ref[n, h, pl.ds(off, size)]
+        @pl.when(ok)
+        def _store(vals_ref=vals_ref, pool_ref=pool_ref, page=page, row=row, w=w, X=X, tmin=tmin):
+            for off, size in pow2_pieces(X):
+                x = vals_ref[b, h, w, pl.ds(off, size)]
                 if tmin:
                     pool_ref[page, h, pl.ds(off, size), row] = x
                 else:
@@ -59,85 +84,106 @@ def _write_kernel(*refs, n_pools: int, token_minor: tuple[bool, ...]):
 
 def _u8_view(x: jax.Array) -> jax.Array:
     """fp8 arrays as uint8 (a bitcast): the kernel stores bytes."""
-    return lax.bitcast_convert_type(x, jnp.uint8) if jnp.dtype(x.dtype).itemsize == 1 and \
-        jnp.issubdtype(x.dtype, jnp.floating) else x
+    fp8 = jnp.dtype(x.dtype).itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating)
+    return lax.bitcast_convert_type(x, jnp.uint8) if fp8 else x
 
 
-def _check(pools, slots, vals, token_minor):
-    if not (len(pools) == len(slots) == len(vals) == len(token_minor)):
-        raise ValueError(f"pools, slots, vals, token_minor: expected one entry each per pool, got "
-                         f"{len(pools)}, {len(slots)}, {len(vals)}, {len(token_minor)}")
-    n = None
-    for i, (pool, (page, row), x, tmin) in enumerate(zip(pools, slots, vals, token_minor)):
+def _check(pools, vals, units, token_minor, pairs, table):
+    if not (len(pools) == len(vals) == len(units) == len(token_minor) == len(pairs)):
+        raise ValueError(f"pools, vals, units, token_minor, pairs: expected one entry each per pool, got "
+                         f"{len(pools)}, {len(vals)}, {len(units)}, {len(token_minor)}, {len(pairs)}")
+    B = None
+    for i, (pool, x, u, tmin) in enumerate(zip(pools, vals, units, token_minor)):
         if pool.ndim != 4:
-            raise ValueError(f"pools[{i}]: expected [P, H, rows, X] (token_minor: [P, H, X, rows]), got {list(pool.shape)}")
+            raise ValueError(f"pools[{i}]: expected [P, H, R, X] (token_minor: [P, H, X, R]), got {list(pool.shape)}")
         H, X = pool.shape[1], pool.shape[2 if tmin else 3]
-        if page.shape != row.shape or page.ndim != 1 or not jnp.issubdtype(page.dtype, jnp.integer):
-            raise ValueError(f"slots[{i}]: expected two int[N] arrays (pages, rows), got {page.dtype}"
-                             f"{list(page.shape)} and {row.dtype}{list(row.shape)}")
-        if x.shape != (page.shape[0], H, X) or x.dtype != pool.dtype:
-            raise ValueError(f"vals[{i}]: expected {pool.dtype}[{page.shape[0]}, {H}, {X}], got {x.dtype}{list(x.shape)}")
-        if n is not None and page.shape[0] != n:
-            raise ValueError(f"slots[{i}]: every pool's update needs the same number of entries ({n}), got {page.shape[0]}")
-        n = page.shape[0]
+        if u.ndim != 2 or not jnp.issubdtype(u.dtype, jnp.integer):
+            raise ValueError(f"units[{i}]: expected int[B, W], got {u.dtype}{list(u.shape)}")
+        if x.shape != (u.shape[0], H, u.shape[1], X) or x.dtype != pool.dtype:
+            raise ValueError(f"vals[{i}]: expected {pool.dtype}[{u.shape[0]}, {H}, {u.shape[1]}, {X}], got "
+                             f"{x.dtype}{list(x.shape)}")
+        if B is not None and u.shape[0] != B:
+            raise ValueError(f"units[{i}]: expected the same batch {B} for every pool, got {u.shape[0]}")
+        B = u.shape[0]
+        if table is None and pool.shape[0] < B:
+            raise ValueError(f"pools[{i}]: without a table page b is sequence b: needs >= {B} pages, got {pool.shape[0]}")
+    if table is not None and (table.ndim != 2 or table.shape[0] != B or not jnp.issubdtype(table.dtype, jnp.integer)):
+        raise ValueError(f"table: expected int[{B}, max_pages], got {table.dtype}{list(table.shape)}")
 
 
-def write_rows(pools: Sequence[jax.Array], slots: Sequence[tuple[jax.Array, jax.Array]],
-               vals: Sequence[jax.Array], token_minor: Sequence[bool], *, interpret: bool = False) -> list[jax.Array]:
-    """``pools[i][pages[n], h, rows[n]] = vals[i][n, h]`` for every pool ``i``, entry ``n`` and head
-    ``h``, in one kernel; entries whose page is outside ``[0, P)`` are dropped.
+def write_rows(pools: Sequence[jax.Array], vals: Sequence[jax.Array], units: Sequence[jax.Array],
+               token_minor: Sequence[bool], pairs: Sequence[bool], *, table: jax.Array | None = None,
+               interpret: bool = False) -> list[jax.Array]:
+    """Store ``vals[i][b, :, w]`` at unit ``units[i][b, w]`` of sequence ``b`` in ``pools[i]``, for
+    every pool ``i`` in one kernel (addressing: the module docstring).
 
     Args:
-      pools: ``[P, H, rows, X]`` arrays (``[P, H, X, rows]`` where ``token_minor``); each may
-        have its own ``H``, ``rows``, ``X`` and dtype. Updated in place when donated (the
-        kernel's outputs alias them).
-      slots: per pool, ``(pages, rows)``: ``int[N]`` each, the same ``N`` for every pool.
-      vals: per pool, ``[N, H, X]`` in the pool's dtype.
+      pools: ``[P, H, R, X]`` arrays (``[P, H, X, R]`` where ``token_minor``), each with its own
+        ``R``, ``X`` and dtype, the same ``H``. Updated in place when donated (the kernel's
+        outputs alias them).
+      vals: per pool, ``[B, H, W, X]`` in the pool's dtype.
+      units: per pool, ``int32[B, W]`` (its own ``W``): the stream unit of each value, -1 for none.
       token_minor: per pool, whether its rows are its last axis.
+      pairs: per pool, whether its rows are stored in pairs (`kvq_jax.quant.pair_slot`).
+      table: ``int32[B, max_pages]`` page table, or None (page ``b`` holds sequence ``b``).
       interpret: run in Pallas interpret mode (CPU).
 
     Returns:
       The updated pools, in order.
     """
-    _check(pools, slots, vals, token_minor)
-    if not pools or slots[0][0].shape[0] == 0:
-        return list(pools)
-    table = jnp.stack([jnp.stack([p.astype(jnp.int32), r.astype(jnp.int32)]) for p, r in slots])  # [pools, 2, N]
-    n = int(table.shape[2])
+    _check(pools, vals, units, token_minor, pairs, table)
+    if not pools:
+        return []
     heads = {p.shape[1] for p in pools}
-    if len(heads) != 1:  # one grid over heads; pools with fewer heads would need guards (none do)
+    if len(heads) != 1:
         raise ValueError(f"pools: expected the same number of heads in every pool, got {sorted(heads)}")
-    H = heads.pop()
+    B, width = units[0].shape[0], max(u.shape[1] for u in units)
+    if B * width == 0:
+        return list(pools)
     dtypes = [p.dtype for p in pools]
-    pools = [_u8_view(p) for p in pools]
-    vals = [_u8_view(x) for x in vals]
+    pools, vals = [_u8_view(p) for p in pools], [_u8_view(x) for x in vals]
+    units = [u.astype(jnp.int32) for u in units]
+    lead = [] if table is None else [table.astype(jnp.int32)]
     m = len(pools)
 
     def whole(x):
         zeros = (0,) * x.ndim
         return pl.BlockSpec(x.shape, lambda i, h: zeros)
 
-    kernel = functools.partial(_write_kernel, n_pools=m, token_minor=tuple(map(bool, token_minor)))
+    kernel = functools.partial(_write_kernel, n_pools=m, width=width, paged=table is not None,
+                               token_minor=tuple(map(bool, token_minor)), pairs=tuple(map(bool, pairs)))
+    args = [*lead, *units, *vals, *pools]
     out = pl.pallas_call(
         kernel,
-        grid=(n, H),
-        in_specs=[whole(table), *map(whole, vals), *map(whole, pools)],
+        grid=(B * width, heads.pop()),
+        in_specs=[whole(x) for x in args],
         out_specs=[whole(p) for p in pools],
         out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype) for p in pools],
-        input_output_aliases={1 + m + i: i for i in range(m)},
+        input_output_aliases={len(args) - m + i: i for i in range(m)},
         compiler_params=_compat.triton_params(num_warps=1, num_stages=1),
         interpret=interpret,
         name="kvq_write_rows",
-    )(table, *vals, *pools)
+    )(*args)
     return [o if o.dtype == dt else lax.bitcast_convert_type(o, dt) for o, dt in zip(out, dtypes)]
 
 
-def write_rows_xla(pools, slots, vals, token_minor) -> list[jax.Array]:
-    """Plain-jnp twin of `write_rows` (one XLA scatter per pool)."""
-    _check(pools, slots, vals, token_minor)
+def write_rows_xla(pools, vals, units, token_minor, pairs, *, table=None) -> list[jax.Array]:
+    """Plain-jnp twin of `write_rows`: one XLA scatter per pool."""
+    _check(pools, vals, units, token_minor, pairs, table)
     out = []
-    for pool, (page, row), x, tmin in zip(pools, slots, vals, token_minor):
-        page = jnp.where((page >= 0) & (page < pool.shape[0]), page, pool.shape[0])  # dropped by mode="drop"
-        at = pool.at[page, :, :, row] if tmin else pool.at[page, :, row]  # both index as [N, H, X]
-        out.append(at.set(x, mode="drop"))
+    for pool, x, u, tmin, pair in zip(pools, vals, units, token_minor, pairs):
+        P, R = pool.shape[0], pool.shape[3 if tmin else 2]
+        if table is None:
+            page = jnp.broadcast_to(jnp.arange(u.shape[0], dtype=jnp.int32)[:, None], u.shape)
+            ok = (u >= 0) & (u < R)
+        else:
+            slot = u // R
+            page = jnp.take_along_axis(table, jnp.clip(slot, 0, table.shape[1] - 1), axis=1)
+            ok = (u >= 0) & (slot < table.shape[1]) & (page >= 0) & (page < P)
+        row = u % R
+        if pair:
+            row = pair_slot(row)
+        page = jnp.where(ok, page, P)  # out of bounds: dropped by mode="drop"
+        at = pool.at[page, :, :, row] if tmin else pool.at[page, :, row]  # both index as [B, W, H, X]
+        out.append(at.set(jnp.swapaxes(x, 1, 2), mode="drop"))
     return out

@@ -298,12 +298,8 @@ def _append_update(cache: KVCache, k, v, t_valid, over, *, impl: str, interpret:
     """`append` after its checks, compiled once per cache structure and shapes (run op by op,
     outside any jit, it took 7-9x longer on the test shapes)."""
 
-    def slots(name, buf, idx):  # stream slot idx of sequence b's body ([B, H, S, X]): page b, row idx
-        b = jnp.arange(idx.shape[0], dtype=jnp.int32)[:, None]
-        return jnp.where((idx >= 0) & (idx < buf.shape[2]), b, -1), jnp.maximum(idx, 0), False
-
-    return append_window(cache, k, v, t_valid, over,
-                         partial(write_units, slots_of=slots, impl=impl, interpret=interpret))
+    return append_window(cache, k, v, t_valid, over, partial(write_units, layout=lambda name: (False, False),
+                                                             table=None, impl=impl, interpret=interpret))
 
 
 def write_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
@@ -315,31 +311,26 @@ def write_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
     return impl, (jax.default_backend() != "gpu") if interpret is None else bool(interpret)
 
 
-def write_units(updates: dict, *, slots_of, impl: str, interpret: bool) -> dict:
+def write_units(updates: dict, *, layout, table, impl: str, interpret: bool) -> dict:
     """`append_window`'s ``write``: store every body leaf's new units, all leaves at once.
 
-    ``updates``: ``{name: (buf, idx int32[B, W], vals [B, H, W, X])}``; ``slots_of(name, buf,
-    idx)`` gives each unit's ``(page, row)`` (``int32[B, W]``; a page outside ``buf``'s first
-    axis drops the unit) and whether ``buf`` holds its rows in its last axis (token-minor).
-    impl "pallas": one kernel for all leaves (`kvq_jax.kernels.write.write_rows`); "xla": one
-    scatter per leaf (`kvq_jax.kernels.write.write_rows_xla`). Returns ``{name: new buf}``."""
+    ``updates``: ``{name: (buf, idx int32[B, W], vals [B, H, W, X])}``; ``layout(name)``:
+    ``(token_minor, pairs)`` of leaf ``name``; ``table``: the page table, or None for a contiguous
+    body (addressing as `kvq_jax.kernels.write`). impl "pallas": one kernel for all leaves
+    (`kvq_jax.kernels.write.write_rows`); "xla": one scatter per leaf (its twin `write_rows_xla`).
+    Returns ``{name: new buf}``."""
     from kvq_jax.kernels import write  # the Pallas kernel and its plain-jnp twin
 
-    n = max((idx.size for _, idx, _ in updates.values()), default=0)
-    pools, slots, vals, token_minor = [], [], [], []
-    for name, (buf, idx, x) in updates.items():
-        page, row, tmin = slots_of(name, buf, idx)
-        B, H, W, X = x.shape
-        pad = n - B * W  # every leaf's update as long as the longest (per-channel scales have fewer units)
-        pools.append(buf)
-        slots.append((jnp.pad(page.reshape(-1), (0, pad), constant_values=-1), jnp.pad(row.reshape(-1), (0, pad))))
-        vals.append(jnp.pad(jnp.swapaxes(x, 1, 2).reshape(B * W, H, X).astype(buf.dtype), ((0, pad), (0, 0), (0, 0))))
-        token_minor.append(tmin)
+    names = list(updates)
+    pools = [updates[n][0] for n in names]
+    units = [updates[n][1] for n in names]
+    vals = [updates[n][2].astype(updates[n][0].dtype) for n in names]
+    token_minor, pairs = zip(*(layout(n) for n in names)) if names else ((), ())
     if impl == "pallas":
-        out = write.write_rows(pools, slots, vals, token_minor, interpret=interpret)
+        out = write.write_rows(pools, vals, units, token_minor, pairs, table=table, interpret=interpret)
     else:
-        out = write.write_rows_xla(pools, slots, vals, token_minor)
-    return dict(zip(updates, out))
+        out = write.write_rows_xla(pools, vals, units, token_minor, pairs, table=table)
+    return dict(zip(names, out))
 
 
 def append_window(cache, k, v, t_valid, over, write):

@@ -5,6 +5,7 @@ decode steps and ragged chunks."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,46 +39,68 @@ def test_pow2_pieces_cover_the_range():
         assert sum(s for _, s in pieces) == n and all(s & (s - 1) == 0 for _, s in pieces)
 
 
-@pytest.mark.parametrize("heads,n", [(1, 5), (3, 9), (8, 16)])
-def test_kernel_writes_what_the_scatters_write(heads, n):
-    """Random pools of every stored dtype, row-major and token-minor, widths that are not powers of
-    two (stored in pieces), entries dropped (pages -1 and P) and entries of other pools' pages."""
-    rng = np.random.default_rng(heads * 100 + n)
-    P = 7
-    layouts = [(16, 96, jnp.uint8, False), (16, 48, jnp.int8, True), (16, 3, jnp.bfloat16, False),
-               (4, 128, jnp.float8_e4m3fn, False), (16, 1, jnp.float32, False), (32, 20, jnp.bfloat16, True)]
-    pools, slots, vals, tmin = [], [], [], []
-    for rows, X, dt, t in layouts:
+@pytest.mark.parametrize("heads,batch,width,paged_", [(1, 2, 3, True), (3, 3, 4, True), (8, 4, 4, True),
+                                                      (2, 3, 5, False)])
+def test_kernel_writes_what_the_scatters_write(heads, batch, width, paged_):
+    """Random pools of every stored dtype, row-major and token-minor, rows in pairs, widths that
+    are not powers of two (stored in pieces), pools with fewer units than others (per-channel
+    scales); units dropped: negative, past the table, on a table entry without a page."""
+    rng = np.random.default_rng(heads * 100 + batch * 10 + width)
+    P, MP = 3 * batch * 4, 4
+    table = None
+    if paged_:
+        table = rng.permutation(P)[:batch * MP].reshape(batch, MP).astype(np.int32)
+        table[0, -1] = -1  # no page
+        table = jnp.asarray(table)
+    # rows per page, X, dtype, token_minor, pairs, units per sequence
+    layouts = [(16, 96, jnp.uint8, False, False, width), (16, 48, jnp.int8, True, False, width),
+               (16, 3, jnp.bfloat16, False, False, width), (16, 128, jnp.float8_e4m3fn, False, False, width),
+               (4, 1, jnp.float32, False, False, max(1, width // 2)), (32, 20, jnp.uint8, True, True, width)]
+    pools, vals, units, tmin, pairs = [], [], [], [], []
+    for rows, X, dt, t, pr, W in layouts:
         pools.append(_random(rng, (P, heads, X, rows) if t else (P, heads, rows, X), dt))
-        # distinct (page, row) per pool: a repeated unit would make the order of stores matter
-        units = rng.choice(P * rows, n, replace=False)
-        page = (units // rows).astype(np.int32)
-        page[rng.random(n) < 0.25] = rng.choice([-1, P])  # dropped
-        slots.append((jnp.asarray(page), jnp.asarray((units % rows).astype(np.int32))))
-        vals.append(_random(rng, (n, heads, X), dt))
+        vals.append(_random(rng, (batch, heads, W, X), dt))
+        cap = MP * rows if paged_ else rows  # units a sequence can address
+        u = np.stack([rng.choice(cap + 8, W, replace=False) for _ in range(batch)]).astype(np.int32)
+        u[rng.random(u.shape) < 0.2] = -1
+        units.append(jnp.asarray(u))
         tmin.append(t)
-    got = write_rows(pools, slots, vals, tmin, interpret=True)
-    want = write_rows_xla(pools, slots, vals, tmin)
+        pairs.append(pr)
+    got = write_rows(pools, vals, units, tmin, pairs, table=table, interpret=True)
+    want = write_rows_xla(pools, vals, units, tmin, pairs, table=table)
     for i, (g, w, p) in enumerate(zip(got, want, pools)):
         assert g.dtype == p.dtype and g.shape == p.shape
         np.testing.assert_array_equal(_bytes(g), _bytes(w), err_msg=f"pool {i}")
-        page = np.asarray(slots[i][0])
-        changed = int(np.sum(_bytes(w) != _bytes(p)))
-        assert changed > 0 or not np.any((page >= 0) & (page < P)), f"pool {i}: nothing written"
+        assert np.any(_bytes(w) != _bytes(p)), f"pool {i}: nothing written"
+    # the twin itself, on one unit written by hand
+    rows, X, dt, t, pr, W = layouts[0]
+    u = np.asarray(units[0])
+    b, w = [(b, w) for b in range(batch) for w in range(W) if 0 <= u[b, w] < (MP * rows if paged_ else rows)
+            and (not paged_ or int(table[b, u[b, w] // rows]) >= 0)][0]
+    page = int(table[b, u[b, w] // rows]) if paged_ else b
+    np.testing.assert_array_equal(np.asarray(want[0][page, :, u[b, w] % rows]), np.asarray(vals[0][b, :, w]))
 
 
 def test_kernel_arguments_name_themselves():
     pool = jnp.zeros((4, 2, 8, 16), jnp.int8)
-    slot = (jnp.zeros((3,), jnp.int32), jnp.zeros((3,), jnp.int32))
-    with pytest.raises(ValueError, match=r"vals\[0\]: expected int8\[3, 2, 16\]"):
-        write_rows([pool], [slot], [jnp.zeros((3, 2, 8), jnp.int8)], [False], interpret=True)
+    units = jnp.zeros((3, 1), jnp.int32)
+
+    def call(vals, units=units, pools=(pool,), table=None):
+        n = len(pools)
+        return write_rows(list(pools), list(vals), [units] * n, [False] * n, [False] * n, table=table, interpret=True)
+
+    with pytest.raises(ValueError, match=r"vals\[0\]: expected int8\[3, 2, 1, 16\]"):
+        call([jnp.zeros((3, 2, 1, 8), jnp.int8)])
     with pytest.raises(ValueError, match=r"vals\[0\]: expected int8"):
-        write_rows([pool], [slot], [jnp.zeros((3, 2, 16), jnp.uint8)], [False], interpret=True)
-    with pytest.raises(ValueError, match=r"slots\[1\]: every pool's update needs the same number"):
-        write_rows([pool, pool], [slot, (slot[0][:2], slot[1][:2])],
-                   [jnp.zeros((3, 2, 16), jnp.int8), jnp.zeros((2, 2, 16), jnp.int8)], [False, False])
-    with pytest.raises(ValueError, match=r"pools\[0\]: expected \[P, H, rows, X\]"):
-        write_rows([pool[0]], [slot], [jnp.zeros((3, 2, 16), jnp.int8)], [False])
+        call([jnp.zeros((3, 2, 1, 16), jnp.uint8)])
+    with pytest.raises(ValueError, match=r"units\[0\]: expected int\[B, W\]"):
+        call([jnp.zeros((3, 2, 1, 16), jnp.int8)], units=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match=r"pools\[0\]: without a table page b is sequence b: needs >= 5"):
+        call([jnp.zeros((5, 2, 1, 16), jnp.int8)], units=jnp.zeros((5, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"table: expected int\[3, max_pages\]"):
+        call([jnp.zeros((3, 2, 1, 16), jnp.int8)], table=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"pools\[0\]: expected \[P, H, R, X\]"):
+        call([jnp.zeros((3, 2, 1, 16), jnp.int8)], pools=(pool[0],))
     with pytest.raises(ValueError, match="impl: expected one of"):
         kvq.append(kvq.init_cache("int8", 1, 16, 2, 64), jnp.ones((1, 1, 2, 64)), jnp.ones((1, 1, 2, 64)), impl="cuda")
 
@@ -116,3 +139,37 @@ def test_appends_through_the_kernel_equal_the_scatters(fmt):
     _same_cache(cp, cx, "contiguous")
     _same_cache(pp, px, "paged")
 
+
+
+def test_pools_past_2_gib_of_bytes_are_addressed_with_64_bit_offsets():
+    """A one-byte pool of more than 2**31 elements (2-4 GiB) needs 64-bit offsets: Triton takes
+    32-bit ones as signed (`kvq_jax.kernels._compat._patch_offset_width`). Lowered for CUDA here
+    (no GPU, no allocation): the write kernel's and the decode kernel's pool pointers."""
+    from jax._src.pallas.triton import lowering  # private: where the kernels' Triton modules are built
+
+    spec = kvq.KVSpec.parse("int8")
+    P = 2**31 // (8 * 64 * 128) + 8  # pages of [8 heads, 64 tokens, 128 bytes]: just over 2**31 bytes
+    pc = jax.eval_shape(lambda: paged.init_paged_cache(spec, 2, P, 64, 4, 8, 128,
+                                                       page_table=np.arange(8, dtype=np.int32).reshape(2, 4)))
+    assert pc.k.size > 2**31 and pc.k.dtype == jnp.int8
+    q = jax.ShapeDtypeStruct((2, 1, 32, 128), jnp.float32)
+    kv = jax.ShapeDtypeStruct((2, 1, 8, 128), jnp.float32)
+    calls = {"write": lambda pc, k: paged.append_paged(pc, k, k, impl="pallas", interpret=False),
+             "decode": lambda pc, q: paged.attend_paged(q, pc, impl="pallas", interpret=False)}
+    captured, build = [], lowering.lower_jaxpr_to_triton_module
+
+    def spy(*args, **kwargs):
+        res = build(*args, **kwargs)
+        captured.append(res.module.operation.get_asm())
+        return res
+
+    lowering.lower_jaxpr_to_triton_module = spy
+    try:
+        for name, fn in calls.items():
+            captured.clear()
+            jax.jit(fn).trace(pc, kv if name == "write" else q).lower(lowering_platforms=("cuda",))
+            ir = "\n".join(captured)
+            ptr_offsets = [ln.rsplit(",", 1)[-1] for ln in ir.splitlines() if "tt.addptr" in ln]
+            assert any("i64" in t for t in ptr_offsets), f"{name}: no 64-bit pointer offsets in {ptr_offsets}"
+    finally:
+        lowering.lower_jaxpr_to_triton_module = build

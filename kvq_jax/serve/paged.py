@@ -272,14 +272,6 @@ def set_page_table(cache: PagedKVCache, page_table) -> PagedKVCache:
 # ----------------------------------------------------------------------------- addressing
 
 
-def _page_rows(table, idx, rows_per_page, num_pages):
-    """(page, row) of unit ``idx[b, i]`` (token slot or scale group) of sequence b; idx < 0 -> page num_pages (dropped)."""
-    pi = jnp.clip(idx // rows_per_page, 0, table.shape[1] - 1)
-    page = jnp.take_along_axis(table, pi, axis=1)
-    ok = (idx >= 0) & (idx // rows_per_page < table.shape[1]) & (page >= 0)
-    return jnp.where(ok, page, num_pages), idx % rows_per_page
-
-
 def _gather_pages(pool, table, token_minor: bool = False, pairs: bool = False):
     """The pages of each sequence in table order: pool ``[P, H, rows, X]`` (``[P, H, X, rows]``
     when ``token_minor``; rows in pairs with ``pairs``) -> ``[B, H, max_pages * rows, X]``.
@@ -376,13 +368,9 @@ def _append_paged_update(cache: PagedKVCache, k, v, t_valid, over, *, impl: str,
     """`append_paged` after its checks, compiled once per cache structure and shapes: the update of
     `kvq.append` (`kvq_jax.cache.append_window`), the body written through the page table."""
 
-    def slots(name, pool, idx):
-        token_minor, pairs = _pool_layout(cache, name)
-        page, row = _page_rows(cache.page_table, idx, pool.shape[3 if token_minor else 2], pool.shape[0])
-        return page, quant.pair_slot(row) if pairs else row, token_minor
-
     return append_window(cache, k, v, t_valid, over,
-                         partial(write_units, slots_of=slots, impl=impl, interpret=interpret))
+                         partial(write_units, layout=partial(_pool_layout, cache), table=cache.page_table, impl=impl,
+                                 interpret=interpret))
 
 
 # ----------------------------------------------------------------------------- read
