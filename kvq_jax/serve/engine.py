@@ -94,6 +94,11 @@ from kvq_jax.spec import KVSpec
 
 _POOL = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 _SEQ = ("res_k", "res_v", "sink_k", "sink_v")
+# XLA's rematerialization is off for the steps that take the pools: it counts a donated pool
+# twice (argument and result), so with pools filling the device it judged a step over the memory
+# limit and recomputed layers' projections to no avail (bf16, 16 x 32K on an H200: the QKV gemm
+# twice in 30 of 32 layers; BENCHMARKS.md run T)
+_STEP_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
 # ----------------------------------------------------------------------------- one block over a paged cache
@@ -152,9 +157,8 @@ class _Static:
         return self is other or (isinstance(other, _Static) and self._hash == other._hash and self.value == other.value)
 
 
-@partial(jax.jit, static_argnames=_STATIC + ("fresh",), donate_argnames=("kv",))
-def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, groups, layer_map, page_size, num_pages, fresh,
-             impl, prefill_block, mesh):
+def _layers(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, groups, layer_map, page_size, num_pages, fresh,
+            impl, prefill_block, mesh):
     """Run ``tokens int32[b, T]`` of slots ``rows`` through all layers, writing their K/V.
 
     kv: the engine's cache (donated): one dict of stacked leaves per format in ``groups``;
@@ -199,6 +203,11 @@ def _forward(weights, kv, tokens, rows, n_old, n_valid, table, *, gd, groups, la
     return logits, kv, over
 
 
+# `_layers` as a program of its own (prefill chunks); `_decode_step` traces `_layers` into its own
+# (compiler options only apply to a top-level jit)
+_forward = jax.jit(_layers, static_argnames=_STATIC + ("fresh",), donate_argnames=("kv",), compiler_options=_STEP_OPTIONS)
+
+
 @partial(jax.jit, static_argnames=("samplers",))
 def _sample(logits, base_key, rids, steps, which, *, samplers):
     """Next ids ``int32[b]``: row i sampled by ``samplers[which[i]]`` with key (rid, step)."""
@@ -210,7 +219,7 @@ def _sample(logits, base_key, rids, steps, which, *, samplers):
     return out
 
 
-@partial(jax.jit, static_argnames=_STATIC + ("samplers",), donate_argnames=("kv",))
+@partial(jax.jit, static_argnames=_STATIC + ("samplers",), donate_argnames=("kv",), compiler_options=_STEP_OPTIONS)
 def _decode_step(weights, kv, slots, prev, table, base_key, *, samplers, **static):
     """One decode step of every slot and its sampling in one program.
 
@@ -224,7 +233,7 @@ def _decode_step(weights, kv, slots, prev, table, base_key, *, samplers, **stati
     tokens, n_old, n_valid, rids, steps, which, from_prev = (slots[:, i] for i in range(7))
     tokens = jnp.where(from_prev == 1, prev, tokens)
     rows = jnp.arange(slots.shape[0], dtype=jnp.int32)
-    logits, kv, over = _forward(weights, kv, tokens[:, None], rows, n_old, n_valid, table, fresh=False, **static)
+    logits, kv, over = _layers(weights, kv, tokens[:, None], rows, n_old, n_valid, table, fresh=False, **static)
     ids = _sample(logits, base_key, rids, steps, which, samplers=samplers)
     if static["mesh"] is not None:  # replicated, as the next step takes them (no resharding between steps)
         ids = jax.lax.with_sharding_constraint(ids, NamedSharding(static["mesh"], P()))
@@ -682,7 +691,7 @@ class Engine:
             self._drop_snapshot(next(iter(self._snapshots)))
 
     def _static(self, fresh: bool | None) -> dict:
-        """The static arguments of `_forward` for this engine (also used by benchmarks/serve.py);
+        """The static arguments of `_forward` and `_decode_step` for this engine (also used by benchmarks/serve.py);
         ``fresh=None``: those of `_decode_step` (no ``fresh``)."""
         static = dict(gd=self._gd, groups=self._groups, layer_map=self._layer_map, page_size=self.page_size,
                       num_pages=self.num_pages, impl=self.impl, prefill_block=self.prefill_block, mesh=self.mesh)
