@@ -25,6 +25,9 @@
 * ``key-scales.png``: the paged kernel of two KV heads per program with the per-row key scales
   selected before and after the products, and engine decode tokens/s of both trees, alternated in
   one call (run S).
+* ``write-kernel.png``: engine decode tokens/s with one XLA scatter per pool leaf and with the
+  write kernel (trees alternated in one call), and the device time per step outside attention
+  and matmuls by tree (run T).
 """
 
 from __future__ import annotations
@@ -53,15 +56,15 @@ def _save(fig, out, name):
     plt.close(fig)
 
 
-def _grouped_bars(ax, names, series, ylabel, title, headroom=1.0):
+def _grouped_bars(ax, names, series, ylabel, title, headroom=1.0, fmt=".0f"):
     """Bars of ``series`` (``[(label, values per name)]``) side by side per name, each labelled
-    with its value."""
+    with its value (format ``fmt``)."""
     w = 0.8 / len(series)
     for i, (label, vals) in enumerate(series):
         x = [j + (i - (len(series) - 1) / 2) * w for j in range(len(names))]
         ax.bar(x, vals, w, label=label)
         for xj, v in zip(x, vals):
-            ax.text(xj, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8 if len(series) < 3 else 7)
+            ax.text(xj, v, format(v, fmt), ha="center", va="bottom", fontsize=8 if len(series) < 3 else 7)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -348,13 +351,35 @@ def key_scales(out):
     _save(fig, out, "key-scales")
 
 
+def write_kernel(out):
+    """Run T: the engine's decode tokens/s before (one XLA scatter per pool leaf) and after (one
+    write kernel per layer; rematerialization off), both trees run alternately in one call, and
+    the profiled device ms per step outside attention and the matmuls (call 1: before; call 4:
+    after)."""
+    presets = ("bf16", "int8", "int4")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    runs = [(f"{label} ({i})", _load(f"serve-h200-runT-abab-{tree}-{i}-2026-12-01.json"))
+            for i in (1, 2) for label, tree in (("scatters", "old"), ("write kernel", "new"))]
+    _engine_bars(a1, presets, runs, title="Engine, 8B shape, 16 x 32K, one H200 (one call)")
+
+    def other(name):
+        res = _load(name)["presets"]
+        return [next(iter(res[p]["profile"]["devices"].values()))["by_class"]["other"] for p in presets]
+
+    series = [("scatters (call 1)", other("serve-h200-runT-call1-profile-2026-12-01.json")),
+              ("write kernel (call 4)", other("serve-h200-runT-abab-new-1-2026-12-01.json"))]
+    _grouped_bars(a2, presets, series, "device ms per step (lower is better)", "Outside attention and matmuls (profiled)",
+                  headroom=1.3, fmt=".2f")
+    _save(fig, out, "write-kernel")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
-               one_warp, page_size, lazy_rescale, heads_per_program, value_pairs, key_scales):
+               one_warp, page_size, lazy_rescale, heads_per_program, value_pairs, key_scales, write_kernel):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 

@@ -353,7 +353,8 @@ def generate(
         sequence b has finished: its token is padding).
       max_len: cache capacity in tokens per sequence for new caches (default: prompt
         bucket + max_new_tokens).
-      impl: attention implementation over the caches ("auto", "xla", "pallas").
+      impl: implementation of attention through the caches and of appends to them ("auto",
+        "xla", "pallas"; `kvq.attend`, `kvq.append`).
       caches: continue from these caches (earlier turns of the same sequences); they
         are donated (consumed) and the new ones returned in ``.caches``. The prompt is
         then appended and attended through the caches instead of the full-precision prefill.
