@@ -572,7 +572,7 @@ def _attend_sharded(q, cache, *, mesh, mode, impl, interpret, scale, precise, co
     return jax.shard_map(local, mesh=mesh, in_specs=(qspec, live_specs), out_specs=qspec, check_vma=False)(q, live)
 
 
-@partial(jax.jit, static_argnames=("mesh", "mode"))
+@partial(jax.jit, static_argnames=("mesh", "mode", "impl", "interpret"))
 def _append_sharded(cache, k, v, lengths, *, mesh, mode, impl, interpret):
     kvspec = _qkv_spec(mode)
     live, live_specs, local_cache, merge, live_of = _split_empty(cache, cache_partition_specs(cache, mesh), mesh)

@@ -277,10 +277,11 @@ def check_append_attend_heads_replicated():
     _append_attend_case("int8", 1, 2, ks.make_mesh(2, 4), ("xla",), False, P("data"), 7)
 
 
-def _paged_case(spec, hkv, hq, mesh, impls, seed):
+def _paged_case(spec, hkv, hq, mesh, impls, seed, append_impl="auto"):
     """A paged cache on a mesh: pages split over "data" (local page indices), KV heads over
-    "model"; append + attend per shard equal `append_paged` / `attend_paged` on one device
-    with the same pages in global numbering, bit for bit in storage."""
+    "model"; append (per shard with ``append_impl``) + attend per shard equal `append_paged` /
+    `attend_paged` on one device (scatters) with the same pages in global numbering, bit for bit
+    in storage."""
     from kvq_jax.serve import append_paged, attend_paged, init_paged_cache
 
     rng = np.random.default_rng(seed)
@@ -299,9 +300,10 @@ def _paged_case(spec, hkv, hq, mesh, impls, seed):
     @functools.partial(jax.jit, static_argnames=("sharded",))
     def run(c, sharded):
         if sharded:
-            c = ks.shard_append(ks.shard_append(c, k1, v1, n1, mesh=mesh), k2, v2, mesh=mesh)
+            c = ks.shard_append(ks.shard_append(c, k1, v1, n1, mesh=mesh, impl=append_impl), k2, v2, mesh=mesh,
+                                impl=append_impl)
             return c, [ks.shard_attend(q, c, mesh=mesh, impl=i) for i in impls]
-        c = append_paged(append_paged(c, k1, v1, n1), k2, v2)
+        c = append_paged(append_paged(c, k1, v1, n1, impl="xla"), k2, v2, impl="xla")
         return c, [attend_paged(q, c, impl=i) for i in impls]
 
     ref, want = run(init_paged_cache(spec, B, npg, ps, per, hkv, D, page_table=local + offset), False)
@@ -330,7 +332,7 @@ def _paged_case(spec, hkv, hq, mesh, impls, seed):
 
 
 def check_paged_cache_sharded():
-    _paged_case("int8", 2, 4, ks.make_mesh(2, 2), ("xla", "pallas"), 11)
+    _paged_case("int8", 2, 4, ks.make_mesh(2, 2), ("xla", "pallas"), 11, append_impl="pallas")  # the write kernel per shard
     _paged_case("int4-kivi", 4, 8, ks.make_mesh(2, 4), ("xla",), 12)
 
 
