@@ -126,9 +126,9 @@ def test_without_a_mesh_shard_functions_are_the_plain_ones(monkeypatch):
     monkeypatch.setattr(cache, "append", lambda *a, **k: calls.append(("append", a, k)) or "appended")
     monkeypatch.setattr(attention, "attend", lambda *a, **k: calls.append(("attend", a, k)) or "attended")
     assert ks.current_mesh() is None
-    assert ks.shard_append("c", "k", "v", lengths="n") == "appended"
+    assert ks.shard_append("c", "k", "v", lengths="n", impl="xla") == "appended"
     assert ks.shard_attend("q", "c", impl="xla", scale=0.5) == "attended"
-    assert calls == [("append", ("c", "k", "v"), {"lengths": "n"}),
+    assert calls == [("append", ("c", "k", "v"), {"lengths": "n", "impl": "xla", "interpret": None}),
                      ("attend", ("q", "c"), {"impl": "xla", "interpret": None, "scale": 0.5, "precise": False,
                                              "config": None})]
 

@@ -113,7 +113,8 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     Otherwise, for T > 1 (a prefill chunk after the first): attend to the cache and
     causally to their own K/V (`attend_chunk_paged`, body blocks of ``prefill_block``
     tokens), then append; for T = 1 (decode): append, then attend through the cache.
-    ``impl`` reads the cache in both and writes it (`append_paged`). ``lengths: int[B]``: real tokens of each row (right padding).
+    ``impl`` reads the cache in both and writes it (`append_paged`). ``lengths: int[B]``: real
+    tokens of each row (right padding).
     Inside `kvq.sharding.use_mesh` these cache operations run per shard (`shard_append`,
     `shard_attend`, `shard_attend_chunk`); without a mesh they are `append_paged`,
     `attend_paged` and `attend_chunk_paged`.
