@@ -60,6 +60,11 @@ def default_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def resolve_interpret(interpret: bool | None) -> bool:
+    """A kernel's ``interpret``: None is interpret mode off a GPU."""
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
 def resolve_impl(impl: str, page_table=None) -> str:
     """``impl`` checked against `IMPLS`, "auto" resolved by `default_impl`; reading through
     a ``page_table`` needs "pallas"."""
@@ -155,8 +160,7 @@ def _cache_parts(qg, cache: KVCache, qpos, scale, *, impl, interpret=None, preci
     else:
         from kvq_jax.kernels import decode  # the Pallas kernel
 
-        if interpret is None:
-            interpret = jax.default_backend() != "gpu"
+        interpret = resolve_interpret(interpret)
         paged = {} if page_table is None else {"page_table": page_table,
                                                "v_token_minor": getattr(cache, "v_token_minor", False),
                                                "v_pairs": getattr(cache, "v_pairs", False)}

@@ -305,10 +305,9 @@ def _append_update(cache: KVCache, k, v, t_valid, over, *, impl: str, interpret:
 def write_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
     """An append's ``impl`` ("auto", "pallas", "xla") and ``interpret`` resolved: "auto" is
     "pallas" on a GPU (`kvq.attention.default_impl`); interpret mode by default off a GPU."""
-    from kvq_jax.attention import resolve_impl  # (attention imports this module)
+    from kvq_jax.attention import resolve_impl, resolve_interpret  # (attention imports this module)
 
-    impl = resolve_impl(impl)
-    return impl, (jax.default_backend() != "gpu") if interpret is None else bool(interpret)
+    return resolve_impl(impl), resolve_interpret(interpret)
 
 
 def write_units(updates: dict, *, layout, table, impl: str, interpret: bool) -> dict:

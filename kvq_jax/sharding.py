@@ -695,8 +695,8 @@ def shard_attend(q: jax.Array, cache: KVCache, *, mesh: Mesh | None = None, impl
     impl = _attention.resolve_impl(impl)
     _attention._check_q(q, cache)
     cache_partition_specs(cache, mesh)  # argument errors name "cache"
-    if interpret is None and impl == "pallas":
-        interpret = jax.default_backend() != "gpu"
+    if impl == "pallas":
+        interpret = _attention.resolve_interpret(interpret)
     mode = _head_mode(q.shape[2], cache, mesh)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _attend_sharded(q, cache, mesh=mesh, mode=mode, impl=impl, interpret=interpret, scale=scale,
