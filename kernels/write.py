@@ -4,8 +4,13 @@ A decode step appends one token per sequence to every leaf of a layer's cache: t
 keys and values and their scales (and zero points). As XLA scatters that is one kernel per
 leaf, each a few microseconds for a few hundred bytes; `write_rows` stores all of them in one
 program per (sequence and unit, KV head), finding each unit's page through the page table
-itself. The quantization stays in XLA (`kvq_jax.quant.quantize`): this kernel only moves bytes,
-so it stores exactly what its plain-jnp twin `write_rows_xla` (one scatter per leaf) stores.
+itself. A leaf's values are either given as stored (bytes to move) or as `Quantize`: the
+unquantized rows of a tensor with per-token scales, which the kernel quantizes as it stores them,
+by the same function as `kvq_jax.quant.quantize` (`kvq_jax.quant.quantize_groups`, with the GPU's
+correctly rounded reciprocal and round-to-even instructions), so a decode step's new key and value
+need no XLA kernels of their own between the projection and the store (`fusable` says which
+tensors). Either way it stores exactly what its plain-jnp twin `write_rows_xla` (`quantize`, then
+one scatter per leaf) stores.
 
 Addressing: unit ``units[b, w]`` of sequence ``b`` (a token's stream slot, or a token group for
 per-channel scales) lives in page ``table[b, units[b, w] // R]``, row ``units[b, w] % R`` of a pool
@@ -22,15 +27,43 @@ Pools are ``[P, H, R, X]`` (row-major: a unit's ``X`` values contiguous) or ``[P
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kvq_jax import quant
 from kvq_jax.kernels import _compat
 from kvq_jax.kernels._compat import pl
 from kvq_jax.quant import pair_slot
+from kvq_jax.spec import TensorSpec
+
+PARTS = ("data", "scale", "zero")  # the leaves of one quantized tensor (`Quantize.part`)
+
+
+class Quantize(NamedTuple):
+    """A leaf's values as the kernel quantizes them: leaf ``part`` ("data", "scale" or "zero") of
+    ``quant.quantize(x, spec, scale_dtype=scale_dtype)``. ``x``: ``[B, H, W, D]`` float rows, one per
+    unit; the leaves of one tensor share ``x`` (the same array: quantized once per row)."""
+
+    x: jax.Array
+    spec: TensorSpec
+    scale_dtype: str
+    part: str
+
+
+def fusable(t: TensorSpec, head_dim: int, scale_dtype: str, clip=None) -> bool:
+    """Whether the kernel quantizes tensors of spec ``t`` itself (`Quantize`): integer formats with
+    per-token scales stored in bf16, without a clip ratio, where each of the ``8 // bits`` fields of
+    a byte (``head_dim // (8 // bits)`` elements, DESIGN.md's split packing) is a power of two holding
+    whole scale groups. Other tensors are quantized by `kvq_jax.quant.quantize` and moved as bytes."""
+    if not (t.quantized and t.format in ("int8", "int4", "int2") and t.axis == "token"):
+        return False
+    if scale_dtype != "bf16" or clip is not None:
+        return False
+    dp = head_dim // (8 // t.bits)
+    return dp > 0 and dp & (dp - 1) == 0 and dp % t.group_size(head_dim) == 0
 
 
 def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
@@ -44,19 +77,60 @@ def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _write_kernel(*refs, n_pools: int, width: int, paged: bool, token_minor: tuple[bool, ...],
-                  pairs: tuple[bool, ...]):
-    # refs: the page table int32 [B, MP] (paged), then per pool its units int32 [B, W_i] and its
-    # values [B, H, W_i, X_i], then the pools (outputs aliasing the inputs: only new rows are stored)
+def _f32_asm(op: str):
+    """A correctly rounded one-operand f32 PTX instruction, elementwise."""
+    from jax.experimental.pallas import triton as plgpu
+
+    def f(x):
+        [out] = plgpu.elementwise_inline_asm(f"{op} $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+        return out
+
+    return f
+
+
+def _quantize_row(x_ref, b, h, w, t: TensorSpec, scale_dtype: str, interpret: bool) -> dict:
+    """Row ``(b, h, w)`` of ``x_ref`` quantized as ``t``: ``{part: [(offset, values)]}`` pieces of the
+    stored data, scale and zero rows. Each byte field c (``Dp = D / fields`` elements) is loaded and
+    quantized on its own (whole scale groups; `fusable`) and the fields packed into bytes."""
+    D = x_ref.shape[3]
+    fields = 8 // t.bits
+    dp = D // fields
+    g = t.group_size(D)
+    n = dp // g
+    sdt = quant.scale_dtype_of(scale_dtype)
+    # the kernel's own instructions where a Triton op would round differently: `/` is approximate there
+    rcp, rint = (None, jnp.round) if interpret else (_f32_asm("rcp.rn.f32"), _f32_asm("cvt.rni.f32.f32"))
+    data, scales, zeros = None, [], []
+    for c in range(fields):
+        xc = x_ref[b, h, w, pl.ds(c * dp, dp)].astype(jnp.float32).reshape(n, g)
+        qc, s, z = quant.quantize_groups(xc, t, sdt, -1, rcp=rcp, rint=rint)
+        qc = qc.reshape(dp)
+        if fields > 1:
+            qc = (qc & (2 ** t.bits - 1)) << (t.bits * c)
+        data = qc if data is None else data | qc
+        scales.append((c * n, s.reshape(n).astype(sdt)))
+        if z is not None:
+            zeros.append((c * n, z.reshape(n).astype(sdt)))
+    return {"data": [(0, data.astype(quant.storage_dtype(t)))], "scale": scales, "zero": zeros}
+
+
+def _write_kernel(*refs, n_pools: int, n_src: int, src: tuple, quants: dict, width: int, paged: bool,
+                  token_minor: tuple[bool, ...], pairs: tuple[bool, ...], interpret: bool):
+    # refs: the page table int32 [B, MP] (paged), then per pool its units int32 [B, W_i], then the
+    # sources (values [B, H, W_i, X_i] as stored, or rows to quantize [B, H, W, D]), then the pools
+    # (outputs aliasing the inputs: only new rows are stored). src[i]: pool i's (source, part), part
+    # None for values as stored; quants: {source: (spec, scale_dtype)} of the sources it quantizes
     it = iter(refs)
     table_ref = next(it) if paged else None
     units_refs = [next(it) for _ in range(n_pools)]
-    vals_refs = [next(it) for _ in range(n_pools)]
+    src_refs = [next(it) for _ in range(n_src)]
     pool_refs = list(it)[n_pools:]  # the aliased inputs, then the outputs
     n, h = pl.program_id(0), pl.program_id(1)
     b, w = n // width, n % width
-    for units_ref, vals_ref, pool_ref, tmin, pair in zip(units_refs, vals_refs, pool_refs, token_minor, pairs):
-        W, X = vals_ref.shape[2], vals_ref.shape[3]
+    rows = {}  # source -> its row quantized (once per program)
+    for i, (units_ref, pool_ref, tmin, pair) in enumerate(zip(units_refs, pool_refs, token_minor, pairs)):
+        W = units_ref.shape[1]
         R = pool_ref.shape[3 if tmin else 2]
         unit = units_ref[b, jnp.minimum(w, W - 1)]
         ok = (w < W) & (unit >= 0)
@@ -71,11 +145,23 @@ def _write_kernel(*refs, n_pools: int, width: int, paged: bool, token_minor: tup
         row = unit % R
         if pair:
             row = pair_slot(row)
+        j, part = src[i]
+        if part is not None:
+            if j not in rows:
+                rows[j] = _quantize_row(src_refs[j], b, h, jnp.minimum(w, src_refs[j].shape[2] - 1), *quants[j],
+                                        interpret)
+            pieces = rows[j][part]
+        else:
+            vals_ref = src_refs[j]
+            pieces = [(off, (vals_ref, off, size)) for off, size in pow2_pieces(vals_ref.shape[3])]
 
         @pl.when(ok)
-        def _store(vals_ref=vals_ref, pool_ref=pool_ref, page=page, row=row, w=w, X=X, tmin=tmin):
-            for off, size in pow2_pieces(X):
-                x = vals_ref[b, h, w, pl.ds(off, size)]
+        def _store(pieces=pieces, pool_ref=pool_ref, page=page, row=row, w=w, tmin=tmin):
+            for off, x in pieces:
+                if isinstance(x, tuple):  # a piece of a stored-values ref, loaded here
+                    ref, off, size = x
+                    x = ref[b, h, w, pl.ds(off, size)]
+                size = x.shape[0]
                 if tmin:
                     pool_ref[page, h, pl.ds(off, size), row] = x
                 else:
@@ -86,6 +172,14 @@ def _u8_view(x: jax.Array) -> jax.Array:
     """fp8 arrays as uint8 (a bitcast): the kernel stores bytes."""
     fp8 = jnp.dtype(x.dtype).itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating)
     return lax.bitcast_convert_type(x, jnp.uint8) if fp8 else x
+
+
+def _leaf_expected(q: Quantize) -> tuple:
+    """``(dtype, X)`` of the leaf a `Quantize` stores."""
+    t, D = q.spec, q.x.shape[-1]
+    if q.part == "data":
+        return jnp.dtype(quant.storage_dtype(t)), quant.packed_dim(t, D)
+    return jnp.dtype(quant.scale_dtype_of(q.scale_dtype)), D // t.group_size(D)
 
 
 def _check(pools, vals, units, token_minor, pairs, table):
@@ -99,7 +193,21 @@ def _check(pools, vals, units, token_minor, pairs, table):
         H, X = pool.shape[1], pool.shape[2 if tmin else 3]
         if u.ndim != 2 or not jnp.issubdtype(u.dtype, jnp.integer):
             raise ValueError(f"units[{i}]: expected int[B, W], got {u.dtype}{list(u.shape)}")
-        if x.shape != (u.shape[0], H, u.shape[1], X) or x.dtype != pool.dtype:
+        if isinstance(x, Quantize):
+            if x.part not in PARTS:
+                raise ValueError(f"vals[{i}]: Quantize part must be one of {PARTS}, got {x.part!r}")
+            D = x.x.shape[-1] if x.x.ndim == 4 else 0
+            if x.x.ndim != 4 or x.x.shape[:3] != (u.shape[0], H, u.shape[1]) or not jnp.issubdtype(x.x.dtype, jnp.floating):
+                raise ValueError(f"vals[{i}]: Quantize rows expected float[{u.shape[0]}, {H}, {u.shape[1]}, D], got "
+                                 f"{x.x.dtype}{list(x.x.shape)}")
+            if not fusable(x.spec, D, x.scale_dtype):
+                raise ValueError(f"vals[{i}]: the kernel does not quantize {x.spec} with {x.scale_dtype} scales at "
+                                 f"head_dim {D} (see fusable); quantize it with kvq_jax.quant.quantize")
+            dt, want = _leaf_expected(x)
+            if pool.dtype != dt or X != want or (x.part == "zero" and x.spec.symmetric):
+                raise ValueError(f"pools[{i}]: leaf {x.part!r} of {x.spec} stores {dt}[..., {want}], got pool "
+                                 f"{pool.dtype}{list(pool.shape)}")
+        elif x.shape != (u.shape[0], H, u.shape[1], X) or x.dtype != pool.dtype:
             raise ValueError(f"vals[{i}]: expected {pool.dtype}[{u.shape[0]}, {H}, {u.shape[1]}, {X}], got "
                              f"{x.dtype}{list(x.shape)}")
         if B is not None and u.shape[0] != B:
@@ -111,7 +219,7 @@ def _check(pools, vals, units, token_minor, pairs, table):
         raise ValueError(f"table: expected int[{B}, max_pages], got {table.dtype}{list(table.shape)}")
 
 
-def write_rows(pools: Sequence[jax.Array], vals: Sequence[jax.Array], units: Sequence[jax.Array],
+def write_rows(pools: Sequence[jax.Array], vals: Sequence, units: Sequence[jax.Array],
                token_minor: Sequence[bool], pairs: Sequence[bool], *, table: jax.Array | None = None,
                interpret: bool = False) -> list[jax.Array]:
     """Store ``vals[i][b, :, w]`` at unit ``units[i][b, w]`` of sequence ``b`` in ``pools[i]``, for
@@ -121,7 +229,8 @@ def write_rows(pools: Sequence[jax.Array], vals: Sequence[jax.Array], units: Seq
       pools: ``[P, H, R, X]`` arrays (``[P, H, X, R]`` where ``token_minor``), each with its own
         ``R``, ``X`` and dtype, the same ``H``. Updated in place when donated (the kernel's
         outputs alias them).
-      vals: per pool, ``[B, H, W, X]`` in the pool's dtype.
+      vals: per pool, ``[B, H, W, X]`` in the pool's dtype, or a `Quantize`: the pool's leaf of
+        rows ``[B, H, W, D]`` quantized in the kernel (`fusable` specs).
       units: per pool, ``int32[B, W]`` (its own ``W``): the stream unit of each value, -1 for none.
       token_minor: per pool, whether its rows are its last axis.
       pairs: per pool, whether its rows are stored in pairs (`kvq_jax.quant.pair_slot`).
@@ -141,8 +250,21 @@ def write_rows(pools: Sequence[jax.Array], vals: Sequence[jax.Array], units: Seq
     if B * width == 0:
         return list(pools)
     dtypes = [p.dtype for p in pools]
-    pools, vals = [_u8_view(p) for p in pools], [_u8_view(x) for x in vals]
+    pools = [_u8_view(p) for p in pools]
     units = [u.astype(jnp.int32) for u in units]
+    # sources: each stored-values array, and each tensor the kernel quantizes, once
+    srcs, src, quants, seen = [], [], {}, {}
+    for x in vals:
+        if isinstance(x, Quantize):
+            key = (id(x.x), x.spec, x.scale_dtype)
+            if key not in seen:
+                seen[key] = len(srcs)
+                quants[len(srcs)] = (x.spec, x.scale_dtype)
+                srcs.append(x.x)
+            src.append((seen[key], x.part))
+        else:
+            src.append((len(srcs), None))
+            srcs.append(_u8_view(x))
     lead = [] if table is None else [table.astype(jnp.int32)]
     m = len(pools)
 
@@ -150,9 +272,10 @@ def write_rows(pools: Sequence[jax.Array], vals: Sequence[jax.Array], units: Seq
         zeros = (0,) * x.ndim
         return pl.BlockSpec(x.shape, lambda i, h: zeros)
 
-    kernel = functools.partial(_write_kernel, n_pools=m, width=width, paged=table is not None,
-                               token_minor=tuple(map(bool, token_minor)), pairs=tuple(map(bool, pairs)))
-    args = [*lead, *units, *vals, *pools]
+    kernel = functools.partial(_write_kernel, n_pools=m, n_src=len(srcs), src=tuple(src), quants=quants,
+                               width=width, paged=table is not None, token_minor=tuple(map(bool, token_minor)),
+                               pairs=tuple(map(bool, pairs)), interpret=interpret)
+    args = [*lead, *units, *srcs, *pools]
     out = pl.pallas_call(
         kernel,
         grid=(B * width, heads.pop()),
@@ -167,9 +290,26 @@ def write_rows(pools: Sequence[jax.Array], vals: Sequence[jax.Array], units: Seq
     return [o if o.dtype == dt else lax.bitcast_convert_type(o, dt) for o, dt in zip(out, dtypes)]
 
 
+def stored_values(vals: Sequence) -> list:
+    """``vals`` with every `Quantize` replaced by the leaf `kvq_jax.quant.quantize` gives (each
+    tensor quantized once): what `write_rows` stores, as stored values."""
+    done, out = {}, []
+    for x in vals:
+        if isinstance(x, Quantize):
+            key = (id(x.x), x.spec, x.scale_dtype)
+            if key not in done:
+                xg = x.x.astype(jnp.float32)
+                done[key] = quant.quantize(xg, x.spec, scale_dtype=x.scale_dtype)
+            x = getattr(done[key], x.part)
+        out.append(x)
+    return out
+
+
 def write_rows_xla(pools, vals, units, token_minor, pairs, *, table=None) -> list[jax.Array]:
-    """Plain-jnp twin of `write_rows`: one XLA scatter per pool."""
+    """Plain-jnp twin of `write_rows`: `kvq_jax.quant.quantize` for `Quantize` leaves, then one XLA
+    scatter per pool."""
     _check(pools, vals, units, token_minor, pairs, table)
+    vals = stored_values(vals)
     out = []
     for pool, x, u, tmin, pair in zip(pools, vals, units, token_minor, pairs):
         P, R = pool.shape[0], pool.shape[3 if tmin else 2]

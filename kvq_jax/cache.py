@@ -313,7 +313,8 @@ def write_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
 def write_units(updates: dict, *, layout, table, impl: str, interpret: bool) -> dict:
     """`append_window`'s ``write``: store every body leaf's new units, all leaves at once.
 
-    ``updates``: ``{name: (buf, idx int32[B, W], vals [B, H, W, X])}``; ``layout(name)``:
+    ``updates``: ``{name: (buf, idx int32[B, W], vals)}`` (``vals``: ``[B, H, W, X]``, or a
+    `kvq_jax.kernels.write.Quantize` leaf); ``layout(name)``:
     ``(token_minor, pairs)`` of leaf ``name``; ``table``: the page table, or None for a contiguous
     body (addressing as `kvq_jax.kernels.write`). impl "pallas": one kernel for all leaves
     (`kvq_jax.kernels.write.write_rows`); "xla": one scatter per leaf (its twin `write_rows_xla`).
@@ -323,7 +324,7 @@ def write_units(updates: dict, *, layout, table, impl: str, interpret: bool) -> 
     names = list(updates)
     pools = [updates[n][0] for n in names]
     units = [updates[n][1] for n in names]
-    vals = [updates[n][2].astype(updates[n][0].dtype) for n in names]
+    vals = [x if isinstance(x, write.Quantize) else x.astype(buf.dtype) for buf, _, x in (updates[n] for n in names)]
     token_minor, pairs = zip(*(layout(n) for n in names)) if names else ((), ())
     if impl == "pallas":
         out = write.write_rows(pools, vals, units, token_minor, pairs, table=table, interpret=interpret)
@@ -338,8 +339,12 @@ def append_window(cache, k, v, t_valid, over, write):
     go to the sinks, the residual window and, leaving the window, quantized into the body, which
     ``write(updates)`` stores, all leaves at once: ``updates`` maps each body leaf's name to
     ``(buf, idx, vals)``, ``vals [B, H, W, X]`` for stream slots (token groups for per-channel
-    scales) ``idx int32[B, W]`` of ``buf``, -1 for none; it returns ``{name: new buf}``.
+    scales) ``idx int32[B, W]`` of ``buf``, -1 for none, or a `kvq_jax.kernels.write.Quantize` leaf
+    (tensors the write quantizes itself: `kvq_jax.kernels.write.fusable`); it returns
+    ``{name: new buf}``.
     Returns ``cache`` replaced with the new leaves, lengths and overflow flags."""
+    from kvq_jax.kernels import write as write_kernel  # (the kernels import this module)
+
     spec = cache.spec
     B, T, H, D = k.shape
     n_old = cache.lengths
@@ -405,6 +410,11 @@ def append_window(cache, k, v, t_valid, over, write):
             data = qt.data[:, :, :W]
             gi = jnp.arange(Wp // tg, dtype=jnp.int32)[None, :]
             sidx = jnp.where(gi * tg < n_body[:, None], q_old[:, None] // tg + gi, -1)  # token groups
+        elif write_kernel.fusable(t, D, spec.scale_dtype, clip):  # quantized by the write as it stores it
+            for part, leaf in zip(write_kernel.PARTS, (name, name + "_scale", name + "_zero")):
+                if new[leaf] is not None:
+                    writes[leaf] = (new[leaf], bidx, write_kernel.Quantize(x, t, spec.scale_dtype, part))
+            continue
         else:
             qt = quant.quantize(x, t, scale_dtype=spec.scale_dtype, clip=clip)
             data, sidx = qt.data, bidx

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from kvq_jax.spec import TensorSpec
 
@@ -175,8 +176,57 @@ def _round_down(z: jax.Array, dtype) -> jax.Array:
     return jnp.where(c.astype(jnp.float32) > z, dn, c)
 
 
-def _safe_inv(s: jax.Array) -> jax.Array:
-    return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+def _safe_inv(s: jax.Array, rcp=None) -> jax.Array:
+    """``1 / s`` (0 where ``s`` is 0), correctly rounded; ``rcp``: the reciprocal to use instead of
+    a division (a kernel's correctly rounded instruction)."""
+    d = jnp.where(s > 0, s, 1.0)
+    return jnp.where(s > 0, 1.0 / d if rcp is None else rcp(d), 0.0)
+
+
+def _bf16_step(c: jax.Array, n: int) -> jax.Array:
+    """f32 ``c`` (a bf16 value) moved by ``n`` bf16 units of its bit pattern (for ``c >= 0``: n ulps)."""
+    u = lax.bitcast_convert_type(c, jnp.uint32)
+    return lax.bitcast_convert_type(u + jnp.uint32((n % 2**16) << 16), jnp.float32)
+
+
+def bf16_ceil(a: jax.Array) -> jax.Array:
+    """The smallest bf16 value ``>= a`` (f32 ``a >= 0``), as f32 (integer ops only)."""
+    u = lax.bitcast_convert_type(a, jnp.uint32)
+    up = jnp.where((u & 0xFFFF) != 0, jnp.uint32(1), jnp.uint32(0))
+    return lax.bitcast_convert_type(((u >> 16) + up) << 16, jnp.float32)
+
+
+def bf16_floor(z: jax.Array) -> jax.Array:
+    """The largest bf16 value ``<= z`` (f32 ``z``, any sign), as f32 (integer ops only)."""
+    u = lax.bitcast_convert_type(z, jnp.uint32)
+    up = jnp.where(((u & 0xFFFF) != 0) & ((u >> 31) == 1), jnp.uint32(1), jnp.uint32(0))  # negative: away from 0
+    return lax.bitcast_convert_type(((u >> 16) + up) << 16, jnp.float32)
+
+
+def bf16_scale(a: jax.Array, n: int) -> jax.Array:
+    """The smallest bf16 value ``s`` with ``s * n >= a`` (f32 ``a >= 0``, integer ``n``), as f32: ``a / n``
+    rounded up into bf16 exactly, whatever rounding a division or a reciprocal has where it runs
+    (XLA turns ``a / n`` into ``a * (1 / n)``; a kernel's ``/`` may be approximate). A guess from
+    ``a * (1 / n)`` is within one bf16 unit; ``s * n`` of a bf16 ``s`` and ``n < 2**16`` is exact in
+    f32, so one step each way settles it."""
+    c = bf16_ceil(a * (1.0 / n))
+    c = jnp.where(c * n < a, _bf16_step(c, 1), c)
+    down = _bf16_step(c, -1)
+    return jnp.where((c > 0) & (down * n >= a), down, c)
+
+
+def _scale_up(a: jax.Array, n: int, sdt) -> jax.Array:
+    """``a / n`` rounded up into ``sdt``, as f32 (`bf16_scale` for bf16)."""
+    if jnp.dtype(sdt) == jnp.bfloat16:
+        return bf16_scale(a, n)
+    return _round_up(a / n, sdt).astype(jnp.float32)
+
+
+def _zero_down(z: jax.Array, sdt) -> jax.Array:
+    """``z`` rounded down into ``sdt``, as f32."""
+    if jnp.dtype(sdt) == jnp.bfloat16:
+        return bf16_floor(z)
+    return _round_down(z, sdt).astype(jnp.float32)
 
 
 # -- quantize / dequantize ---------------------------------------------------
@@ -235,32 +285,40 @@ def quantize(
         amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
         if clip is not None:
             amax = amax * clip
-        s = _round_up(amax / FP8_MAX, sdt)
-        y = jnp.clip(xg * _safe_inv(s.astype(jnp.float32)), -FP8_MAX, FP8_MAX)
+        s = _scale_up(amax, FP8_MAX, sdt)
+        y = jnp.clip(xg * _safe_inv(s), -FP8_MAX, FP8_MAX)
         data = y.reshape(shape).astype(FP8_DTYPE)
-        return Quantized(data, jnp.squeeze(s, red), None)
+        return Quantized(data, jnp.squeeze(s, red).astype(sdt), None)
 
+    q, s, z = quantize_groups(xg, t, sdt, red, clip)
+    data = _pack(q.reshape(shape), t)
+    return Quantized(data, jnp.squeeze(s, red).astype(sdt), None if z is None else jnp.squeeze(z, red).astype(sdt))
+
+
+def quantize_groups(xg: jax.Array, t: TensorSpec, sdt, red: int, clip=None, *, rcp=None, rint=jnp.round):
+    """The integer grid of `quantize`: f32 ``xg`` with each scale's values along axis ``red`` ->
+    ``(q int32, s f32, z f32 or None)`` (``s`` and ``z`` kept along ``red``, valued in ``sdt``).
+
+    Only elementwise ops, reductions and bit casts, so a Pallas kernel runs the same function on
+    its tiles (`kvq_jax.kernels.write`) with ``rcp`` (a correctly rounded reciprocal) and ``rint``
+    (round half to even) as its own instructions: the stored bytes are the same."""
     qmin, qmax = qrange(t.bits, t.symmetric)
     if t.symmetric:
         amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
         if clip is not None:
             amax = amax * clip
-        s = _round_up(amax / qmax, sdt)
-        sf = s.astype(jnp.float32)
-        q = jnp.clip(jnp.round(xg * _safe_inv(sf)), qmin, qmax)
+        s = _scale_up(amax, qmax, sdt)
+        q = jnp.clip(rint(xg * _safe_inv(s, rcp)), qmin, qmax)
         z = None
     else:
         lo = jnp.min(xg, axis=red, keepdims=True)
         hi = jnp.max(xg, axis=red, keepdims=True)
         if clip is not None:
             lo, hi = _shrink(lo, hi, clip)
-        z = _round_down(lo, sdt)
-        zf = z.astype(jnp.float32)
-        s = _round_up((hi - zf) / qmax, sdt)
-        sf = s.astype(jnp.float32)
-        q = jnp.clip(jnp.round((xg - zf) * _safe_inv(sf)), qmin, qmax)
-    data = _pack(q.reshape(shape).astype(jnp.int32), t)
-    return Quantized(data, jnp.squeeze(s, red), None if z is None else jnp.squeeze(z, red))
+        z = _zero_down(lo, sdt)
+        s = _scale_up(hi - z, qmax, sdt)
+        q = jnp.clip(rint((xg - z) * _safe_inv(s, rcp)), qmin, qmax)
+    return q.astype(jnp.int32), s, z
 
 
 def _shrink(lo, hi, clip):
@@ -298,15 +356,17 @@ def fake_quantize(
     if t.format == "bf16":
         return ste(xf, lambda a: a.astype(jnp.bfloat16).astype(jnp.float32))
     sdt = scale_dtype_of(scale_dtype) if isinstance(scale_dtype, str) else scale_dtype
-    up = lambda a: _round_up(a, sdt).astype(jnp.float32)  # noqa: E731
-    down = lambda a: _round_down(a, sdt).astype(jnp.float32)  # noqa: E731
+    down = lambda a: _zero_down(a, sdt)  # noqa: E731
+
+    def scale(a, n):  # a / n, its value rounded up into sdt as `quantize` stores it
+        return ste(a / n, lambda _: _scale_up(sg(a), n, sdt))
     shape = x.shape
     xg, red = _grouped(xf, t, token_group)
     if t.format == "fp8":
         amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
         if clip is not None:
             amax = amax * clip
-        s = ste(amax / FP8_MAX, up)
+        s = scale(amax, FP8_MAX)
         y = jnp.clip(xg * _safe_inv(s), -FP8_MAX, FP8_MAX)
         out = ste(y, lambda a: a.astype(FP8_DTYPE).astype(jnp.float32)) * s
         return out.reshape(shape)
@@ -315,7 +375,7 @@ def fake_quantize(
         amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
         if clip is not None:
             amax = amax * clip
-        s = ste(amax / qmax, up)
+        s = scale(amax, qmax)
         q = jnp.clip(ste(xg * _safe_inv(s), jnp.round), qmin, qmax)
         out = q * s
     else:
@@ -324,7 +384,7 @@ def fake_quantize(
         if clip is not None:
             lo, hi = _shrink(lo, hi, clip)
         z = ste(lo, down)
-        s = ste((hi - z) / qmax, up)
+        s = scale(hi - z, qmax)
         q = jnp.clip(ste((xg - z) * _safe_inv(s), jnp.round), qmin, qmax)
         out = q * s + z
     return out.reshape(shape)

@@ -332,3 +332,44 @@ def test_rotate_round_trip_and_bad_size():
     np.testing.assert_allclose(_f64(quant.rotate(quant.rotate(x), inverse=True)), _f64(x), atol=1e-5)
     with pytest.raises(ValueError, match="n"):
         kvq.hadamard(96)
+
+
+def _bf16_neighbours(c):
+    """float64 values of the bf16 numbers just below and above float32 bf16-valued ``c >= 0``."""
+    u = np.asarray(c, np.float32).view(np.uint32)
+    down = np.where(u > 0, u - 0x10000, 0).astype(np.uint32).view(np.float32)
+    return down.astype(np.float64), (u + 0x10000).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 15, 127, 255, 448])
+def test_bf16_scale_is_the_exact_ceiling(n):
+    """`quant.bf16_scale(a, n)`: the smallest bf16 ``s`` with ``s * n >= a`` (checked in float64), on
+    random magnitudes and on values at and one f32 unit around ``c * n`` for bf16 ``c`` (where a
+    division or a reciprocal rounded the other way would land on the wrong side)."""
+    rng = np.random.default_rng(n)
+    c = rng.standard_normal(4000).astype(np.float32)
+    c = np.abs(c * np.exp2(rng.integers(-60, 60, c.shape))).astype(jnp.bfloat16).astype(np.float32)
+    edges = (c.astype(np.float64) * n).astype(np.float32)  # exact: 8 + 9 significant bits
+    a = np.concatenate([edges, np.nextafter(edges, np.inf), np.nextafter(edges, 0),
+                        np.abs(rng.standard_normal(4000) * 10.0 ** rng.integers(-30, 30, 4000)), [0.0]]).astype(np.float32)
+    s = np.asarray(jax.jit(lambda a: quant.bf16_scale(a, n))(a))
+    assert np.array_equal(s, s.astype(jnp.bfloat16).astype(np.float32))  # a bf16 value
+    down, _ = _bf16_neighbours(s)
+    a64, s64 = a.astype(np.float64), s.astype(np.float64)
+    assert np.all(s64 * n >= a64)
+    assert np.all((s64 == 0) | (down * n < a64))
+
+
+def test_bf16_floor_and_ceil_round_toward_their_side():
+    rng = np.random.default_rng(3)
+    z = (rng.standard_normal(5000) * 10.0 ** rng.integers(-20, 20, 5000)).astype(np.float32)
+    z = np.concatenate([z, z.astype(jnp.bfloat16).astype(np.float32), [0.0, -0.0]]).astype(np.float32)
+    lo = np.asarray(quant.bf16_floor(jnp.asarray(z)))
+    assert np.array_equal(lo, lo.astype(jnp.bfloat16).astype(np.float32)) and np.all(lo <= z)
+    # nothing between: the next bf16 up from lo is above z
+    up = np.nextafter(lo.astype(jnp.bfloat16), np.array(np.inf, jnp.bfloat16)).astype(np.float32)
+    assert np.all(up > z)
+    a = np.abs(z)
+    hi = np.asarray(quant.bf16_ceil(jnp.asarray(a)))
+    dn = np.nextafter(hi.astype(jnp.bfloat16), np.array(-np.inf, jnp.bfloat16)).astype(np.float32)
+    assert np.all(hi >= a) and np.all((hi == 0) | (dn < a))

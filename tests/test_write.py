@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import kvq_jax as kvq
-from kvq_jax.kernels.write import pow2_pieces, write_rows, write_rows_xla
+from kvq_jax import TensorSpec, quant
+from kvq_jax.kernels.write import Quantize, fusable, pow2_pieces, write_rows, write_rows_xla
 from kvq_jax.serve import paged
 
 # sub-byte values in pairs, mixed widths; per-channel asymmetric keys (scales per token group: fewer
@@ -81,6 +82,53 @@ def test_kernel_writes_what_the_scatters_write(heads, batch, width, paged_):
     np.testing.assert_array_equal(np.asarray(want[0][page, :, u[b, w] % rows]), np.asarray(vals[0][b, :, w]))
 
 
+# specs the kernel quantizes (`fusable`), with the layouts their data pool takes
+QUANT = [(TensorSpec("int8", "token", None, True), False, False), (TensorSpec("int8", "token", 32, False), True, False),
+         (TensorSpec("int4", "token", 32, True), True, True), (TensorSpec("int4", "token", 16, False), False, False),
+         (TensorSpec("int2", "token", 16, False), True, True), (TensorSpec("int2", "token", 8, True), False, False)]
+
+
+@pytest.mark.parametrize("paged_", [True, False])
+def test_kernel_quantizes_what_quantize_gives(paged_):
+    """`Quantize` leaves: rows of random magnitudes (and an all-zero row) quantized in the kernel and
+    stored beside a stored-values pool, byte-identical to `quant.quantize` and the scatters; values
+    that are exact ties of the grid round half to even."""
+    rng = np.random.default_rng(11 + paged_)
+    B, H, W, D, R, MP = 3, 2, 3, 64, 16, 3
+    P = B * MP + 2
+    table = jnp.asarray(rng.permutation(P)[:B * MP].reshape(B, MP).astype(np.int32)) if paged_ else None
+    pools, vals, units, tmin, pairs = [], [], [], [], []
+    for t, tm, pr in QUANT:
+        x = rng.standard_normal((B, H, W, D)) * np.exp(rng.standard_normal((B, H, W, 1)) * 2)
+        x[0, 0, 0] = 0.0
+        x[1, 1, 0, :8] = [127.0, 0.5, -0.5, 1.5, 2.5, -2.5, 63.5, 3.5]  # ties at s = 1
+        x = jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)
+        u = np.stack([rng.choice((MP if paged_ else 1) * R, W, replace=False) for _ in range(B)]).astype(np.int32)
+        u[2, 1] = -1
+        assert fusable(t, D, "bf16")
+        for part in ("data", "scale", "zero")[:2 if t.symmetric else 3]:
+            q = Quantize(x, t, "bf16", part)
+            dt = quant.storage_dtype(t) if part == "data" else jnp.bfloat16
+            X = quant.packed_dim(t, D) if part == "data" else D // t.group_size(D)
+            on = tm and part == "data"
+            pools.append(_random(rng, (P, H, X, R) if on else (P, H, R, X), dt))
+            vals.append(q)
+            units.append(jnp.asarray(u))
+            tmin.append(on)
+            pairs.append(pr and part == "data")
+    got = write_rows(pools, vals, units, tmin, pairs, table=table, interpret=True)
+    want = write_rows_xla(pools, vals, units, tmin, pairs, table=table)
+    for i, (g, w, p) in enumerate(zip(got, want, pools)):
+        np.testing.assert_array_equal(_bytes(g), _bytes(w), err_msg=f"pool {i}")
+        assert np.any(_bytes(w) != _bytes(p)), f"pool {i}: nothing written"
+    # the twin stores `quantize`'s leaves: row (1, 1, 0) of the first tensor (int8, one scale of 127 / 127)
+    qt = quant.quantize(vals[0].x, QUANT[0][0], scale_dtype="bf16")
+    b, w = 1, 0
+    page = int(table[b, int(units[0][b, w]) // R]) if paged_ else b
+    np.testing.assert_array_equal(np.asarray(want[0][page, 1, int(units[0][b, w]) % R]), np.asarray(qt.data[b, 1, w]))
+    assert float(qt.scale[1, 1, 0, 0]) == 1.0 and np.asarray(qt.data[1, 1, 0, :8]).tolist() == [127, 0, 0, 2, 2, -2, 64, 4]
+
+
 def test_kernel_arguments_name_themselves():
     pool = jnp.zeros((4, 2, 8, 16), jnp.int8)
     units = jnp.zeros((3, 1), jnp.int32)
@@ -101,6 +149,15 @@ def test_kernel_arguments_name_themselves():
         call([jnp.zeros((3, 2, 1, 16), jnp.int8)], table=jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match=r"pools\[0\]: expected \[P, H, R, X\]"):
         call([jnp.zeros((3, 2, 1, 16), jnp.int8)], pools=(pool[0],))
+    x = jnp.ones((3, 2, 1, 64), jnp.float32)
+    with pytest.raises(ValueError, match=r"vals\[0\]: the kernel does not quantize .*fp8"):
+        call([Quantize(x, TensorSpec("fp8", "token", None, True), "bf16", "data")], pools=(pool[..., :64],))
+    with pytest.raises(ValueError, match=r"vals\[0\]: the kernel does not quantize .* f32 scales"):
+        call([Quantize(x, TensorSpec("int8", "token", None, True), "f32", "data")], pools=(pool[..., :64],))
+    with pytest.raises(ValueError, match=r"pools\[0\]: leaf 'scale' of .* stores bfloat16\[..., 1\]"):
+        call([Quantize(x, TensorSpec("int8", "token", None, True), "bf16", "scale")])
+    with pytest.raises(ValueError, match=r"vals\[0\]: Quantize rows expected float\[3, 2, 1, D\]"):
+        call([Quantize(x[:, :1], TensorSpec("int8", "token", None, True), "bf16", "data")], pools=(pool[..., :64],))
     with pytest.raises(ValueError, match="impl: expected one of"):
         kvq.append(kvq.init_cache("int8", 1, 16, 2, 64), jnp.ones((1, 1, 2, 64)), jnp.ones((1, 1, 2, 64)), impl="cuda")
 
