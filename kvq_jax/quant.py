@@ -215,6 +215,22 @@ def bf16_scale(a: jax.Array, n: int) -> jax.Array:
     return jnp.where((c > 0) & (down * n >= a), down, c)
 
 
+def round_div(v: jax.Array, s: jax.Array, rcp=None, rint=jnp.round) -> jax.Array:
+    """``v / s`` rounded to the nearest integer, ties to even, exactly (f32 ``v``, bf16-valued ``s >= 0``
+    with ``|v / s|`` under 2**8; 0 where ``s`` is 0), as f32: a guess ``q = rint(v * (1 / s))``, then
+    the exact remainder ``v - q * s`` (``q * s`` has at most 16 significant bits, and ``v`` is within
+    a factor of two of it when ``q != 0``) moves it by one where it is past half a step, so the
+    result does not depend on how a reciprocal or a product rounds where it runs (XLA may turn
+    ``v * (1 / s)`` into a division; a kernel's ``/`` may be approximate)."""
+    q = rint(v * _safe_inv(s, rcp))
+    r = v - q * s
+    h = 0.5 * s
+    odd = (q - 2.0 * rint(0.5 * q)) != 0  # q is an integer: odd where halving it leaves a half
+    up = jnp.where((r > h) | ((r == h) & odd), 1.0, 0.0)
+    down = jnp.where((r < -h) | ((r == -h) & odd), 1.0, 0.0)
+    return q + jnp.where(s > 0, up - down, 0.0)
+
+
 def _scale_up(a: jax.Array, n: int, sdt) -> jax.Array:
     """``a / n`` rounded up into ``sdt``, as f32 (`bf16_scale` for bf16)."""
     if jnp.dtype(sdt) == jnp.bfloat16:
@@ -308,7 +324,7 @@ def quantize_groups(xg: jax.Array, t: TensorSpec, sdt, red: int, clip=None, *, r
         if clip is not None:
             amax = amax * clip
         s = _scale_up(amax, qmax, sdt)
-        q = jnp.clip(rint(xg * _safe_inv(s, rcp)), qmin, qmax)
+        q = jnp.clip(_grid(xg, s, sdt, rcp, rint), qmin, qmax)
         z = None
     else:
         lo = jnp.min(xg, axis=red, keepdims=True)
@@ -317,8 +333,15 @@ def quantize_groups(xg: jax.Array, t: TensorSpec, sdt, red: int, clip=None, *, r
             lo, hi = _shrink(lo, hi, clip)
         z = _zero_down(lo, sdt)
         s = _scale_up(hi - z, qmax, sdt)
-        q = jnp.clip(rint((xg - z) * _safe_inv(s, rcp)), qmin, qmax)
+        q = jnp.clip(_grid(xg - z, s, sdt, rcp, rint), qmin, qmax)
     return q.astype(jnp.int32), s, z
+
+
+def _grid(v, s, sdt, rcp=None, rint=jnp.round):
+    """``v / s`` rounded half to even onto the integer grid: exactly (`round_div`) for bf16 scales."""
+    if jnp.dtype(sdt) == jnp.bfloat16:
+        return round_div(v, s, rcp, rint)
+    return rint(v * _safe_inv(s, rcp))
 
 
 def _shrink(lo, hi, clip):
@@ -360,6 +383,10 @@ def fake_quantize(
 
     def scale(a, n):  # a / n, its value rounded up into sdt as `quantize` stores it
         return ste(a / n, lambda _: _scale_up(sg(a), n, sdt))
+
+    def grid(v, s):  # v / s, its value rounded onto the grid as `quantize` rounds it
+        return ste(v * _safe_inv(s), lambda _: _grid(sg(v), sg(s), sdt))
+
     shape = x.shape
     xg, red = _grouped(xf, t, token_group)
     if t.format == "fp8":
@@ -376,7 +403,7 @@ def fake_quantize(
         if clip is not None:
             amax = amax * clip
         s = scale(amax, qmax)
-        q = jnp.clip(ste(xg * _safe_inv(s), jnp.round), qmin, qmax)
+        q = jnp.clip(grid(xg, s), qmin, qmax)
         out = q * s
     else:
         lo = jnp.min(xg, axis=red, keepdims=True)
@@ -385,7 +412,7 @@ def fake_quantize(
             lo, hi = _shrink(lo, hi, clip)
         z = ste(lo, down)
         s = scale(hi - z, qmax)
-        q = jnp.clip(ste((xg - z) * _safe_inv(s), jnp.round), qmin, qmax)
+        q = jnp.clip(grid(xg - z, s), qmin, qmax)
         out = q * s + z
     return out.reshape(shape)
 

@@ -373,3 +373,22 @@ def test_bf16_floor_and_ceil_round_toward_their_side():
     hi = np.asarray(quant.bf16_ceil(jnp.asarray(a)))
     dn = np.nextafter(hi.astype(jnp.bfloat16), np.array(-np.inf, jnp.bfloat16)).astype(np.float32)
     assert np.all(hi >= a) and np.all((hi == 0) | (dn < a))
+
+
+def test_round_div_is_exact_whatever_the_reciprocal():
+    """`quant.round_div(v, s)`: ``v / s`` rounded half to even, checked in float64, on random values,
+    on exact ties and one f32 unit around them; the same with a reciprocal one or two units off
+    (as an approximate division gives), so the stored grid does not depend on where it runs."""
+    rng = np.random.default_rng(5)
+    s = np.abs(rng.standard_normal(3000) * np.exp2(rng.integers(-30, 30, 3000))).astype(jnp.bfloat16).astype(np.float32)
+    k = rng.integers(-127, 128, 3000)
+    ties = ((k + 0.5) * s.astype(np.float64)).astype(np.float32)
+    v = np.concatenate([ties, np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf),
+                        (rng.uniform(-127, 127, 3000) * s).astype(np.float32)]).astype(np.float32)
+    ss = np.tile(s, 4)
+    exact = np.round(v.astype(np.float64) / ss.astype(np.float64))  # numpy: half to even
+    for name, rcp in [("correct", None), ("2 ulp high", lambda d: (1.0 / d) * (1 + 2.0**-22)),
+                      ("1 ulp low", lambda d: (1.0 / d) * (1 - 2.0**-23))]:
+        got = np.asarray(jax.jit(lambda v, s: quant.round_div(v, s, rcp))(v, ss))
+        np.testing.assert_array_equal(got, exact, err_msg=name)
+    assert float(quant.round_div(jnp.float32(3.0), jnp.float32(0.0))) == 0.0
