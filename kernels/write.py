@@ -55,15 +55,11 @@ class Quantize(NamedTuple):
 
 def fusable(t: TensorSpec, head_dim: int, scale_dtype: str, clip=None) -> bool:
     """Whether the kernel quantizes tensors of spec ``t`` itself (`Quantize`): integer formats with
-    per-token scales stored in bf16, without a clip ratio, where each of the ``8 // bits`` fields of
-    a byte (``head_dim // (8 // bits)`` elements, DESIGN.md's split packing) is a power of two holding
-    whole scale groups. Other tensors are quantized by `kvq_jax.quant.quantize` and moved as bytes."""
+    per-token scales stored in bf16, without a clip ratio, at a power-of-two ``head_dim`` (a row is
+    one Triton tensor). Other tensors are quantized by `kvq_jax.quant.quantize` and moved as bytes."""
     if not (t.quantized and t.format in ("int8", "int4", "int2") and t.axis == "token"):
         return False
-    if scale_dtype != "bf16" or clip is not None:
-        return False
-    dp = head_dim // (8 // t.bits)
-    return dp > 0 and dp & (dp - 1) == 0 and dp % t.group_size(head_dim) == 0
+    return scale_dtype == "bf16" and clip is None and head_dim >= 8 // t.bits and head_dim & (head_dim - 1) == 0
 
 
 def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
@@ -90,29 +86,26 @@ def _f32_asm(op: str):
 
 
 def _quantize_row(x_ref, b, h, w, t: TensorSpec, scale_dtype: str, interpret: bool) -> dict:
-    """Row ``(b, h, w)`` of ``x_ref`` quantized as ``t``: ``{part: [(offset, values)]}`` pieces of the
-    stored data, scale and zero rows. Each byte field c (``Dp = D / fields`` elements) is loaded and
-    quantized on its own (whole scale groups; `fusable`) and the fields packed into bytes."""
+    """Row ``(b, h, w)`` of ``x_ref`` quantized as ``t``: ``{part: [(offset, values)]}`` of the stored
+    data, scale and zero rows. The row ``[D]`` is taken as ``[D / group, group]`` (`quant.quantize_groups`)
+    and its ``8 // bits`` byte fields (``Dp`` elements each, DESIGN.md's split packing) shifted into
+    place and summed into bytes, all fields at once."""
     D = x_ref.shape[3]
     fields = 8 // t.bits
-    dp = D // fields
     g = t.group_size(D)
-    n = dp // g
     sdt = quant.scale_dtype_of(scale_dtype)
     # the kernel's own instructions where a Triton op would round differently: `/` is approximate there
     rcp, rint = (None, jnp.round) if interpret else (_f32_asm("rcp.rn.f32"), _f32_asm("cvt.rni.f32.f32"))
-    data, scales, zeros = None, [], []
-    for c in range(fields):
-        xc = x_ref[b, h, w, pl.ds(c * dp, dp)].astype(jnp.float32).reshape(n, g)
-        qc, s, z = quant.quantize_groups(xc, t, sdt, -1, rcp=rcp, rint=rint)
-        qc = qc.reshape(dp)
-        if fields > 1:
-            qc = (qc & (2 ** t.bits - 1)) << (t.bits * c)
-        data = qc if data is None else data | qc
-        scales.append((c * n, s.reshape(n).astype(sdt)))
-        if z is not None:
-            zeros.append((c * n, z.reshape(n).astype(sdt)))
-    return {"data": [(0, data.astype(quant.storage_dtype(t)))], "scale": scales, "zero": zeros}
+    x = x_ref[b, h, w, pl.ds(0, D)].astype(jnp.float32).reshape(D // g, g)
+    q, s, z = quant.quantize_groups(x, t, sdt, -1, rcp=rcp, rint=rint)
+    if fields > 1:
+        q = q.reshape(fields, D // fields) & (2 ** t.bits - 1)
+        shift = lax.broadcasted_iota(jnp.int32, (fields, 1), 0) * t.bits
+        q = jnp.sum(q << shift, axis=0)  # disjoint bit fields: the sum is their union
+    out = {"data": [(0, q.reshape(D // fields).astype(quant.storage_dtype(t)))],
+           "scale": [(0, s.reshape(D // g).astype(sdt))]}
+    out["zero"] = [] if z is None else [(0, z.reshape(D // g).astype(sdt))]
+    return out
 
 
 def _write_kernel(*refs, n_pools: int, n_src: int, src: tuple, quants: dict, width: int, paged: bool,
@@ -128,8 +121,8 @@ def _write_kernel(*refs, n_pools: int, n_src: int, src: tuple, quants: dict, wid
     pool_refs = list(it)[n_pools:]  # the aliased inputs, then the outputs
     n, h = pl.program_id(0), pl.program_id(1)
     b, w = n // width, n % width
-    rows = {}  # source -> its row quantized (once per program)
-    for i, (units_ref, pool_ref, tmin, pair) in enumerate(zip(units_refs, pool_refs, token_minor, pairs)):
+    where = []  # per pool: (store?, page, row)
+    for units_ref, pool_ref, tmin, pair in zip(units_refs, pool_refs, token_minor, pairs):
         W = units_ref.shape[1]
         R = pool_ref.shape[3 if tmin else 2]
         unit = units_ref[b, jnp.minimum(w, W - 1)]
@@ -143,29 +136,34 @@ def _write_kernel(*refs, n_pools: int, n_src: int, src: tuple, quants: dict, wid
             page = b
             ok = ok & (unit < R)
         row = unit % R
-        if pair:
-            row = pair_slot(row)
-        j, part = src[i]
-        if part is not None:
-            if j not in rows:
-                rows[j] = _quantize_row(src_refs[j], b, h, jnp.minimum(w, src_refs[j].shape[2] - 1), *quants[j],
-                                        interpret)
-            pieces = rows[j][part]
-        else:
-            vals_ref = src_refs[j]
-            pieces = [(off, (vals_ref, off, size)) for off, size in pow2_pieces(vals_ref.shape[3])]
+        where.append((ok, page, pair_slot(row) if pair else row))
+
+    def store(i, pieces):
+        ok, page, row = where[i]
+        pool_ref = pool_refs[i]
 
         @pl.when(ok)
-        def _store(pieces=pieces, pool_ref=pool_ref, page=page, row=row, w=w, tmin=tmin):
-            for off, x in pieces:
-                if isinstance(x, tuple):  # a piece of a stored-values ref, loaded here
-                    ref, off, size = x
-                    x = ref[b, h, w, pl.ds(off, size)]
+        def _():
+            for off, x in pieces():
                 size = x.shape[0]
-                if tmin:
+                if token_minor[i]:
                     pool_ref[page, h, pl.ds(off, size), row] = x
                 else:
                     pool_ref[page, h, row, pl.ds(off, size)] = x
+
+    for i, (j, part) in enumerate(src):
+        if part is None:  # values as stored, in power-of-two pieces
+            ref = src_refs[j]
+            store(i, lambda ref=ref: [(off, ref[b, h, w, pl.ds(off, size)]) for off, size in pow2_pieces(ref.shape[3])])
+    for j, (t, scale_dtype) in quants.items():  # each quantized row once, only where one of its leaves is stored
+        leaves = [i for i, (jj, part) in enumerate(src) if jj == j]
+
+        @pl.when(functools.reduce(jnp.logical_or, [where[i][0] for i in leaves]))
+        def _(j=j, t=t, scale_dtype=scale_dtype, leaves=leaves):
+            x_ref = src_refs[j]
+            row = _quantize_row(x_ref, b, h, jnp.minimum(w, x_ref.shape[2] - 1), t, scale_dtype, interpret)
+            for i in leaves:
+                store(i, lambda part=src[i][1]: row[part])
 
 
 def _u8_view(x: jax.Array) -> jax.Array:
