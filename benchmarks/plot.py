@@ -28,6 +28,9 @@
 * ``write-kernel.png``: engine decode tokens/s with one XLA scatter per pool leaf and with the
   write kernel (trees alternated in one call), and the device time per step outside attention
   and matmuls by tree (run T).
+* ``quantized-append.png``: engine decode tokens/s with the new key and value quantized by XLA
+  before the write kernel and inside it (trees alternated), and the device time per step outside
+  attention and matmuls (run U).
 """
 
 from __future__ import annotations
@@ -373,13 +376,35 @@ def write_kernel(out):
     _save(fig, out, "write-kernel")
 
 
+def quantized_append(out):
+    """Run U: the engine's decode tokens/s with the new key and value quantized by XLA before the
+    write kernel (run T's tree) and inside it, both trees run alternately (calls 2 and 3), and the
+    profiled device ms per step outside attention and the matmuls (run T call 4; run U call 4)."""
+    presets = ("int8", "int4")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    runs = [(f"{label} ({i})", _load(f"serve-h200-runU-call{c}-{tree}-{i}-2026-12-01.json"))
+            for c, i in ((2, 1), (3, 2), (3, 3)) for label, tree in (("XLA quantizes", "old"), ("the kernel", "new"))]
+    _engine_bars(a1, presets, runs, title="Engine, 8B shape, 16 x 32K, one H200 (alternated)")
+
+    def other(name):
+        res = _load(name)["presets"]
+        return [next(iter(res[p]["profile"]["devices"].values()))["by_class"]["other"] for p in ("bf16",) + presets]
+
+    series = [("XLA quantizes (run T)", other("serve-h200-runT-abab-new-1-2026-12-01.json")),
+              ("the kernel (run U)", other("serve-h200-runU-call4-new-4-2026-12-01.json"))]
+    _grouped_bars(a2, ("bf16",) + presets, series, "device ms per step (lower is better)",
+                  "Outside attention and matmuls (profiled)", headroom=1.3, fmt=".2f")
+    _save(fig, out, "quantized-append")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "plots"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     for fn in (decode_attention, decode_unpack, chunk_attention, paged_kernel, serving, qk_dot_and_all_reduce,
-               one_warp, page_size, lazy_rescale, heads_per_program, value_pairs, key_scales, write_kernel):
+               one_warp, page_size, lazy_rescale, heads_per_program, value_pairs, key_scales, write_kernel,
+               quantized_append):
         fn(a.out)
         print("wrote", os.path.join(a.out, fn.__name__.replace("_", "-") + ".png"))
 
