@@ -53,6 +53,11 @@ class Quantize(NamedTuple):
     part: str
 
 
+def _tensor(q: Quantize) -> tuple:
+    """The tensor a `Quantize` leaf belongs to: its leaves are quantized together, once."""
+    return id(q.x), q.spec, q.scale_dtype
+
+
 def fusable(t: TensorSpec, head_dim: int, scale_dtype: str, clip=None) -> bool:
     """Whether the kernel quantizes tensors of spec ``t`` itself (`Quantize`): integer formats with
     per-token scales stored in bf16, without a clip ratio, at a power-of-two ``head_dim`` (a row is
@@ -254,7 +259,7 @@ def write_rows(pools: Sequence[jax.Array], vals: Sequence, units: Sequence[jax.A
     srcs, src, quants, seen = [], [], {}, {}
     for x in vals:
         if isinstance(x, Quantize):
-            key = (id(x.x), x.spec, x.scale_dtype)
+            key = _tensor(x)
             if key not in seen:
                 seen[key] = len(srcs)
                 quants[len(srcs)] = (x.spec, x.scale_dtype)
@@ -294,10 +299,9 @@ def stored_values(vals: Sequence) -> list:
     done, out = {}, []
     for x in vals:
         if isinstance(x, Quantize):
-            key = (id(x.x), x.spec, x.scale_dtype)
+            key = _tensor(x)
             if key not in done:
-                xg = x.x.astype(jnp.float32)
-                done[key] = quant.quantize(xg, x.spec, scale_dtype=x.scale_dtype)
+                done[key] = quant.quantize(x.x, x.spec, scale_dtype=x.scale_dtype)
             x = getattr(done[key], x.part)
         out.append(x)
     return out
