@@ -545,6 +545,22 @@ def int8_q_terms(q, terms: int, k_mult: int, heads: int, rows_per_head: int):
     return q8, s / (_q_weights(terms)[0] * k_mult)
 
 
+LOG2E = 1.4426950408889634  # log2(e): the block loop's exponentials are powers of two
+
+
+def _exp2(x, interpret: bool):
+    """``2**x`` of an f32 tile: on the GPU one ``ex2.approx.ftz.f32`` per element (relative error
+    below 2**-22, far under the 16-bit rounding of the weights; ``jnp.exp`` lowers to libdevice's
+    ``expf``, about six instructions around the same ex2), ``jnp.exp2`` in interpret mode."""
+    if interpret:
+        return jnp.exp2(x)
+    from jax.experimental.pallas import triton as plgpu
+
+    [out] = plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return out
+
+
 def _unpack(words, pc: Piece, lay: Layout, dtype):
     """uint32 words ``[BK, wr]`` -> values ``[BK, width]`` of piece ``pc`` in ``dtype``.
 
@@ -623,7 +639,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                    v_zero: bool, block_k: int, num_splits: int, precise: bool, v_fp16: bool,
                    page_size: int | None, split_pages: int, token_group: int, v_dequant: bool, qk_int8: bool,
                    qk_terms: int, p_16bit: bool, v_token_minor: bool, v_pairs: bool, heads: int,
-                   rows_per_head: int, interpret: bool):
+                   rows_per_head: int, fast_exp: bool, interpret: bool):
     # refs of the body are [heads, S, ...] per (b, head group); paged (page_size set): pools
     # [P, heads, page, ...]. Row r of the tile belongs to head r // rows_per_head of the group.
     it = iter(refs)
@@ -859,8 +875,15 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
 
         logits = jnp.where(mask, logits, NEG_INF)
         m_new = jnp.maximum(m_prev, logits.max(axis=1))
-        corr = jnp.exp(m_prev - m_new)
-        p = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
+        if fast_exp:  # exp(x) as 2**(x * log2(e)), one ex2 per logit (`_exp2`)
+            def exp(x):
+                return _exp2(x * LOG2E, interpret)
+        else:
+            exp = jnp.exp
+        corr = exp(m_prev - m_new)
+        # the difference first, so p keeps f32 precision whatever the size of m (a fused
+        # l * log2(e) - m * log2(e) would err by |m| * 2**-24)
+        p = jnp.where(mask, exp(logits - m_new[:, None]), 0.0)
         l_new = corr * l_prev + p.sum(axis=1)
 
         p16 = p.astype(vdt) if p_16bit else None  # p * s formed in 16 bits (`p16_weights`)
@@ -1036,6 +1059,15 @@ def default_heads(spec, rows: int, kv_heads: int) -> int:
                 and not default_v_dequant(spec))
     int8 = all(t.format == "int8" and t.axis == "token" and t.group is None and t.symmetric for t in (k, v))
     return 2 if sub_byte or int8 else 1
+
+
+def fast_exp(cfg: Config) -> bool:
+    """Whether the block loop takes its exponentials as one ``ex2.approx`` each (`_exp2`) instead of
+    libdevice's ``expf`` (about six instructions around the same ex2): in one-warp programs, whose
+    block loop is short of issue slots (BENCHMARKS.md run V, 8B engine at 16 x 32K: int4 1415.7 /
+    1408.2 -> 1455.3 / 1458.9 tok/s, its loop 1578 -> 1450 SASS instructions per block). Programs of
+    four warps did not gain (int8 1188.7 / 1188.1 -> 1171.8 / 1167.1 tok/s, same calls)."""
+    return cfg.num_warps == 1
 
 
 def _row_tiles(rows: int, row_tile: int) -> tuple[int, int]:
@@ -1242,7 +1274,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         token_group=spec.token_group,
         v_dequant=v_dequant_choice(spec, cfg),
         qk_int8=qk_int8, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
-        v_token_minor=v_token_minor, v_pairs=v_pairs, heads=hp, rows_per_head=rows, interpret=interpret)
+        v_token_minor=v_token_minor, v_pairs=v_pairs, heads=hp, rows_per_head=rows,
+        fast_exp=fast_exp(cfg), interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, H // hp, ns, nr),

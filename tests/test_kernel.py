@@ -726,3 +726,18 @@ def test_unsupported_layout_is_a_clear_error():
     with pytest.raises(NotImplementedError, match="group"):
         decode.make_layout(spec.k, 64)
     del cache
+
+
+def test_one_warp_programs_take_exponentials_as_powers_of_two():
+    """`decode.fast_exp`: one-warp programs take exp(x) as 2**(x * log2 e) (`decode._exp2`), others
+    jnp.exp; both forms give the reference's result to f32 rounding (precise mode) on fresh data."""
+    assert decode.fast_exp(decode.Config(32, 2, num_warps=1))
+    assert not decode.fast_exp(decode.Config(64, 2, num_warps=4))
+    x = jax.random.normal(jax.random.key(3), (16, 32), jnp.float32) * 4  # |x| < 20: x * log2(e) errs < 2**-20
+    np.testing.assert_allclose(np.asarray(decode._exp2(x * decode.LOG2E, True)), np.asarray(jnp.exp(x)), rtol=2e-6)
+    spec, cache, q = _case("int4", FORMATS["int4"], 2, 128, 1, seed=11, H=2)
+    qg, qpos, scale = _body_inputs(spec, cache, q)
+    out = [kernel(qg, cache, qpos, scale, interpret=True, precise=True, config=decode.Config(32, 2, num_warps=w))
+           for w in (1, 4)]
+    for a, b in zip(*out):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6)
