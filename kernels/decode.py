@@ -1064,9 +1064,9 @@ def default_heads(spec, rows: int, kv_heads: int) -> int:
 def fast_exp(cfg: Config) -> bool:
     """Whether the block loop takes its exponentials as one ``ex2.approx`` each (`_exp2`) instead of
     libdevice's ``expf`` (about six instructions around the same ex2): in one-warp programs, whose
-    block loop is short of issue slots (BENCHMARKS.md run V, 8B engine at 16 x 32K: int4 1415.7 /
-    1408.2 -> 1455.3 / 1458.9 tok/s, its loop 1578 -> 1450 SASS instructions per block). Programs of
-    four warps did not gain (int8 1188.7 / 1188.1 -> 1171.8 / 1167.1 tok/s, same calls)."""
+    block loop is short of issue slots (BENCHMARKS.md run V, 8B engine at 16 x 32K, alternated: int4
+    1394.9 / 1409.2 -> 1457.1 / 1456.3 tok/s, its loop 1578 -> 1450 SASS instructions per block).
+    Programs of four warps lost (int8 1188.7 / 1188.1 -> 1171.8 / 1167.1 tok/s with it)."""
     return cfg.num_warps == 1
 
 
