@@ -34,6 +34,17 @@ def triton_params(num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def f32_asm(op: str):
+    """One-operand f32 PTX instruction ``op`` (e.g. ``"rcp.rn.f32"``) as an elementwise function of an
+    f32 tile inside a Triton kernel."""
+    def f(x):
+        [out] = pltriton.elementwise_inline_asm(f"{op} $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                                result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+        return out
+
+    return f
+
+
 def on_gpu() -> bool:
     """True when the default backend is a GPU."""
     return jax.default_backend() == "gpu"

@@ -552,13 +552,7 @@ def _exp2(x, interpret: bool):
     """``2**x`` of an f32 tile: on the GPU one ``ex2.approx.ftz.f32`` per element (relative error
     below 2**-22, far under the 16-bit rounding of the weights; ``jnp.exp`` lowers to libdevice's
     ``expf``, about six instructions around the same ex2), ``jnp.exp2`` in interpret mode."""
-    if interpret:
-        return jnp.exp2(x)
-    from jax.experimental.pallas import triton as plgpu
-
-    [out] = plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-    return out
+    return jnp.exp2(x) if interpret else _compat.f32_asm("ex2.approx.ftz.f32")(x)
 
 
 def _unpack(words, pc: Piece, lay: Layout, dtype):
@@ -711,6 +705,11 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     if qk_int8:  # q rounded to int8 per row (`int8_q_terms`): q·k in int32 on the keys' integers
         q_w = _q_weights(qk_terms)
         s_row = srow_ref[...]
+    if fast_exp:  # exp(x) as 2**(x * log2(e)), one ex2 per logit (`_exp2`)
+        def exp(x):
+            return _exp2(x * LOG2E, interpret)
+    else:
+        exp = jnp.exp
     kcols = [lax.broadcasted_iota(jnp.int32, (1, pc.width), 1) for pc in kl.pieces]
     tg = token_group  # per-channel keys: tokens per scale group; a block holds groups_per_block of them
     groups_per_block = block_k // tg if k_mode == "channel" else 1
@@ -875,11 +874,6 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
 
         logits = jnp.where(mask, logits, NEG_INF)
         m_new = jnp.maximum(m_prev, logits.max(axis=1))
-        if fast_exp:  # exp(x) as 2**(x * log2(e)), one ex2 per logit (`_exp2`)
-            def exp(x):
-                return _exp2(x * LOG2E, interpret)
-        else:
-            exp = jnp.exp
         corr = exp(m_prev - m_new)
         # the difference first, so p keeps f32 precision whatever the size of m (a fused
         # l * log2(e) - m * log2(e) would err by |m| * 2**-24)

@@ -78,18 +78,6 @@ def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _f32_asm(op: str):
-    """A correctly rounded one-operand f32 PTX instruction, elementwise."""
-    from jax.experimental.pallas import triton as plgpu
-
-    def f(x):
-        [out] = plgpu.elementwise_inline_asm(f"{op} $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-        return out
-
-    return f
-
-
 def _quantize_row(x_ref, b, h, w, t: TensorSpec, scale_dtype: str, interpret: bool) -> dict:
     """Row ``(b, h, w)`` of ``x_ref`` quantized as ``t``: ``{part: [(offset, values)]}`` of the stored
     data, scale and zero rows. The row ``[D]`` is taken as ``[D / group, group]`` (`quant.quantize_groups`)
@@ -100,7 +88,7 @@ def _quantize_row(x_ref, b, h, w, t: TensorSpec, scale_dtype: str, interpret: bo
     g = t.group_size(D)
     sdt = quant.scale_dtype_of(scale_dtype)
     # the kernel's own instructions where a Triton op would round differently: `/` is approximate there
-    rcp, rint = (None, jnp.round) if interpret else (_f32_asm("rcp.rn.f32"), _f32_asm("cvt.rni.f32.f32"))
+    rcp, rint = (None, jnp.round) if interpret else (_compat.f32_asm("rcp.rn.f32"), _compat.f32_asm("cvt.rni.f32.f32"))
     x = x_ref[b, h, w, pl.ds(0, D)].astype(jnp.float32).reshape(D // g, g)
     q, s, z = quant.quantize_groups(x, t, sdt, -1, rcp=rcp, rint=rint)
     if fields > 1:
