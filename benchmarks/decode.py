@@ -233,7 +233,7 @@ def to_pages(cache, page_size, key, shuffled=True):
     return {n: pool(getattr(cache, n)) for n in BODY}, order.reshape(B, npg).astype(jnp.int32)
 
 
-def paged_body(q, pools, table, cache, config=None, v_token_minor=False, v_pairs=False):
+def paged_body(q, pools, table, cache, config=None, v_token_minor=False, v_pairs=False, interpret=None):
     """Our kernel over the body through a page table (the body segment of attend, B=any, T=1)."""
     import types
 
@@ -242,7 +242,8 @@ def paged_body(q, pools, table, cache, config=None, v_token_minor=False, v_pairs
     view = types.SimpleNamespace(spec=cache.spec, lengths=cache.lengths, **pools)
     qg = q.reshape(B, T, H, Hq // H, D).astype(jnp.float32)
     qpos = cache.lengths[:, None] - 1
-    return decode.body_attention(qg, view, qpos, 1.0 / math.sqrt(D), interpret=jax.default_backend() != "gpu",
+    return decode.body_attention(qg, view, qpos, 1.0 / math.sqrt(D),
+                                 interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
                                  page_table=table, config=config, v_token_minor=v_token_minor,
                                  v_pairs=v_pairs)[0]
 

@@ -159,7 +159,7 @@ def _triton_ir_passes(path: str, target) -> None:
         fh.write(str(mod))
 
 
-def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=False, v_pairs=False):
+def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=False, v_pairs=False, page_size=None):
     """Lower each (preset, unpack, overrides) for CUDA on this machine, compile its Triton IR for
     sm_90 with the ``triton`` package, write ``.ttir`` / ``.ttgir`` / ``.ptx`` under ``out_dir``
     and print and return the PTX counts of the kernel and of its block loop, with registers."""
@@ -190,7 +190,8 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
             for unpack in unpacks:
                 for var in vary:
                     f, q, cache, cfg = _kernel_call(name, unpack, batch, seq, jax.random.key(0), v_token_minor,
-                                                    interpret=False, overrides=var, v_pairs=v_pairs)
+                                                    interpret=False, overrides=var, v_pairs=v_pairs,
+                                                    page_size=page_size)
                     captured.clear()
                     f.trace(q, cache).lower(lowering_platforms=("cuda",))
                     tag = re.sub(r"[^\w.-]+", "_", "-".join([name, unpack] + [f"{k}{v}" for k, v in var.items()]))
@@ -230,26 +231,38 @@ def compile_sm90(presets, unpacks, vary, out_dir, batch, seq, v_token_minor=Fals
     return rows
 
 
-def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False, interpret=None, overrides=None, v_pairs=False):
+def _kernel_call(name, unpack, batch, seq, key, v_token_minor=False, interpret=None, overrides=None, v_pairs=False,
+                 page_size=None):
     """A B x S cache of random keys/values in preset ``name``, a query, and the jitted
     ``kvq.attend(impl="pallas")`` over them with ``choose_config``'s launch config
     (``unpack`` replaced unless None, then the Config fields of ``overrides``): ``(f, q, cache,
     cfg)``. With ``v_token_minor``, the kernel over the body with the values stored tokens-minor
     (and with ``v_pairs``, their tokens in pairs), as the serving pools hold them. ``interpret``:
-    None runs the kernel compiled on a GPU and interpreted elsewhere."""
+    None runs the kernel compiled on a GPU and interpreted elsewhere. With ``page_size``, the kernel
+    reads the body through a shuffled page table of pages of that size, values in the serving pools'
+    layout (`decode.value_layout` "paged"), with the paged launch config: what the engine runs. The
+    query has Hq 32 over Hkv 8 (4 rows per KV head, as decode)."""
     import jax
     import jax.numpy as jnp
 
     import kvq_jax as kvq
-    from decode import build_cache, contiguous_body, store_values
+    from decode import build_cache, contiguous_body, paged_body, store_values, to_pages, value_layout
     from kvq_jax.kernels import decode
 
-    cache = build_cache(kvq.KVSpec.parse(name), batch, seq, 8, 128, key)
-    cfg = decode.choose_config(cache, 16)
+    spec = kvq.KVSpec.parse(name)
+    cache = build_cache(spec, batch, seq, 8, 128, key)
+    cfg = decode.choose_config(cache, 32 // 8, page_size)
     if unpack and unpack != "auto":
         cfg = dataclasses.replace(cfg, unpack=unpack)
     cfg = dataclasses.replace(cfg, **(overrides or {}))
     q = jax.random.normal(key, (batch, 1, 32, 128), jnp.bfloat16)
+    if page_size:
+        vt, vp = value_layout(spec, "paged")
+        pools, table = to_pages(cache, page_size, key)
+        pools = dict(pools, v=store_values(pools["v"], vt, vp))
+        # the "cache" handed back is (pools, table, cache): f(q, it) and f.trace(q, it) as for the others
+        f = jax.jit(lambda q, ptc: paged_body(q, *ptc, cfg, vt, vp, interpret))
+        return f, q, (pools, table, cache), cfg
     if v_token_minor:
         cache = dataclasses.replace(cache, v=store_values(cache.v, True, v_pairs))
         return jax.jit(lambda q, c: contiguous_body(q, c, cfg, True, interpret, v_pairs)), q, cache, cfg
@@ -301,6 +314,9 @@ def main(argv=None):
                     help="the kernel over the body with values stored tokens-minor (as the serving pools)")
     ap.add_argument("--v-pairs", action="store_true",
                     help="with --v-token-minor and --sm90: sub-byte values' tokens in pairs (as the serving pools)")
+    ap.add_argument("--paged", type=int, default=None, metavar="PAGE",
+                    help="with --sm90 or a GPU run: the kernel through a page table of pages of PAGE tokens, values "
+                         "in the serving pools' layout, with the paged launch config (as the engine runs it)")
     ap.add_argument("--ptx", default=None, help="folder: dump and count the compiled kernel's PTX per variant")
     ap.add_argument("--sm90", default=None,
                     help="folder: compile each variant for sm_90 here with the triton package (no GPU) and count "
@@ -313,7 +329,7 @@ def main(argv=None):
 
         os.makedirs(a.sm90, exist_ok=True)
         rows = compile_sm90(a.preset.split(","), (a.unpack or "auto").split(","), parse_vary(a.vary), a.sm90,
-                            a.batch, a.seq, a.v_token_minor, a.v_pairs)
+                            a.batch, a.seq, a.v_token_minor, a.v_pairs, a.paged)
         with open(os.path.join(a.sm90, "counts.json"), "w") as fh:
             json.dump(rows, fh, indent=1)
         return
@@ -329,7 +345,8 @@ def main(argv=None):
 
     import jax
 
-    f, q, cache, cfg = _kernel_call(a.preset, a.unpack, a.batch, a.seq, jax.random.key(0), a.v_token_minor)
+    f, q, cache, cfg = _kernel_call(a.preset, a.unpack, a.batch, a.seq, jax.random.key(0), a.v_token_minor,
+                                    page_size=a.paged)
     for _ in range(a.launches):
         jax.block_until_ready(f(q, cache))
     print(f"{a.preset} {cfg}: {a.launches} launches done")

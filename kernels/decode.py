@@ -779,8 +779,10 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
                 cache[(key, grp)] = jnp.sum(jnp.where(col == grp, tile_, 0.0), axis=1)
         return cache[(key, grp)]
 
-    def body(blk, carry):
-        os, m_prev, l_prev = carry
+    def block(blk):
+        """Block ``blk``'s places: ``(ats, grps, half, pos)``: each head's index of the block's tokens
+        and of its scale groups, the block's 16-bit words of a value pool stored in pairs (else
+        None), and the tokens' stream positions ``[1, BK]``."""
         start = pl.multiple_of(blk * block_k, block_k)
         if page_size:  # the block lies in one page (page_size % block_k == 0)
             if split_pages:
@@ -793,12 +795,16 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             at, grp_at = (pl.ds(start, block_k),), (blk * groups_per_block,)
         # the block's index of head i of the group, before its token (or token group) index
         ats = [(*at[:-1], i, at[-1]) for i in range(heads)]
+        half = None
         if v_pairs:  # the block's 16-bit words of a value pool stored in pairs
             half = pl.ds(pl.multiple_of((row if page_size else start) // 2, block_k // 2), block_k // 2)
         grps = [(*grp_at[:-1], i, grp_at[-1]) for i in range(heads)]
         pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        mask = pos < lim[:, None]  # [Mp, BK]
+        return ats, grps, half, pos
 
+    def key_logits(blk):
+        """Block ``blk``'s logits ``[Mp, BK]``, before the causal mask."""
+        ats, grps, _, _ = block(blk)
         logits = jnp.zeros((mp, block_k), jnp.float32)
         logits_z = None  # int8 q·k: zero-point terms, in logit units (logits is in s_row units until the end)
         wc, sc = [{} for _ in range(heads)], [{} for _ in range(heads)]
@@ -871,7 +877,14 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
             logits = logits * s_row[:, None] + (logits_z if logits_z is not None else 0.0)
         if k_fp8_fix != 1.0:
             logits = logits * k_fp8_fix
+        return logits
 
+    def update(blk, carry, logits):
+        """The running ``(os, m, l)`` after block ``blk``, whose unmasked logits are ``logits``."""
+        os, m_prev, l_prev = carry
+        ats, _, half, pos = block(blk)
+        mask = pos < lim[:, None]  # [Mp, BK]
+        sc = [{} for _ in range(heads)]
         logits = jnp.where(mask, logits, NEG_INF)
         m_new = jnp.maximum(m_prev, logits.max(axis=1))
         corr = exp(m_prev - m_new)
@@ -965,7 +978,7 @@ def _decode_kernel(*refs, kl: Layout, vl: Layout, k_mode: str, k_zero: bool, v_s
     o0 = tuple(jnp.zeros((mp, pc.width), jnp.float32) for pc in vl.pieces)
     m0 = jnp.full((mp,), NEG_INF, jnp.float32)
     l0 = jnp.zeros((mp,), jnp.float32)
-    os, m, l = lax.fori_loop(lo, hi, body, (o0, m0, l0))
+    os, m, l = lax.fori_loop(lo, hi, lambda blk, c: update(blk, c, key_logits(blk)), (o0, m0, l0))
     for off, pc, o in zip(vl.offsets(), vl.pieces, os):
         o_ref[:, pl.ds(off, pc.width)] = o
     m_ref[...] = m
@@ -1181,6 +1194,12 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     if hp > 1 and nr > 1:
         raise ValueError(f"config: heads {hp} x {rows} query rows exceed row_tile {cfg.row_tile}")
     mp = rt * nr
+    # several heads per program: each head's rows padded to rph = mp / hp, head i at rows
+    # [i * rph, i * rph + rows). Two heads in a 16-row tile then sit at rows 0-3 and 8-11, and an MMA
+    # layout's thread holds rows r and r + 8, one of each head, so part of the per-row head selection
+    # in the block loop folds away (sm_90 offline: int4 1450 -> 1431 SASS per block, int8 947 -> 929;
+    # no change in time beyond the noise, BENCHMARKS.md run W)
+    rph = mp // hp if hp > 1 else rows
     kl, vl = make_layout(spec.k, D, cfg.unpack), make_layout(spec.v, D, cfg.unpack)
     if spec.channel_keys and cfg.block_k % spec.token_group:
         raise ValueError(f"config: block_k must be a multiple of token_group={spec.token_group} for per-channel keys")
@@ -1189,15 +1208,17 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         what = f"the page size {page_size}" if page_size else f"the body capacity {S}"
         raise ValueError(f"config: block_k {cfg.block_k} must divide {what}")
 
-    # rows r = t * G + g, padded to mp; softmax scale folded into q; columns in kl.perm order
-    q = jnp.transpose(qg.astype(jnp.float32), (0, 2, 1, 3, 4)).reshape(B, H // hp, hp * rows, D) * scale
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, mp - hp * rows), (0, 0)))
+    # rows r = t * G + g, each head's padded to rph, then to mp; softmax scale folded into q;
+    # columns in kl.perm order
+    q = jnp.transpose(qg.astype(jnp.float32), (0, 2, 1, 3, 4)).reshape(B, H // hp, hp, rows, D) * scale
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, rph - rows), (0, 0))).reshape(B, H // hp, hp * rph, D)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, mp - hp * rph), (0, 0)))
     if not kl.identity:
         q = q[..., np.asarray(kl.perm)]
     _, q_len, _ = segment_lengths(spec, cache.lengths)
     vis = jnp.clip(qpos - spec.sinks + 1, 0, q_len[:, None])  # [B, T]
-    lim = jnp.tile(jnp.repeat(vis, G, axis=1), (1, hp))  # [B, hp * rows]: the same for every head
-    lim = jnp.pad(lim, ((0, 0), (0, mp - hp * rows))).astype(jnp.int32)  # [B, Mp]
+    lim = jnp.pad(jnp.repeat(vis, G, axis=1), ((0, 0), (0, rph - rows)))  # [B, rph]: the same for every head
+    lim = jnp.pad(jnp.tile(lim, (1, hp)), ((0, 0), (0, mp - hp * rph))).astype(jnp.int32)  # [B, Mp]
 
     k_mode = "none" if not spec.k.quantized or spec.k.format == "bf16" else spec.k.axis
     # grid (b, head group h, split j, row tile r): a row tile's programs stop at its own causal limit
@@ -1208,7 +1229,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     ]
     qk_int8 = qk_int8 and not precise
     if qk_int8:
-        q8, s_row = int8_q_terms(q, qk_terms, int8_key_map(kl.bits, kl.signed)[0], hp, rows)
+        q8, s_row = int8_q_terms(q, qk_terms, int8_key_map(kl.bits, kl.signed)[0], hp, rph)
         args += [q8, s_row]
         specs += [pl.BlockSpec((None, None, hp, qk_terms, rt, D), lambda b, h, j, r: (b, h, 0, 0, r, 0)),
                   pl.BlockSpec((None, None, rt), lambda b, h, j, r: (b, h, r))]
@@ -1268,7 +1289,7 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
         token_group=spec.token_group,
         v_dequant=v_dequant_choice(spec, cfg),
         qk_int8=qk_int8, qk_terms=qk_terms, p_16bit=p16_weights(spec, cfg, precise),
-        v_token_minor=v_token_minor, v_pairs=v_pairs, heads=hp, rows_per_head=rows,
+        v_token_minor=v_token_minor, v_pairs=v_pairs, heads=hp, rows_per_head=rph,
         fast_exp=fast_exp(cfg), interpret=interpret)
     o, m, l = pl.pallas_call(
         kernel,
@@ -1297,6 +1318,8 @@ def body_attention(qg, cache: KVCache, qpos, scale, *, interpret: bool, config: 
     if not vl.identity:
         o = o[..., np.argsort(np.asarray(vl.perm))]
     lse = jnp.where(l_tot > 0, m_tot + jnp.log(jnp.where(l_tot > 0, l_tot, 1.0)), -jnp.inf)
-    o = o[:, :, :hp * rows].reshape(B, H, T, G, D).transpose(0, 2, 1, 3, 4)
-    lse = lse[:, :, :hp * rows].reshape(B, H, T, G).transpose(0, 2, 1, 3)
+    o = o[:, :, :hp * rph].reshape(B, H // hp, hp, rph, D)[:, :, :, :rows]
+    o = o.reshape(B, H, T, G, D).transpose(0, 2, 1, 3, 4)
+    lse = lse[:, :, :hp * rph].reshape(B, H // hp, hp, rph)[:, :, :, :rows]
+    lse = lse.reshape(B, H, T, G).transpose(0, 2, 1, 3)
     return o, lse
