@@ -5,11 +5,14 @@ count the instruction mix of its compiled code per variant.
         python benchmarks/profile_decode.py --preset int4 --unpack join
     python benchmarks/profile_decode.py --ptx DIR --preset int8,int4 --unpack auto,bytes
     python benchmarks/profile_decode.py --sm90 DIR --preset int8,int4 --v-token-minor --vary "block_k=64"
+    python benchmarks/profile_decode.py --sm90 DIR --preset int8,int4 --paged 64 --batch 16 --seq 4096
 
 Builds a B x S cache of random keys/values in the preset's format and runs
 ``kvq.attend(impl="pallas")`` ``--launches`` times (the first compiles); with
 ``--v-token-minor``, the kernel over the body with the values stored tokens-minor, as the
-serving engine's pools hold them. With ``--ptx``,
+serving engine's pools hold them; with ``--paged PAGE``, through a shuffled page table with the
+pools' value layout and the paged launch config, as the engine runs it. Queries have 4 rows per KV
+head (Hq 32, Hkv 8), as decode. With ``--ptx``,
 each (preset, unpack) is compiled with an XLA dump under DIR instead, and the kernel's
 PTX is counted: tensor-core ops (``mma.sync`` / ``wgmma``), shared-memory traffic
 (``st.shared``, ``ld.shared``, ``ldmatrix``, ``cp.async``), global loads, conversions
