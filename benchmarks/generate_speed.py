@@ -29,15 +29,18 @@ from kvq_jax.models import LlamaConfig  # noqa: E402
 
 
 def warm_call(fn, reps: int):
-    """Median seconds of ``reps`` calls of ``fn()`` after a first (compiling) one, and a result."""
+    """Median seconds of ``reps`` calls of ``fn()`` after a first (compiling) one, a result, and the
+    first call's seconds (compile and run)."""
+    t0 = time.perf_counter()
     jax.block_until_ready(fn().tokens)
+    first = time.perf_counter() - t0
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         out = fn()
         jax.block_until_ready(out.tokens)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return statistics.median(times), out, first
 
 
 def main(argv=None):
@@ -57,19 +60,21 @@ def main(argv=None):
     res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, batch=a.batch, prompt=a.prompt,
                new=a.new, model=a.model, runs={})
     print(f"{res['device']}, jax {jax.__version__}, {a.model}: {a.batch} x {a.prompt}-token prompts, {a.new} new tokens")
-    print(f"{'preset':<10} {'scan':>4} {'decode tok/s':>13} {'ms/step':>8} {'digest':>18}")
+    print(f"{'preset':<10} {'scan':>4} {'decode tok/s':>13} {'ms/step':>8} {'compile s':>10} {'digest':>18}")
     for preset in a.presets.split(","):
         for scan in (bool(int(s)) for s in a.scan.split(",")):
             def run(n, preset=preset, scan=scan):
                 return kvq.generate(model, tokens, n, kv=preset, max_len=a.prompt + a.new + 1, scan_layers=scan)
 
-            t1, _ = warm_call(lambda: run(1), a.reps)
-            tn, out = warm_call(lambda: run(a.new + 1), a.reps)
+            t1, _, _ = warm_call(lambda: run(1), a.reps)
+            tn, out, first = warm_call(lambda: run(a.new + 1), a.reps)
             step = (tn - t1) / a.new
+            compile_s = first - tn  # the first call of the timed length, less a warm one
             digest = hashlib.sha256(np.asarray(out.tokens).tobytes()).hexdigest()[:16]
             res["runs"][f"{preset}/scan{int(scan)}"] = dict(tokens_per_s=a.batch / step, step_ms=step * 1e3,
-                                                            digest=digest)
-            print(f"{preset:<10} {int(scan):>4} {a.batch / step:13.1f} {step * 1e3:8.2f} {digest:>18}", flush=True)
+                                                            compile_s=compile_s, digest=digest)
+            print(f"{preset:<10} {int(scan):>4} {a.batch / step:13.1f} {step * 1e3:8.2f} {compile_s:10.1f} "
+                  f"{digest:>18}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)

@@ -193,6 +193,19 @@ def _prefill(model, caches, start, tokens, prompt_lengths, fresh, impl):
     return model.logits(last), caches
 
 
+def scan_layers_default(scan_layers: bool | None) -> bool:
+    """``scan_layers`` of `generate` / `teacher_force` resolved: None scans the blocks on every
+    backend but a GPU. Scanned, each decode step copies every layer's cache out of and back into
+    the stacked caches (`kvq_jax.models.ScannedLlama`), where an unrolled step reads it in place.
+    On an H200 that copy dominates the step: Llama-3-8B shape, 8 x 2048-token prompts, decode
+    unrolled / scanned bf16 5.66 / 18.07 ms per step, int8 5.01 / 16.15, int4 6.93 / 14.46, for
+    13-17 s of compile against 2-5 s (BENCHMARKS.md run W). On a CPU the unrolled model's compile
+    time weighs more."""
+    if scan_layers is None:
+        return jax.default_backend() != "gpu"
+    return bool(scan_layers)
+
+
 def _runner(graphdef, state, caches, scan_layers):
     """The model to run inside a jit (scanned over layers when asked) and its caches in the form it takes."""
     model = nnx.merge(graphdef, state)
@@ -331,7 +344,7 @@ def generate(
     *,
     caches: tuple[KVCache, ...] | None = None,
     bucket: int | None = None,
-    scan_layers: bool = True,
+    scan_layers: bool | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` per sequence with quantized KV caches.
@@ -363,9 +376,9 @@ def generate(
         several times faster, but every step reads each layer's weights and cache as
         slices of stacked copies and writes the caches back, so steps are slower
         (measured: SmolLM2-135M, int8, 1K prompt, 2 CPU cores: 96 vs 70 ms per decode
-        step; the serving engine's scanned step cost ~13 ms more per step than its
-        unrolled one at the Llama-3-8B shape on an H200). False unrolls the layers: no
-        copies, longer compiles; prefer it for long generations and on GPUs.
+        step; see `scan_layers_default` for the H200). False unrolls the layers: no
+        copies, longer compiles. None (default): `scan_layers_default`, unrolled on a GPU,
+        scanned elsewhere.
       mesh: run on a device mesh with axes ("data", "model") (`kvq_jax.sharding.make_mesh`):
         the weights are placed Megatron style (`kvq_jax.sharding.shard_params`; already
         placed weights are not moved), new caches are created split over the mesh
@@ -437,7 +450,7 @@ def generate(
         out, n_gen, caches, steps = _generate_jit(
             graphdef, state, caches, *args,
             max_new_tokens=max_new_tokens, sampler=sampler, eos_ids=eos_ids, fresh=fresh, impl=impl,
-            streaming=stream is not None, scan_layers=bool(scan_layers), mesh=mesh)
+            streaming=stream is not None, scan_layers=scan_layers_default(scan_layers), mesh=mesh)
         out.block_until_ready()
         if stream is not None:
             jax.effects_barrier()
@@ -477,7 +490,7 @@ def _teacher_force_steps(graphdef, state, caches, tokens, prompt_lengths, target
 
 
 def teacher_force(model, tokens, targets, kv="bf16", prompt_lengths=None, max_len: int | None = None,
-                  impl: str = "auto", bucket: int | None = None, scan_layers: bool = True,
+                  impl: str = "auto", bucket: int | None = None, scan_layers: bool | None = None,
                   mesh: jax.sharding.Mesh | None = None):
     """Next-token logits along a given continuation, decoding it step by step through the caches.
 
@@ -492,6 +505,7 @@ def teacher_force(model, tokens, targets, kv="bf16", prompt_lengths=None, max_le
       targets: ``int[B, N]`` the continuation.
       kv: cache policy (preset, KVSpec or per-layer).
       max_len: cache capacity (default bucket + N).
+      scan_layers: as `generate`'s (None: `scan_layers_default`).
       mesh: run on a device mesh as `generate` does (weights, caches and attention
         split over ("data", "model")); B must be a multiple of the "data" axis size.
 
@@ -522,8 +536,9 @@ def teacher_force(model, tokens, targets, kv="bf16", prompt_lengths=None, max_le
         args = (_sharding.global_array(padded, mesh, P(_sharding.DATA, None)),
                 _sharding.global_array(lens, mesh, P(_sharding.DATA)),
                 _sharding.global_array(targets, mesh, P(_sharding.DATA, None)))
-    return _teacher_force_jit(graphdef, state, caches, *args, impl=impl, scan_layers=bool(scan_layers),
+    return _teacher_force_jit(graphdef, state, caches, *args, impl=impl, scan_layers=scan_layers_default(scan_layers),
                               mesh=mesh)
 
 
-__all__ = ["GREEDY", "GenerateOutput", "Sampler", "bucket_length", "generate", "teacher_force", "trace_count"]
+__all__ = ["GREEDY", "GenerateOutput", "Sampler", "bucket_length", "generate", "scan_layers_default", "teacher_force",
+           "trace_count"]

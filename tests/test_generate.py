@@ -3,6 +3,8 @@ one compile per length bucket, donated caches, multi-turn caches, streaming."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,3 +213,16 @@ def test_real_smollm2_bf16_greedy_equals_no_cache_greedy():
     out = kvq.generate(model, np.asarray([prompt]), 24, kv="bf16")
     got = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
     assert got == want, (tokenizer.decode(got), tokenizer.decode(want))
+
+
+def test_scan_layers_default_unrolls_on_gpus_only(monkeypatch):
+    """`kvq.generate`'s ``scan_layers=None``: unrolled on a GPU backend (the scanned step copies the
+    caches), scanned elsewhere; an explicit value is kept (both modes' tokens:
+    `test_bf16_greedy_equals_no_cache_greedy`)."""
+    gen = importlib.import_module("kvq_jax.generate")  # the module (kvq_jax.generate is the function)
+    assert gen.scan_layers_default(None) is (jax.default_backend() != "gpu")
+    assert gen.scan_layers_default(True) is True and gen.scan_layers_default(False) is False
+    monkeypatch.setattr(gen.jax, "default_backend", lambda: "gpu")
+    assert gen.scan_layers_default(None) is False
+    monkeypatch.setattr(gen.jax, "default_backend", lambda: "cpu")
+    assert gen.scan_layers_default(None) is True
