@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SHAPES, random_model  # noqa: E402  (benchmarks/_common.py)
+from _common import SHAPES, profile_steps, random_model  # noqa: E402  (benchmarks/_common.py)
 
 import kvq_jax as kvq  # noqa: E402
 from kvq_jax.models import LlamaConfig  # noqa: E402
@@ -53,6 +53,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="timed calls per measurement (median)")
     ap.add_argument("--model", default="8b", choices=tuple(SHAPES))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also profile one call of --new + 1 tokens per run under DIR/PRESET-scanS and print the "
+                         "device ms per generated token of its kernels by kind (prefill included, over --new)")
     a = ap.parse_args(argv)
     config = LlamaConfig(**SHAPES[a.model], rope_style="half", tie_embeddings=False, eos_token_ids=())
     model = random_model(config)
@@ -75,6 +78,15 @@ def main(argv=None):
                                                             compile_s=compile_s, digest=digest)
             print(f"{preset:<10} {int(scan):>4} {a.batch / step:13.1f} {step * 1e3:8.2f} {compile_s:10.1f} "
                   f"{digest:>18}", flush=True)
+            if a.profile:
+                prof = profile_steps(lambda i, run=run: run(a.new + 1).tokens, 1,
+                                     os.path.join(a.profile, f"{preset}-scan{int(scan)}"))
+                for proc, d in prof["devices"].items():
+                    res["runs"][f"{preset}/scan{int(scan)}"].setdefault("profile", {})[proc] = d
+                    print(f"  {proc}: busy {d['busy_ms'] / a.new:.3f} ms per token step; by kind (ms per step, "
+                          f"calls per call):", flush=True)
+                    for kind, (ms, n) in list(d["by_kind"].items())[:14]:
+                        print(f"    {ms / a.new:8.4f}  {n:6d}  {kind}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)

@@ -198,7 +198,7 @@ def scan_layers_default(scan_layers: bool | None) -> bool:
     backend but a GPU. Scanned, each decode step copies every layer's cache out of and back into
     the stacked caches (`kvq_jax.models.ScannedLlama`), where an unrolled step reads it in place.
     On an H200 that copy dominates the step: Llama-3-8B shape, 8 x 2048-token prompts, decode
-    unrolled / scanned bf16 5.66 / 18.07 ms per step, int8 5.01 / 16.15, int4 6.93 / 14.46, for
+    unrolled / scanned bf16 5.66 / 18.07 ms per step, int8 5.01 / 16.15, int4 5.07 / 14.46, for
     13-17 s of compile against 2-5 s (BENCHMARKS.md run W). On a CPU the unrolled model's compile
     time weighs more."""
     if scan_layers is None:
