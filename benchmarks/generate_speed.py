@@ -5,7 +5,8 @@ same weights and prompts give the same digest wherever the same bytes are stored
     python benchmarks/generate_speed.py --presets bf16,int8,int4 --batch 8 --prompt 4096 --new 64
 
 Decode tokens/s = batch * new / (time of a warm call with ``--new + 1`` new tokens - time of one
-with 1; medians of ``--reps`` calls): the prefill and the first token cancel.
+with 1; medians of ``--reps`` calls): the prefill and the first token cancel. First token = the
+warm call with 1 new token (prefill and one token).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(argv=None):
     res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, batch=a.batch, prompt=a.prompt,
                new=a.new, model=a.model, runs={})
     print(f"{res['device']}, jax {jax.__version__}, {a.model}: {a.batch} x {a.prompt}-token prompts, {a.new} new tokens")
-    print(f"{'preset':<10} {'scan':>4} {'decode tok/s':>13} {'ms/step':>8} {'compile s':>10} {'digest':>18}")
+    print(f"{'preset':<10} {'scan':>4} {'decode tok/s':>13} {'ms/step':>8} {'first token s':>13} {'compile s':>10} "
+          f"{'digest':>18}")
     for preset in a.presets.split(","):
         for scan in (bool(int(s)) for s in a.scan.split(",")):
             def run(n, preset=preset, scan=scan):
@@ -75,8 +77,8 @@ def main(argv=None):
             compile_s = first - tn  # the first call of the timed length, less a warm one
             digest = hashlib.sha256(np.asarray(out.tokens).tobytes()).hexdigest()[:16]
             res["runs"][f"{preset}/scan{int(scan)}"] = dict(tokens_per_s=a.batch / step, step_ms=step * 1e3,
-                                                            compile_s=compile_s, digest=digest)
-            print(f"{preset:<10} {int(scan):>4} {a.batch / step:13.1f} {step * 1e3:8.2f} {compile_s:10.1f} "
+                                                            first_token_s=t1, compile_s=compile_s, digest=digest)
+            print(f"{preset:<10} {int(scan):>4} {a.batch / step:13.1f} {step * 1e3:8.2f} {t1:13.3f} {compile_s:10.1f} "
                   f"{digest:>18}", flush=True)
             if a.profile:
                 prof = profile_steps(lambda i, run=run: run(a.new + 1).tokens, 1,

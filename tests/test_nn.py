@@ -11,7 +11,7 @@ from flax import nnx
 
 import kvq_jax as kvq
 from kvq_jax.models.rope_layout import half_to_interleaved
-from kvq_jax.nn import QuantizedAttention, init_caches, resolve_policy
+from kvq_jax.nn import QuantizedAttention, causal_attention, init_caches, resolve_policy
 
 B, T, D_IN, HQ, HKV, D = 2, 11, 48, 4, 2, 32
 
@@ -289,3 +289,54 @@ def test_mixed_policy_layers_read_their_own_caches():
     ref, _ = run("bf16")
     low, _ = run("int2")
     assert 0 < _rel(mixed, ref) < _rel(low, ref)
+
+
+@pytest.mark.parametrize("window,ragged", [(None, False), (None, True), (24, True)])
+def test_causal_attention_in_query_chunks_equals_all_at_once(window, ragged):
+    """`causal_attention` past ``chunk_bytes`` of scores runs its queries in chunks (the last one
+    padded): the same outputs as all rows at once, with key lengths, a sliding window and
+    positions that do not start at 0."""
+    rng = np.random.default_rng(7)
+    B, T, Hq, Hkv, D = 2, 75, 4, 2, 16
+    q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, T, Hkv, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, T, Hkv, D)), jnp.float32)
+    pos = jnp.asarray(np.arange(T)[None, :] + np.array([[0], [9]]), jnp.int32)
+    lens = jnp.asarray([T, 50] if ragged else [T, T], jnp.int32)
+    kw = dict(key_lengths=lens, sliding_window=window, precision=jax.lax.Precision.HIGHEST)
+    whole = causal_attention(q, k, v, pos, pos, **kw)
+    row_bytes = 4 * B * Hq * T  # one query row's scores
+    for rows in (16, 32, 74):  # chunks of 16 (the least), 32, 74 rows: 5, 3 and 2 chunks
+        got = causal_attention(q, k, v, pos, pos, chunk_bytes=rows * row_bytes, **kw)
+        assert got.shape == whole.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(whole), rtol=0, atol=2e-6)
+    assert float(jnp.max(jnp.abs(whole))) > 0.1
+    with pytest.raises(ValueError, match="chunk_bytes: expected a positive"):
+        causal_attention(q, k, v, pos, pos, chunk_bytes=0)
+
+
+def test_causal_attention_impl_choices_and_errors(monkeypatch):
+    """`causal_attention`'s ``impl``: "auto" is the f32 path off a GPU backend, and on one where
+    cuDNN cannot serve (queries at other positions than the keys, or a ``precision`` asked);
+    "cudnn" for queries that are not the keys' tokens, or an unknown impl, is an error naming
+    ``impl``. The cache impl "xla" keeps prefill attention in XLA (`prefill_impl`)."""
+    from kvq_jax import nn as knn
+
+    rng = np.random.default_rng(3)
+    B, T, Hq, Hkv, D = 1, 20, 4, 2, 16
+    q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, T, Hkv, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, T, Hkv, D)), jnp.float32)
+    pos = jnp.arange(T, dtype=jnp.int32)[None, :]
+    kpos = jnp.arange(T, dtype=jnp.int32)[None, :]  # equal values, another array: not a fresh prompt
+    want = causal_attention(q, k, v, pos, pos)
+    np.testing.assert_array_equal(np.asarray(causal_attention(q, k, v, pos, pos, impl="auto")), np.asarray(want))
+    monkeypatch.setattr(knn.jax, "default_backend", lambda: "gpu")
+    for kw in (dict(k_positions=kpos), dict(k_positions=pos, precision=jax.lax.Precision.HIGHEST)):
+        got = causal_attention(q, k, v, pos, impl="auto", **kw)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="impl: 'cudnn' needs the queries to be the keys' tokens"):
+        causal_attention(q, k, v, pos, kpos, impl="cudnn")
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        causal_attention(q, k, v, pos, pos, impl="flash")
+    assert [knn.prefill_impl(i) for i in ("xla", "auto", "pallas")] == ["xla", "auto", "auto"]

@@ -71,7 +71,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvq_jax.cache import residual_capacity, segment_lengths
 from kvq_jax.generate import GREEDY, Sampler, bucket_length
-from kvq_jax.nn import causal_attention, resolve_policy
+from kvq_jax.nn import causal_attention, prefill_impl, resolve_policy
 from kvq_jax.serve.allocator import OutOfPages, PageAllocator, prefix_keys
 from kvq_jax.serve.paged import (
     PagedKVCache,
@@ -124,7 +124,8 @@ def block_forward(block, x, positions, cache: PagedKVCache, *, fresh: bool, leng
     q, k, v = attn.qkv(block.attn_norm(x), positions)
     if fresh:
         o = causal_attention(q, k, v, positions, positions, key_lengths=lengths,
-                             sliding_window=attn.sliding_window, precision=attn.precision)
+                             sliding_window=attn.sliding_window, precision=attn.precision,
+                             impl=prefill_impl(impl))
         cache = shard_append(cache, k, v, lengths=lengths, impl=impl)
     elif T > 1:
         o = shard_attend_chunk(q, k, v, cache, lengths=lengths, block=prefill_block, impl=impl)
